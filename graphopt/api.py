@@ -1,0 +1,208 @@
+"""The Python API: graphopt.compile(...) -> CompiledModel, and graphopt.load(...). The CLI is a thin layer on this."""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+import weakref
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .compiler import bundle, capture as cap, guard
+from .compiler.onnx_lower import DEFAULT_OPSET, export_onnx
+from .compiler.pipeline import PassContext, parse_pipeline, run_pipeline, validate
+from .compiler.program import DTYPES, Program
+from .errors import GraphoptError
+from .passes import DEFAULT_PIPELINE
+from .progress import Progress
+from .runtime import BACKENDS, load
+
+ORT_TOLERANCE = 1e-4  # ORT vs torch for the same fp32 graph: only kernel-order rounding differs
+
+
+def load_calibration(path) -> list[tuple[torch.Tensor, ...]]:
+    """A torch.save'd list of input tuples, read with weights_only=True (no code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise GraphoptError(f"--calib '{path}' not found: give a torch.save'd list of input tuples")
+    try:
+        data = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:
+        raise GraphoptError(f"--calib '{path}' cannot be read as a weights-only torch.save file "
+                            f"({type(e).__name__}); save a list of tuples of tensors with torch.save")
+    return normalize_calibration(data, f"--calib '{path}'")
+
+
+def normalize_calibration(data: Any, where: str = "calibration") -> list[tuple[torch.Tensor, ...]]:
+    if not isinstance(data, (list, tuple)) or not data:
+        raise GraphoptError(f"{where}: expected a non-empty list of input tuples, got {type(data).__name__}")
+    out = []
+    for i, item in enumerate(data):
+        if isinstance(item, torch.Tensor):
+            item = (item,)
+        if not isinstance(item, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in item):
+            raise GraphoptError(f"{where}: item {i} is {type(item).__name__}; each item must be a tuple of "
+                                f"tensors (the model's positional inputs)")
+        out.append(tuple(item))
+    return out
+
+
+def check_calibration(program: Program, calibration, where: str) -> None:
+    entry = program.plan.get("entry")
+    specs = program.inputs.get(entry, [])
+    for i, item in enumerate(calibration):
+        if len(item) != len(specs):
+            raise GraphoptError(f"{where}: item {i} has {len(item)} tensors, the model takes {len(specs)} "
+                                f"({', '.join(s.name for s in specs)})")
+        for t, s in zip(item, specs):
+            if t.dtype != DTYPES[s.dtype] or t.dim() != len(s.shape):
+                raise GraphoptError(f"{where}: item {i} input '{s.name}' is {str(t.dtype)[6:]} "
+                                    f"{list(t.shape)}, expected {s.dtype} {s.shape}")
+            for d, want in zip(t.shape, s.shape):
+                if isinstance(want, int) and d != want:
+                    raise GraphoptError(f"{where}: item {i} input '{s.name}' has shape {list(t.shape)}, "
+                                        f"expected {s.shape}")
+                if isinstance(want, str) and want in program.dims:
+                    lo, hi = program.dims[want]
+                    if not lo <= d <= hi:
+                        raise GraphoptError(f"{where}: item {i} input '{s.name}' dim {want}={d} is outside "
+                                            f"{lo}..{hi}")
+
+
+class CompiledModel:
+    """The result of graphopt.compile: callable like an Engine; .save(path) writes the bundle."""
+
+    def __init__(self, program: Program, reports: list[dict], staging: Path, manifest: dict, backend: str,
+                 timings: dict[str, float]):
+        self.program = program
+        self.reports = reports
+        self.manifest = manifest
+        self.backend = backend
+        self.timings = timings
+        self._staging = staging
+        self._engine = None
+        self._cleanup = weakref.finalize(self, shutil.rmtree, str(staging), True)
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            self._engine = load(self._staging, backend=self.backend)
+        return self._engine
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def method(self, name: str):
+        return self.engine.method(name)
+
+    def save(self, path, force: bool = False) -> Path:
+        return bundle.publish(self._staging, Path(path), force)
+
+    def summary_rows(self) -> list[list[str]]:
+        rows = []
+        for r in self.reports:
+            metric = r.get("error_metric", "-")
+            metric = f"{metric:.2e}" if isinstance(metric, float) else str(metric)
+            rows.append([r["pass"], r["status"], f"{r['seconds']:.2f}",
+                         f"{r['nodes_before']} -> {r['nodes_after']}",
+                         f"{r['param_bytes_before'] / 1e6:.2f} -> {r['param_bytes_after'] / 1e6:.2f}",
+                         f"{metric} / {r['tolerance']:g}"])
+        return rows
+
+
+def compile(model: Any, passes: str | None = None, *, example_inputs: Any = None, inputs: list[str] | None = None,
+            dynamic: list[str] | None = None, calibration: Any = None, task: str = "auto",
+            backend: str = "onnxruntime", on_error: str = "stop", unsafe_load: bool = False, seed: int = 0,
+            opset: int = DEFAULT_OPSET, progress: bool | Progress = False, verbose: bool = False) -> CompiledModel:
+    """Capture `model` (nn.Module, ExportedProgram or a source string), run the pass pipeline, lower it.
+
+    passes: a pipeline text such as "remove-noops,dce"; None runs the default exact clean-up passes.
+    calibration: a list of input tuples (or a path to a torch.save'd one).
+    backend: "onnxruntime" writes .pt2 + .onnx and checks ORT against torch; "torch" writes .pt2 only.
+    """
+    prog_ui = progress if isinstance(progress, Progress) else Progress(enabled=bool(progress))
+    if backend not in BACKENDS:
+        raise GraphoptError(f"--backend '{backend}': choose one of {', '.join(BACKENDS)}")
+    t_start = time.perf_counter()
+    # Cheap checks first: nothing expensive runs before the pipeline and its requirements are known to be valid.
+    steps = parse_pipeline(DEFAULT_PIPELINE if passes is None else passes)
+    if isinstance(calibration, (str, Path)):
+        calibration = load_calibration(calibration)
+    elif calibration is not None:
+        calibration = normalize_calibration(calibration)
+    loaded = None
+    if isinstance(model, str) and model.startswith("zoo:"):
+        loaded = cap.load_source(model, unsafe_load)
+        if calibration is None and loaded.calibration is not None:
+            calibration = loaded.calibration
+    validate(steps, "single", calibration is not None)
+    for text in inputs or []:
+        cap.parse_input(text)
+    cap.parse_dynamic_all(dynamic or [])
+    timings: dict[str, float] = {}
+
+    with prog_ui.stage("capture"):
+        t0 = time.perf_counter()
+        program = cap.capture(model, task=task, inputs=inputs, dynamic=dynamic, example_inputs=example_inputs,
+                              unsafe_load=unsafe_load, seed=seed, loaded=loaded)
+        timings["capture_s"] = time.perf_counter() - t0
+    if calibration is not None:
+        check_calibration(program, calibration, "calibration")
+
+    ctx = PassContext(calibration=calibration, seed=seed, progress=prog_ui)
+    t0 = time.perf_counter()
+    program, reports, guard_s = run_pipeline(program, steps, ctx, on_error)
+    timings["guard_s"] = guard_s
+    timings["passes_s"] = time.perf_counter() - t0 - guard_s
+
+    staging = Path(tempfile.mkdtemp(prefix="graphopt-"))
+    try:
+        files, ort_check = _lower(program, staging, backend, opset, calibration, prog_ui, timings, verbose)
+        extra = {"backend": backend, "onnx_opset": opset if backend == "onnxruntime" else None,
+                 "ort_check": ort_check}
+        timings["total_s"] = time.perf_counter() - t_start
+        manifest = bundle.build_manifest(program, reports, files, extra)
+        manifest["timings"] = {k: round(v, 4) for k, v in timings.items()}
+        bundle.write_manifest(staging, manifest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return CompiledModel(program, reports, staging, manifest, backend, timings)
+
+
+def _lower(program: Program, staging: Path, backend: str, opset: int, calibration, prog_ui: Progress,
+           timings: dict, verbose: bool):
+    files: dict[str, dict[str, str]] = {}
+    t0 = time.perf_counter()
+    with prog_ui.stage("lowering", "(.pt2" + (" + .onnx)" if backend == "onnxruntime" else ")")):
+        for name, ep in program.methods.items():
+            files[name] = {"pt2": f"{name}.pt2"}
+            torch.export.save(ep, str(staging / f"{name}.pt2"))
+            if backend == "onnxruntime":
+                in_names = [s.name for s in program.inputs[name]]
+                out_names = [s.name for s in program.output_specs(name)]
+                export_onnx(ep, staging / f"{name}.onnx", in_names, out_names, opset, verbose)
+                files[name]["onnx"] = f"{name}.onnx"
+                if (staging / f"{name}.onnx.data").exists():
+                    files[name]["onnx_data"] = f"{name}.onnx.data"
+    timings["lowering_s"] = time.perf_counter() - t0
+    if backend != "onnxruntime":
+        return files, None
+    t0 = time.perf_counter()
+    with prog_ui.stage("ORT check"):
+        from .runtime.engine import _ort_runner
+        inputs = guard.guard_inputs(program, calibration, 4)
+        worst = {}
+        for name, xs in inputs.items():
+            run = _ort_runner(staging / files[name]["onnx"], ["CPUExecutionProvider"])
+            worst[name] = max(guard.compare(program.run(name, *x), run(list(x)), "max_rel") for x in xs)
+        bad = {m: v for m, v in worst.items() if not v <= ORT_TOLERANCE}
+        if bad:
+            m, v = next(iter(bad.items()))
+            raise GraphoptError(f"ONNX Runtime output of method '{m}' differs from the torch program: max_rel "
+                                f"{v:.3g} > {ORT_TOLERANCE:g}; use --backend torch, or report the model")
+    timings["ort_check_s"] = time.perf_counter() - t0
+    return files, {"metric": "max_rel", "tolerance": ORT_TOLERANCE,
+                   "max_rel": {m: float(v) for m, v in worst.items()}}

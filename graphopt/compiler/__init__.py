@@ -1,0 +1,1 @@
+"""Compiler core: capture, the Program object, graph editing, the pass pipeline, guards and lowering."""

@@ -1,0 +1,143 @@
+"""Graph surgery on ExportedPrograms shared by all passes.
+
+Invariant: an ExportedProgram is never edited in place. A pass opens a GraphEditor on a copy of its graph, edits,
+and `build()`s a new ExportedProgram whose signature, state dict and constants match the edited graph (the
+exporter's verifier checks that on construction).
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+
+import torch
+from torch.export import ExportedProgram
+from torch.export.graph_signature import (ExportGraphSignature, InputKind, InputSpec, OutputKind, TensorArgument)
+from torch.utils import _pytree as pytree
+
+_CONST_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+
+
+class GraphEditor:
+    def __init__(self, ep: ExportedProgram):
+        self.ep = ep
+        self.gm = copy.deepcopy(ep.graph_module)
+        self.graph: torch.fx.Graph = self.gm.graph
+        self.input_specs: list[InputSpec] = copy.deepcopy(list(ep.graph_signature.input_specs))
+        self.output_specs = copy.deepcopy(list(ep.graph_signature.output_specs))
+        self.state_dict = dict(ep.state_dict)
+        self.constants = dict(ep.constants)
+        self._counter = itertools.count()
+
+    # ---- inspection -------------------------------------------------------------------------------------------
+    def placeholders(self) -> dict[str, torch.fx.Node]:
+        return {n.name: n for n in self.graph.nodes if n.op == "placeholder"}
+
+    def spec_of(self, node: torch.fx.Node) -> InputSpec | None:
+        for spec in self.input_specs:
+            if isinstance(spec.arg, TensorArgument) and spec.arg.name == node.name:
+                return spec
+        return None
+
+    def mutated_targets(self) -> set[str]:
+        return {s.target for s in self.output_specs
+                if s.kind in (OutputKind.BUFFER_MUTATION, OutputKind.PARAMETER_MUTATION) and s.target}
+
+    def constant_value(self, node: torch.fx.Node) -> torch.Tensor | None:
+        """The tensor behind a parameter/buffer/constant placeholder (None for user inputs and mutated buffers)."""
+        if node.op != "placeholder":
+            return None
+        spec = self.spec_of(node)
+        if spec is None or spec.kind not in _CONST_KINDS or spec.target in self.mutated_targets():
+            return None
+        if spec.target in self.state_dict:
+            return self.state_dict[spec.target]
+        return self.constants.get(spec.target)
+
+    # ---- edits ------------------------------------------------------------------------------------------------
+    def add_constant(self, value: torch.Tensor, hint: str = "folded") -> torch.fx.Node:
+        """A new constant-tensor input (placed before the user inputs, as the signature requires)."""
+        existing = {s.target for s in self.input_specs} | set(self.constants) | set(self.state_dict)
+        while True:
+            target = f"_graphopt_{hint}_{next(self._counter)}"
+            if target not in existing:
+                break
+        first_user = next((i for i, s in enumerate(self.input_specs) if s.kind == InputKind.USER_INPUT),
+                          len(self.input_specs))
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        if first_user < len(placeholders):
+            ctx = self.graph.inserting_before(placeholders[first_user])
+        elif placeholders:
+            ctx = self.graph.inserting_after(placeholders[-1])
+        else:
+            ctx = self.graph.inserting_before(next(iter(self.graph.nodes)))
+        with ctx:
+            node = self.graph.placeholder(target.replace(".", "_"))
+        node.meta["val"] = _fake_like(value, self.ep)
+        self.input_specs.insert(first_user, InputSpec(InputKind.CONSTANT_TENSOR, TensorArgument(node.name), target))
+        self.constants[target] = value.detach()
+        return node
+
+    def remove_unused_inputs(self) -> list[str]:
+        """Drop parameter/buffer/constant inputs nothing reads; user inputs stay (they are the interface)."""
+        removed = []
+        mutated = self.mutated_targets()
+        for node in list(self.graph.nodes):
+            if node.op != "placeholder" or node.users:
+                continue
+            spec = self.spec_of(node)
+            if spec is None or spec.kind not in _CONST_KINDS or spec.target in mutated:
+                continue
+            self.graph.erase_node(node)
+            self.input_specs.remove(spec)
+            still_used = any(s.target == spec.target for s in self.input_specs)
+            if not still_used:
+                self.state_dict.pop(spec.target, None)
+                self.constants.pop(spec.target, None)
+            removed.append(spec.target)
+        return removed
+
+    def build(self) -> ExportedProgram:
+        self.graph.lint()
+        self.gm.recompile()
+        out_node = next(n for n in self.graph.nodes if n.op == "output")
+        for spec, arg in zip(self.output_specs, pytree.tree_leaves(out_node.args[0])):
+            if isinstance(spec.arg, TensorArgument) and isinstance(arg, torch.fx.Node):
+                spec.arg = TensorArgument(arg.name)
+        return ExportedProgram(
+            root=self.gm, graph=self.graph,
+            graph_signature=ExportGraphSignature(self.input_specs, self.output_specs),
+            state_dict=self.state_dict, range_constraints=self.ep.range_constraints,
+            module_call_graph=copy.deepcopy(self.ep.module_call_graph), example_inputs=self.ep.example_inputs,
+            constants=self.constants, verifiers=list(self.ep.verifiers),
+        )
+
+
+def _fake_like(value: torch.Tensor, ep: ExportedProgram):
+    """A fake tensor in the graph's fake mode (metadata for later passes and the ONNX exporter)."""
+    for node in ep.graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, torch._subclasses.fake_tensor.FakeTensor):
+            return val.fake_mode.from_tensor(value, static_shapes=True)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    return FakeTensorMode().from_tensor(value, static_shapes=True)
+
+
+def same_shape(a, b) -> bool:
+    """Shapes known equal, symbolic dims compared by expression."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if isinstance(x, int) and isinstance(y, int):
+            if x != y:
+                return False
+        elif isinstance(x, torch.SymInt) and isinstance(y, torch.SymInt):
+            if str(x.node.expr) != str(y.node.expr):
+                return False
+        else:
+            return False
+    return True
+
+
+def is_mutating(node: torch.fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema is not None and schema.is_mutable)

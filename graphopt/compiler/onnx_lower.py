@@ -1,0 +1,78 @@
+"""Lowering to ONNX with torch.onnx.export(dynamo=True), plus the translation registry for graphopt's custom ops."""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import GraphoptError
+
+# Opset 21: the first with blocked (INT4/UINT4) DequantizeLinear, which the quantization passes lower to, and one
+# ORT 1.2x-1.3x runs everywhere. Opsets >= 23 make the exporter emit the ONNX Attention op, which older runtimes lack.
+DEFAULT_OPSET = 21
+# Above this many bytes of weights, tensors go to a side file `<method>.onnx.data` (protobuf caps files at 2 GB).
+EXTERNAL_DATA_BYTES = 256 * 1024 * 1024
+
+_TRANSLATIONS: dict[Callable, Callable] = {}
+
+
+def register_onnx_translation(op: Callable):
+    """Decorator: `@register_onnx_translation(torch.ops.graphopt.dq_linear.default)` on an onnxscript function."""
+    def deco(fn):
+        _TRANSLATIONS[op] = fn
+        return fn
+    return deco
+
+
+def translations() -> dict[Callable, Callable]:
+    from .. import kernels  # noqa: F401  (importing kernels registers their ops' translations)
+    return dict(_TRANSLATIONS)
+
+
+def export_onnx(ep: torch.export.ExportedProgram, path: Path, input_names: list[str], output_names: list[str],
+                opset: int = DEFAULT_OPSET, verbose: bool = False) -> Path:
+    """Write `path` (and `path.data` when large); returns the path."""
+    table = translations()
+    missing = sorted({str(n.target) for n in ep.graph.nodes if n.op == "call_function"
+                      and getattr(n.target, "namespace", None) == "graphopt" and n.target not in table})
+    if missing:
+        raise GraphoptError(f"no ONNX translation for {', '.join(missing)}: use --backend torch, or register one "
+                            f"with graphopt.compiler.onnx_lower.register_onnx_translation")
+    sink = io.StringIO()
+    quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(sink)
+    with quiet, warnings.catch_warnings(), _quiet_logs(verbose):
+        warnings.simplefilter("ignore")
+        try:
+            onnx_program = torch.onnx.export(
+                ep, (), dynamo=True, opset_version=opset, input_names=input_names, output_names=output_names,
+                custom_translation_table=table or None, verbose=False, optimize=True,
+            )
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise GraphoptError(f"ONNX export failed: {first} (use --backend torch to skip ONNX; "
+                                f"--verbose shows the exporter's log)") from e
+    weight_bytes = sum(t.numel() * t.element_size() for t in list(ep.state_dict.values()) +
+                       [c for c in ep.constants.values() if isinstance(c, torch.Tensor)])
+    onnx_program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
+    return path
+
+
+@contextlib.contextmanager
+def _quiet_logs(verbose: bool):
+    if verbose:
+        yield
+        return
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript", "torch._dynamo")]
+    old = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, lv in zip(loggers, old):
+            lg.setLevel(lv)

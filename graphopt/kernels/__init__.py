@@ -1,0 +1,4 @@
+"""Custom ops (torch.library) with their reference, Triton and ONNX implementations.
+
+Importing this package registers every op and its ONNX translation; the ONNX lowerer imports it before exporting.
+"""

@@ -1,0 +1,62 @@
+"""Stage progress on stderr: a spinner on a terminal, plain lines otherwise, nothing when quiet."""
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from typing import Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
+
+
+class Progress:
+    def __init__(self, enabled: bool = True, stream=None):
+        self.enabled = enabled
+        self.stream = stream or sys.stderr
+        self._console = None
+        self.timings: dict[str, float] = {}
+
+    @property
+    def console(self):
+        if self._console is None:
+            from rich.console import Console
+            self._console = Console(file=self.stream, highlight=False, soft_wrap=True)
+            if not self._console.is_terminal:
+                self._console = Console(file=self.stream, highlight=False, soft_wrap=True, width=120)
+        return self._console
+
+    @property
+    def interactive(self) -> bool:
+        return self.enabled and self.console.is_terminal
+
+    @contextlib.contextmanager
+    def stage(self, name: str, detail: str = "") -> Iterator[None]:
+        """Time a stage; show a spinner while it runs (terminal) and one line when it ends."""
+        start = time.perf_counter()
+        label = f"{name} {detail}".strip()
+        ok = False
+        try:
+            if self.interactive:
+                with self.console.status(f"{label} ..."):
+                    yield
+            else:
+                yield
+            ok = True
+        finally:
+            took = time.perf_counter() - start
+            self.timings[name] = self.timings.get(name, 0.0) + took
+            if self.enabled:
+                mark = "done" if ok else "FAILED"
+                self.console.print(f"[graphopt] {label}: {mark} in {took:.2f} s", markup=False)
+
+    def track(self, items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+        """A progress bar over work items (e.g. layers), plain when not a terminal."""
+        if not self.interactive:
+            yield from items
+            return
+        from rich.progress import track
+        yield from track(items, description=description, total=total, console=self.console, transient=True)
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            self.console.print(f"[graphopt] {message}", markup=False)

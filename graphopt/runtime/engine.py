@@ -1,0 +1,172 @@
+"""Engines: load a bundle and run its methods on ONNX Runtime (default) or torch, with inputs checked."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..compiler.bundle import read_manifest
+from ..compiler.program import DTYPES
+from ..errors import GraphoptError
+
+BACKENDS = ("onnxruntime", "torch")
+
+
+class Method:
+    """One callable method: checks inputs against the manifest, runs the backend, returns tensors."""
+
+    def __init__(self, name: str, spec: dict, dims: dict, run):
+        self.name = name
+        self.inputs = spec["inputs"]
+        self.outputs = spec["outputs"]
+        self.dims = dims
+        self._run = run
+
+    def __call__(self, *args, **kwargs):
+        tensors = self.check(args, kwargs)
+        outs = self._run(tensors)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def check(self, args, kwargs) -> list[torch.Tensor]:
+        names = [s["name"] for s in self.inputs]
+        if len(args) > len(names):
+            raise GraphoptError(f"method '{self.name}' takes {len(names)} inputs ({', '.join(names)}), "
+                                f"got {len(args)}")
+        given = dict(zip(names, args))
+        for k, v in kwargs.items():
+            if k not in names:
+                raise GraphoptError(f"method '{self.name}' has no input '{k}'; inputs: {', '.join(names)}")
+            if k in given:
+                raise GraphoptError(f"input '{k}' of method '{self.name}' given twice")
+            given[k] = v
+        missing = [n for n in names if n not in given]
+        if missing:
+            raise GraphoptError(f"method '{self.name}' is missing input(s) {', '.join(missing)}")
+        bound: dict[str, int] = {}
+        out = []
+        for spec in self.inputs:
+            x = given[spec["name"]]
+            if isinstance(x, np.ndarray):
+                x = torch.from_numpy(x)
+            if not isinstance(x, torch.Tensor):
+                raise GraphoptError(f"input '{spec['name']}' must be a tensor or numpy array, "
+                                    f"not {type(x).__name__}")
+            want = DTYPES[spec["dtype"]]
+            if x.dtype != want:
+                raise GraphoptError(f"input '{spec['name']}' has dtype {str(x.dtype).replace('torch.', '')}, "
+                                    f"expected {spec['dtype']}")
+            shape = spec["shape"]
+            if x.dim() != len(shape):
+                raise GraphoptError(f"input '{spec['name']}' has shape {list(x.shape)}, expected rank "
+                                    f"{len(shape)} {shape}")
+            for axis, (got, dim) in enumerate(zip(x.shape, shape)):
+                if isinstance(dim, int):
+                    if got != dim:
+                        raise GraphoptError(f"input '{spec['name']}' has shape {list(x.shape)}, expected {shape} "
+                                            f"(axis {axis} is fixed at {dim})")
+                    continue
+                lo, hi = self.dims.get(dim, [0, 2 ** 63 - 1])
+                if not lo <= got <= hi:
+                    raise GraphoptError(f"input '{spec['name']}' axis {axis} ({dim}) is {got}, outside the "
+                                        f"compiled range {lo}..{hi}")
+                if bound.setdefault(dim, got) != got:
+                    raise GraphoptError(f"inputs disagree on dim {dim}: {bound[dim]} vs {got} "
+                                        f"(input '{spec['name']}' axis {axis})")
+            out.append(x.contiguous())
+        return out
+
+
+class Engine:
+    """A loaded bundle. `engine(*inputs)` runs the plan's entry method; `engine.method(name)` any method."""
+
+    def __init__(self, path: Path, manifest: dict, backend: str, methods: dict[str, Method]):
+        self.path = path
+        self.manifest = manifest
+        self.backend = backend
+        self._methods = methods
+        self.plan = manifest.get("plan", {})
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self._methods)
+
+    def method(self, name: str) -> Method:
+        if name not in self._methods:
+            raise GraphoptError(f"bundle has no method '{name}'; methods: {', '.join(self._methods)}")
+        return self._methods[name]
+
+    def __call__(self, *args, **kwargs):
+        entry = self.plan.get("entry")
+        if entry is None:
+            raise GraphoptError(f"this is a {self.plan.get('kind')} bundle with no single entry method: "
+                                f"use engine.method(name) with one of {', '.join(self._methods)}")
+        return self.method(entry)(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"Engine({str(self.path)!r}, backend={self.backend!r}, methods={self.methods})"
+
+
+def _ort_runner(path: Path, providers: list[str] | None):
+    import onnxruntime as ort
+    if not path.is_file():
+        raise GraphoptError(f"bundle file '{path}' is missing; re-run optimize (or load with backend='torch')")
+    available = ort.get_available_providers()
+    wanted = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=wanted)
+    except Exception as e:
+        raise GraphoptError(f"ONNX Runtime cannot load '{path}': {str(e).splitlines()[0]}; re-run optimize")
+    names = [i.name for i in session.get_inputs()]
+
+    def run(tensors: list[torch.Tensor]):
+        feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)}
+        return [torch.from_numpy(np.asarray(o)) for o in session.run(None, feeds)]
+    run.session = session
+    return run
+
+
+def _torch_runner(path: Path, device: str | None):
+    if not path.is_file():
+        raise GraphoptError(f"bundle file '{path}' is missing; re-run optimize")
+    try:
+        ep = torch.export.load(str(path))
+    except Exception as e:
+        raise GraphoptError(f"cannot load '{path}' ({type(e).__name__}); the file is corrupt: re-run optimize")
+    module = ep.module()
+    if device:
+        module = module.to(device)
+    from torch.utils import _pytree as pytree
+
+    def run(tensors: list[torch.Tensor]):
+        args, kwargs = pytree.tree_unflatten(
+            [t.to(device) if device else t for t in tensors], ep.call_spec.in_spec)
+        with torch.no_grad():
+            out = module(*args, **kwargs)
+        return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    run.module = module
+    return run
+
+
+def load(path, backend: str = "onnxruntime", *, providers: list[str] | None = None,
+         device: str | None = None) -> Engine:
+    """Load a bundle written by `optimize -o` / `CompiledModel.save`."""
+    if backend not in BACKENDS:
+        raise GraphoptError(f"backend '{backend}': choose one of {', '.join(BACKENDS)}")
+    path = Path(path)
+    manifest = read_manifest(path)
+    methods = {}
+    for name, spec in manifest["methods"].items():
+        files = spec.get("files", {})
+        if backend == "onnxruntime":
+            if "onnx" not in files:
+                raise GraphoptError(f"bundle '{path}' has no ONNX file for method '{name}' (it was built with "
+                                    f"--backend torch): load it with backend='torch' or re-run optimize")
+            run = _ort_runner(path / files["onnx"], providers)
+        else:
+            run = _torch_runner(path / files["pt2"], device)
+        methods[name] = Method(name, spec, manifest.get("dims", {}), run)
+    return Engine(path, manifest, backend, methods)
