@@ -45,9 +45,9 @@ class Progress:
         finally:
             took = time.perf_counter() - start
             self.timings[name] = self.timings.get(name, 0.0) + took
-            if self.enabled:
-                mark = "done" if ok else "FAILED"
-                self.console.print(f"[graphopt] {label}: {mark} in {took:.2f} s", markup=False)
+            # A failure is reported once, by the caller's error line, so stderr stays one line.
+            if self.enabled and ok:
+                self.console.print(f"[graphopt] {label}: done in {took:.2f} s", markup=False)
 
     def track(self, items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
         """A progress bar over work items (e.g. layers), plain when not a terminal."""

@@ -260,12 +260,16 @@ def _load_hf_dir(path: Path, unsafe_load: bool) -> Loaded:
     if cls is None:
         raise GraphoptError(f"'{config_file}': architecture {archs or '(none)'} is not in transformers "
                             f"{transformers.__version__}; graphopt never runs remote code")
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # graphopt shows its own stage progress
     try:
         model = cls.from_pretrained(path, local_files_only=True, trust_remote_code=False,
                                     use_safetensors=bool(weights))
     except Exception as e:  # corrupt weights, shape mismatches
         raise GraphoptError(f"cannot load Hugging Face model from '{path}': {type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''}")
+    finally:
+        hf_logging.enable_progress_bar()
     model.eval()
     vocab = getattr(model.config, "vocab_size", None)
     return Loaded("hf-dir", str(path), model=model, int_high=vocab or 2,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import warnings
 
 import torch
 from torch.export import ExportedProgram
@@ -20,7 +21,9 @@ _CONST_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR
 class GraphEditor:
     def __init__(self, ep: ExportedProgram):
         self.ep = ep
-        self.gm = copy.deepcopy(ep.graph_module)
+        with warnings.catch_warnings():  # torch's own pytree deprecation noise on copying treespecs
+            warnings.simplefilter("ignore", FutureWarning)
+            self.gm = copy.deepcopy(ep.graph_module)
         self.graph: torch.fx.Graph = self.gm.graph
         self.input_specs: list[InputSpec] = copy.deepcopy(list(ep.graph_signature.input_specs))
         self.output_specs = copy.deepcopy(list(ep.graph_signature.output_specs))
@@ -103,11 +106,14 @@ class GraphEditor:
         for spec, arg in zip(self.output_specs, pytree.tree_leaves(out_node.args[0])):
             if isinstance(spec.arg, TensorArgument) and isinstance(arg, torch.fx.Node):
                 spec.arg = TensorArgument(arg.name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            module_call_graph = copy.deepcopy(self.ep.module_call_graph)
         return ExportedProgram(
             root=self.gm, graph=self.graph,
             graph_signature=ExportGraphSignature(self.input_specs, self.output_specs),
             state_dict=self.state_dict, range_constraints=self.ep.range_constraints,
-            module_call_graph=copy.deepcopy(self.ep.module_call_graph), example_inputs=self.ep.example_inputs,
+            module_call_graph=module_call_graph, example_inputs=self.ep.example_inputs,
             constants=self.constants, verifiers=list(self.ep.verifiers),
         )
 

@@ -56,9 +56,10 @@ class Program:
         return tuple(t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
 
     def copy(self) -> "Program":
-        # Passes edit graphs in place; a deep copy is what lets a failed pass be rolled back.
+        # ExportedPrograms are never edited in place (graph_edit builds new ones), so sharing them is safe and
+        # keeping the old Program is all a rollback needs.
         return Program(
-            methods={k: copy.deepcopy(v) for k, v in self.methods.items()},
+            methods=dict(self.methods),
             plan=copy.deepcopy(self.plan), inputs=copy.deepcopy(self.inputs),
             example_inputs=dict(self.example_inputs), dims=copy.deepcopy(self.dims),
             source=copy.deepcopy(self.source), output_names=copy.deepcopy(self.output_names),

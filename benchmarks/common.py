@@ -1,0 +1,36 @@
+"""Shared benchmark plumbing: --quick / --json arguments, fixed seeds, and the result writer."""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def parse_args(description: str) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--quick", action="store_true", help="a smaller run that finishes in a few minutes on a CPU")
+    ap.add_argument("--json", type=Path, help="write the metrics as JSON to this file")
+    args = ap.parse_args()
+    random.seed(0)
+    torch.manual_seed(0)
+    return args
+
+
+def machine() -> str:
+    return f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def emit(metrics: dict, path: Path | None) -> None:
+    text = json.dumps(metrics, indent=1, sort_keys=True)
+    print(text)
+    if path:
+        path.write_text(text + "\n")

@@ -1,0 +1,53 @@
+"""Time `optimize` with the default pipeline on tiny GPT-2 and Llama, split by stage.
+
+    python benchmarks/compile_time.py [--quick] [--json FILE]
+
+Keys: <model>_<stage>_s for stage in capture, passes, guard, lowering, ort_check, total (median of the runs).
+"""
+from __future__ import annotations
+
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+from common import emit, machine, parse_args
+
+
+def tiny(kind: str, path: Path) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_positions=512, n_embd=64, n_layer=2, n_head=4))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=512))
+    model.eval().save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0])
+    import graphopt
+    runs = 1 if args.quick else 3
+    metrics: dict = {"machine": machine(), "runs": runs}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in ("gpt2", "llama"):
+            src = tiny(kind, Path(tmp) / kind)
+            samples: dict[str, list[float]] = {}
+            for _ in range(runs):
+                compiled = graphopt.compile(str(src), inputs=["input_ids:1xS:int64"], dynamic=["S=1..512"])
+                for k, v in compiled.timings.items():
+                    samples.setdefault(k, []).append(v)
+                compiled.save(Path(tmp) / f"{kind}-out", force=True)
+            for k, vs in samples.items():
+                metrics[f"{kind}_{k}"] = round(statistics.median(vs), 3)
+            metrics[f"{kind}_nodes_before"] = compiled.reports[0]["nodes_before"]
+            metrics[f"{kind}_nodes_after"] = compiled.reports[-1]["nodes_after"]
+    emit(metrics, args.json)
+
+
+if __name__ == "__main__":
+    main()

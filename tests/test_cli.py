@@ -1,0 +1,183 @@
+"""End-to-end through the `optimize` command line, as a user runs it."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+import graphopt
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code != 0
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("optimize: error:"), err
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_cnn_end_to_end(cli, tmp_path):
+    out = tmp_path / "cnn"
+    code, _, err = cli("examples.tiny_cnn:build", "-o", out, "--report", tmp_path / "r.json")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["forward.onnx", "forward.pt2", "manifest.json"]
+    m = json.loads((out / "manifest.json").read_text())
+    assert [p["pass"] for p in m["passes"]] == ["remove-noops", "fold-constants", "dce"]
+    assert m["ort_check"]["max_rel"]["forward"] <= 1e-4
+    assert json.loads((tmp_path / "r.json").read_text())["passes"][0]["status"] == "ok"
+    assert "fold-constants" in err and "total" in err  # progress lines and the summary table
+
+    from examples.tiny_cnn import build
+    model, (x,) = build()
+    ref = model(x).detach()
+    for backend in ("onnxruntime", "torch"):
+        got = graphopt.load(out, backend=backend)(x)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    # The files stand alone: plain ONNX Runtime and plain torch.export.load.
+    sess = ort.InferenceSession(str(out / "forward.onnx"))
+    (o,) = sess.run(None, {"image": x.numpy()})
+    np.testing.assert_allclose(o, ref.numpy(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.export.load(str(out / "forward.pt2")).module()(x)[0], ref, rtol=1e-4,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("fixture", ["gpt2_dir", "llama_dir"])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_hf_models_static_and_dynamic(fixture, dynamic, request, cli, tmp_path):
+    from transformers import AutoModelForCausalLM
+    src = request.getfixturevalue(fixture)
+    out = tmp_path / "b"
+    args = ["--input", "input_ids:1xS:int64", "--dynamic", "S=1..128"] if dynamic else \
+        ["--input", "input_ids:1x12:int64"]
+    code, _, err = cli(src, "-o", out, "--quiet", *args)
+    assert code == 0, err
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["methods"]["forward"]["inputs"][0]["shape"] == ([1, "S"] if dynamic else [1, 12])
+    assert m["methods"]["forward"]["outputs"][0] == {"name": "logits", "dtype": "float32",
+                                                     "shape": [1, "S", 128] if dynamic else [1, 12, 128]}
+    hf = AutoModelForCausalLM.from_pretrained(src).eval()
+    ort_engine, torch_engine = graphopt.load(out), graphopt.load(out, backend="torch")
+    for n in ((1, 7, 128) if dynamic else (12,)):
+        ids = torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(n))
+        ref = hf(ids).logits.detach()
+        torch.testing.assert_close(ort_engine(ids), ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch_engine(input_ids=ids), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_list_passes(cli):
+    code, out, _ = cli("--list-passes")
+    assert code == 0
+    for name in ("dce", "fold-constants", "remove-noops", "max_growth=1.0", "default pipeline"):
+        assert name in out
+
+
+def test_torch_backend_writes_no_onnx(cli, tmp_path):
+    code, _, err = cli("examples.tiny_cnn:build", "-o", tmp_path / "t", "--backend", "torch", "--quiet",
+                       "--passes", "dce")
+    assert code == 0, err
+    assert not (tmp_path / "t" / "forward.onnx").exists()
+    with pytest.raises(graphopt.GraphoptError, match="load it with backend='torch'"):
+        graphopt.load(tmp_path / "t")
+    assert graphopt.load(tmp_path / "t", backend="torch")(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+# ---- bad input: one line, nonzero exit, no traceback, nothing written ---------------------------------------------
+@pytest.mark.parametrize("argv, fragments", [
+    (["nowhere/model.pt2"], ["'nowhere/model.pt2' not found", "Hugging Face model directory"]),
+    (["examples.tiny_cnn:build", "--passes", "nosuch"], ["unknown pass 'nosuch'", "available: dce"]),
+    (["examples.tiny_cnn:build", "--passes", "dce{x=1}"], ["has no option 'x'"]),
+    (["examples.tiny_cnn:build", "--passes", "fold-constants{max_growth=big}"], ["not a valid float"]),
+    (["examples.tiny_cnn:build", "--input", "image:1x3"], ["--input 'image:1x3'", "NAME:SHAPE:DTYPE"]),
+    (["examples.tiny_cnn:build", "--input", "image:1xSx32x32:float32", "--dynamic", "S=4"],
+     ["--dynamic 'S=4'", "NAME=MIN..MAX"]),
+    (["examples.tiny_cnn:build", "--calib", "nope.pt"], ["--calib 'nope.pt' not found"]),
+])
+def test_bad_arguments(cli, tmp_path, argv, fragments):
+    out = tmp_path / "out"
+    code, _, err = cli(*argv, "-o", out)
+    assert_one_line_error(code, err, *fragments)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_model_files(cli, tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "pickled.pt")
+    (tmp_path / "bad.pt2").write_bytes(b"PK\x03\x04" + b"\0" * 64)
+    for name, fragment in [("notes.txt", "is not a model file"), ("pickled.pt", "--unsafe-load"),
+                           ("bad.pt2", "truncated or corrupt")]:
+        code, _, err = cli(tmp_path / name, "-o", tmp_path / "out")
+        assert_one_line_error(code, err, fragment)
+        assert not (tmp_path / "out").exists()
+
+
+def test_unsafe_load_accepts_a_trusted_pickle(cli, tmp_path):
+    torch.save(torch.nn.Linear(4, 2), tmp_path / "lin.pt")
+    code, _, err = cli(tmp_path / "lin.pt", "-o", tmp_path / "o", "--unsafe-load", "--input", "x:3x4:float32",
+                       "--quiet")
+    assert code == 0, err
+    assert graphopt.load(tmp_path / "o")(torch.randn(3, 4)).shape == (3, 2)
+
+
+def test_existing_output_needs_force(cli, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = cli("examples.tiny_cnn:build", "-o", out)
+    assert_one_line_error(code, err, "already exists", "--force")
+    assert (out / "keep.txt").read_text() == "mine"
+    code, _, err = cli("examples.tiny_cnn:build", "-o", out, "--force", "--quiet")
+    assert code == 0, err
+    assert not (out / "keep.txt").exists() and (out / "manifest.json").exists()
+
+
+def test_a_pass_that_raises_writes_nothing(cli, tmp_path, temp_pass):
+    from graphopt.passes import Pass
+
+    class Boom(Pass):
+        """Test pass that fails half-way through a pipeline."""
+        name = "test-boom"
+
+        def run(self, program, ctx):
+            raise RuntimeError("kaboom")
+    temp_pass(Boom)
+    out = tmp_path / "o"
+    code, _, err = cli("examples.tiny_cnn:build", "-o", out, "--passes", "remove-noops,test-boom,dce", "--quiet")
+    assert_one_line_error(code, err, "pass 'test-boom' raised RuntimeError: kaboom", "--on-error=skip")
+    assert list(tmp_path.iterdir()) == []
+    code, _, err = cli("examples.tiny_cnn:build", "-o", out, "--passes", "remove-noops,test-boom,dce",
+                       "--on-error", "skip", "--quiet")
+    assert code == 0, err
+    statuses = [p["status"] for p in json.loads((out / "manifest.json").read_text())["passes"]]
+    assert statuses == ["ok", "rolled back", "ok"]
+
+
+def test_calibration_file(cli, tmp_path):
+    torch.save([(torch.randn(1, 3, 32, 32),) for _ in range(3)], tmp_path / "calib.pt")
+    code, _, err = cli("examples.tiny_cnn:build", "-o", tmp_path / "o", "--calib", tmp_path / "calib.pt",
+                       "--quiet")
+    assert code == 0, err
+    torch.save([(torch.randn(1, 3, 16, 16),)], tmp_path / "wrong.pt")
+    code, _, err = cli("examples.tiny_cnn:build", "-o", tmp_path / "o2", "--calib", tmp_path / "wrong.pt",
+                       "--quiet")
+    assert_one_line_error(code, err, "has shape [1, 3, 16, 16], expected [1, 3, 32, 32]")
+    torch.save({"not": "a list"}, tmp_path / "dict.pt")
+    code, _, err = cli("examples.tiny_cnn:build", "-o", tmp_path / "o3", "--calib", tmp_path / "dict.pt")
+    assert_one_line_error(code, err, "expected a non-empty list of input tuples")
+
+
+def test_verbose_shows_the_traceback(cli, tmp_path):
+    with pytest.raises(graphopt.GraphoptError):
+        cli("nowhere.pt2", "-o", tmp_path / "o", "--verbose")
+
+
+def test_console_script_runs_as_a_subprocess(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "graphopt.cli", "missing.pt2", "-o", str(tmp_path / "o")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "not found" in proc.stderr
