@@ -164,7 +164,7 @@ class Loaded:
     exported: torch.export.ExportedProgram | None = None
     example_inputs: Any = None            # tuple or dict from a factory / zoo
     input_specs: list[InputSpec] | None = None
-    dims: dict[str, tuple[int, int]] | None = None
+    dims: dict[str, tuple[int, int]] | None = None  # ranges of the symbolic dims in input_specs
     int_high: int = 2
     extra_kwargs: dict | None = None
     output_names: list[str] | None = None
@@ -353,9 +353,7 @@ def capture(source: Any, *, task: str = "auto", inputs: list[str] | None = None,
             ep = torch.export.export(wrapper, examples,
                                      dynamic_shapes=tuple(dynamic_shapes) if dim_ranges else None, strict=False)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise GraphoptError(f"torch.export failed on '{loaded.description}': {type(e).__name__}: {first} "
-                            f"(check --input shapes/dtypes and --dynamic ranges; --verbose shows the trace)") from e
+        raise GraphoptError(_export_error(loaded.description, e)) from e
     if source_info["sha256"] is None:
         source_info["sha256"] = hash_state(model)
     n_out = len(ep.graph_signature.user_outputs)
@@ -367,6 +365,22 @@ def capture(source: Any, *, task: str = "auto", inputs: list[str] | None = None,
         example_inputs={"forward": examples}, dims={k: list(v) for k, v in dim_ranges.items()},
         source=source_info, output_names={"forward": out_names},
     )
+
+
+def _export_error(description: str, e: Exception) -> str:
+    text = str(e)
+    m = re.search(r"Not all values of (\w+) = .*? in the specified range (.*?) satisfy the generated guard (.*)", text)
+    if m:
+        dim, declared, guard = m.groups()
+        bounds = re.findall(r"(\d+) <= |<= (\d+)", guard)
+        lo = next((a for a, _ in bounds if a), None)
+        hi = next((b for _, b in bounds if b), None)
+        fix = f"--dynamic {dim}={lo or 1}..{hi}" if hi else f"narrow --dynamic {dim}"
+        return (f"torch.export cannot keep dim {dim} dynamic over {declared.strip()}: the model's code only "
+                f"holds for {guard.strip().replace(chr(10), ' ')}; use {fix}")
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return (f"torch.export failed on '{description}': {type(e).__name__}: {first} (check --input shapes/dtypes "
+            f"and --dynamic ranges; --verbose shows the trace)")
 
 
 def _resolve_inputs(loaded: Loaded, specs, dims, example_inputs, seed):
@@ -392,6 +406,8 @@ def _resolve_inputs(loaded: Loaded, specs, dims, example_inputs, seed):
         return names, tensors, {}, input_specs
     if not specs:
         specs = loaded.input_specs
+        if specs and not dims:
+            dims = dict(loaded.dims or {})
     if not specs:
         raise GraphoptError(f"'{loaded.description}' has no example inputs: add --input NAME:SHAPE:DTYPE "
                             f"(e.g. --input x:1x3x32x32:float32)")
