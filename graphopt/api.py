@@ -12,7 +12,7 @@ import torch
 
 from .compiler import bundle, capture as cap, guard
 from .compiler.onnx_lower import DEFAULT_OPSET, export_onnx
-from .compiler.pipeline import PassContext, parse_pipeline, run_pipeline, validate
+from .compiler.pipeline import PassContext, parse_pipeline, run_pipeline, validate_needs, validate_tasks
 from .compiler.program import DTYPES, Program
 from .errors import GraphoptError
 from .passes import DEFAULT_PIPELINE
@@ -50,6 +50,17 @@ def normalize_calibration(data: Any, where: str = "calibration") -> list[tuple[t
 
 
 def check_calibration(program: Program, calibration, where: str) -> None:
+    if program.plan.get("kind") == "causal-lm":
+        vocab, max_len = program.plan["vocab_size"], program.plan["max_length"]
+        for i, item in enumerate(calibration):
+            ids = item[0]
+            if len(item) != 1 or ids.dtype != torch.int64 or ids.dim() != 2:
+                raise GraphoptError(f"{where}: item {i} must be a 1-tuple (input_ids int64 [batch, length],) for "
+                                    f"a causal LM")
+            if ids.shape[1] > max_len or ids.min() < 0 or ids.max() >= vocab:
+                raise GraphoptError(f"{where}: item {i} has ids outside 0..{vocab - 1} or is longer than "
+                                    f"{max_len} tokens")
+        return
     entry = program.plan.get("entry")
     specs = program.inputs.get(entry, [])
     for i, item in enumerate(calibration):
@@ -97,6 +108,9 @@ class CompiledModel:
     def method(self, name: str):
         return self.engine.method(name)
 
+    def generate(self, *args, **kwargs):
+        return self.engine.generate(*args, **kwargs)
+
     def save(self, path, force: bool = False) -> Path:
         return bundle.publish(self._staging, Path(path), force)
 
@@ -132,12 +146,8 @@ def compile(model: Any, passes: str | None = None, *, example_inputs: Any = None
         calibration = load_calibration(calibration)
     elif calibration is not None:
         calibration = normalize_calibration(calibration)
-    loaded = None
-    if isinstance(model, str) and model.startswith("zoo:"):
-        loaded = cap.load_source(model, unsafe_load)
-        if calibration is None and loaded.calibration is not None:
-            calibration = loaded.calibration
-    validate(steps, "single", calibration is not None)
+    is_zoo = isinstance(model, str) and model.startswith("zoo:")
+    validate_needs(steps, has_calibration=calibration is not None or is_zoo)
     for text in inputs or []:
         cap.parse_input(text)
     cap.parse_dynamic_all(dynamic or [])
@@ -145,6 +155,10 @@ def compile(model: Any, passes: str | None = None, *, example_inputs: Any = None
 
     with prog_ui.stage("capture"):
         t0 = time.perf_counter()
+        loaded = cap.load_source(model, unsafe_load)
+        if calibration is None and loaded.calibration is not None:
+            calibration = loaded.calibration
+        validate_tasks(steps, cap.resolve_task(task, loaded))
         program = cap.capture(model, task=task, inputs=inputs, dynamic=dynamic, example_inputs=example_inputs,
                               unsafe_load=unsafe_load, seed=seed, loaded=loaded)
         timings["capture_s"] = time.perf_counter() - t0

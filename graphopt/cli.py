@@ -123,5 +123,149 @@ def _run(args, parser) -> int:
     return 0
 
 
+# ---- `graphopt` command: subcommands around bundles -------------------------------------------------------------
+def build_graphopt_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="graphopt", description="graphopt: optimize models and run bundles.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("optimize", help="same as the optimize command (graphopt optimize --help)", add_help=False)
+    r = sub.add_parser("run", help="generate text with a causal-lm bundle")
+    r.add_argument("bundle", metavar="OUT", help="bundle directory written by optimize")
+    r.add_argument("--prompt", help="prompt text")
+    r.add_argument("--prompt-ids", metavar="IDS", help="prompt as comma-separated token ids (no tokenizer needed)")
+    r.add_argument("--max-new-tokens", type=int, default=64)
+    r.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
+    r.add_argument("--tokenizer", metavar="DIR", help="Hugging Face tokenizer directory (zoo LMs need none)")
+    r.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    r.add_argument("--temperature", type=float, default=1.0)
+    r.add_argument("--top-k", type=int, default=None)
+    r.add_argument("--top-p", type=float, default=None)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--eos-id", type=int, default=None, help="stop at this token id (default: the model's)")
+    r.add_argument("--verbose", action="store_true")
+    return p
+
+
+class _TextStreamer:
+    """Prints generated text as it arrives (batch 1): decodes the whole new sequence and prints the new suffix."""
+
+    def __init__(self, tokenizer, out):
+        self.tokenizer, self.out = tokenizer, out
+        self.ids: list[int] = []
+        self.printed = ""
+        self.prompt_seen = False
+
+    def put(self, ids):
+        if not self.prompt_seen:  # the first call carries the prompt
+            self.prompt_seen = True
+            return
+        self.ids.append(int(ids.reshape(-1)[0]))
+        text = self.tokenizer.decode(self.ids)
+        # A trailing replacement char may be half of a multi-byte character: wait for the rest.
+        stable = text.rstrip("\ufffd")
+        if stable.startswith(self.printed) and len(stable) > len(self.printed):
+            self.out.write(stable[len(self.printed):])
+            self.out.flush()
+            self.printed = stable
+
+    def end(self):
+        text = self.tokenizer.decode(self.ids)
+        if text.startswith(self.printed):
+            self.out.write(text[len(self.printed):])
+        self.out.write("\n")
+        self.out.flush()
+
+
+def _load_tokenizer(engine, directory):
+    if directory:
+        try:
+            from transformers import AutoTokenizer
+            return AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+        except Exception as e:
+            raise GraphoptError(f"--tokenizer '{directory}': cannot load a Hugging Face tokenizer ({type(e).__name__})")
+    if engine.plan.get("tokenizer") == "byte":
+        from .zoo.tokenizer import ByteTokenizer
+        return ByteTokenizer()
+    return None
+
+
+def run_command(args) -> int:
+    import time
+
+    import graphopt
+    engine = graphopt.load(args.bundle, backend=args.backend)
+    if engine.plan.get("kind") != "causal-lm":
+        raise GraphoptError(f"'{args.bundle}' is a {engine.plan.get('kind')} bundle; graphopt run generates with "
+                            f"causal-lm bundles (optimize --task causal-lm)")
+    tokenizer = _load_tokenizer(engine, args.tokenizer)
+    if args.prompt_ids is not None:
+        try:
+            ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+        except ValueError:
+            raise GraphoptError(f"--prompt-ids '{args.prompt_ids}': expected comma-separated integers")
+    elif args.prompt is not None:
+        if tokenizer is None:
+            raise GraphoptError("this bundle has no built-in tokenizer: pass --tokenizer DIR, or --prompt-ids")
+        ids = tokenizer.encode(args.prompt)
+        if hasattr(ids, "input_ids"):
+            ids = ids.input_ids
+    else:
+        raise GraphoptError("give --prompt TEXT or --prompt-ids 1,2,3")
+    if tokenizer is not None and args.prompt is not None:
+        sys.stdout.write(args.prompt)
+        streamer = _TextStreamer(tokenizer, sys.stdout)
+    else:
+        streamer = None
+    t0 = time.perf_counter()
+    first = []
+
+    class _Timer:
+        def put(self, x):
+            if streamer is not None:
+                streamer.put(x)
+            if len(first) < 2:
+                first.append(time.perf_counter())
+
+        def end(self):
+            if streamer is not None:
+                streamer.end()
+    new = engine.generate(ids, args.max_new_tokens, eos_token_id=args.eos_id, do_sample=args.do_sample,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                          streamer=_Timer())
+    total = time.perf_counter() - t0
+    n = new.shape[1]
+    if streamer is None:
+        print(",".join(str(int(t)) for t in new[0]))
+    ttft = (first[1] - t0) * 1000 if len(first) > 1 else float("nan")
+    decode_s = total - (first[1] - t0) if len(first) > 1 else total
+    rate = (n - 1) / decode_s if n > 1 and decode_s > 0 else float("nan")
+    print(f"[graphopt] {n} tokens in {total:.2f} s ({args.backend}): first token {ttft:.1f} ms, "
+          f"decode {rate:.1f} tokens/s", file=sys.stderr)
+    return 0
+
+
+def graphopt_main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "optimize":
+        return main(argv[1:])
+    parser = build_graphopt_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return run_command(args)
+    except GraphoptError as e:
+        if args.verbose:
+            raise
+        print(f"graphopt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if args.verbose:
+            raise
+        print(f"graphopt {args.command}: internal error: {type(e).__name__}: {e} (rerun with --verbose)",
+              file=sys.stderr)
+        return 1
+
+
 if __name__ == "__main__":
     sys.exit(main())

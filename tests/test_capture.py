@@ -77,7 +77,7 @@ def test_pt2_source_keeps_examples_and_dynamic_shapes(tmp_path):
 
 
 def test_hf_directory_loads_without_remote_code(gpt2_dir):
-    p = capture(str(gpt2_dir))
+    p = capture(str(gpt2_dir), task="single")
     assert p.inputs["forward"][0].shape == [1, 16]
     assert p.output_specs("forward")[0].name == "logits"
     assert p.output_specs("forward")[0].shape == [1, 16, 128]

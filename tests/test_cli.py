@@ -54,7 +54,7 @@ def test_hf_models_static_and_dynamic(fixture, dynamic, request, cli, tmp_path):
     out = tmp_path / "b"
     args = ["--input", "input_ids:1xS:int64", "--dynamic", "S=1..128"] if dynamic else \
         ["--input", "input_ids:1x12:int64"]
-    code, _, err = cli(src, "-o", out, "--quiet", *args)
+    code, _, err = cli(src, "-o", out, "--quiet", "--task", "single", *args)
     assert code == 0, err
     m = json.loads((out / "manifest.json").read_text())
     assert m["methods"]["forward"]["inputs"][0]["shape"] == ([1, "S"] if dynamic else [1, 12])

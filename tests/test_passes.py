@@ -115,7 +115,7 @@ def test_dce_removes_dead_nodes_and_their_weights():
 @pytest.mark.parametrize("fixture", ["gpt2_dir", "llama_dir"])
 def test_default_pipeline_on_hf_models(fixture, request):
     path = request.getfixturevalue(fixture)
-    p = capture(str(path), inputs=["input_ids:1xS:int64"], dynamic=["S=1..64"])
+    p = capture(str(path), task="single", inputs=["input_ids:1xS:int64"], dynamic=["S=1..64"])
     n_asserts = sum(1 for t in targets(p) if getattr(t, "__name__", "").startswith("_assert"))
     assert n_asserts > 0
     new, reports, _ = run_passes(p, "remove-noops,fold-constants,dce")

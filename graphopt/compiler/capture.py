@@ -170,6 +170,7 @@ class Loaded:
     output_names: list[str] | None = None
     sha256: str | None = None
     calibration: list | None = None
+    plan_extra: dict | None = None                 # e.g. {"tokenizer": "byte"} for the zoo LM
 
 
 def _hash_files(paths: list[Path]) -> str:
@@ -317,12 +318,20 @@ def _load_file(path: Path, unsafe_load: bool) -> Loaded:
 
 # ---- capture -------------------------------------------------------------------------------------------------------
 def resolve_task(task: str, loaded: Loaded) -> str:
+    """auto: causal-lm for transformers models that generate, else single."""
+    from .causal_lm import is_causal_lm
     if task not in TASKS:
         raise GraphoptError(f"--task '{task}': choose one of {', '.join(TASKS)}")
-    if task in ("causal-lm", "diffusion"):
-        raise GraphoptError(f"--task {task} is not available in this version yet; use --task single "
-                            f"(one forward method)")
-    return "single"
+    if task == "diffusion":
+        raise GraphoptError("--task diffusion is not available in this version yet; use --task single "
+                            "(one forward method)")
+    lm = loaded.model is not None and is_causal_lm(loaded.model)
+    if task == "auto":
+        return "causal-lm" if lm else "single"
+    if task == "causal-lm" and not lm:
+        raise GraphoptError(f"--task causal-lm needs a transformers decoder model that can generate; "
+                            f"'{loaded.description}' is not one (use --task single)")
+    return task
 
 
 def capture(source: Any, *, task: str = "auto", inputs: list[str] | None = None, dynamic: list[str] | None = None,
@@ -332,8 +341,16 @@ def capture(source: Any, *, task: str = "auto", inputs: list[str] | None = None,
     specs = [parse_input(s) if isinstance(s, str) else s for s in (inputs or [])]
     dims = parse_dynamic_all(dynamic or [])
     loaded = loaded or load_source(source, unsafe_load)
-    resolve_task(task, loaded)
+    kind = resolve_task(task, loaded)
     source_info = {"kind": loaded.kind, "spec": loaded.description, "sha256": loaded.sha256}
+    if kind == "causal-lm":
+        if specs or dims or example_inputs is not None:
+            raise GraphoptError("causal-lm programs have fixed inputs (input_ids, attention_mask, position_ids and "
+                                "the KV cache): drop --input/--dynamic/example inputs, or use --task single")
+        from .causal_lm import capture_causal_lm
+        if source_info["sha256"] is None:
+            source_info["sha256"] = hash_state(loaded.model)
+        return capture_causal_lm(loaded.model, source_info, loaded.plan_extra, seed)
     if loaded.exported is not None:
         if specs or dims:
             raise GraphoptError(f"'{loaded.description}' is already exported: its inputs and dynamic shapes come "

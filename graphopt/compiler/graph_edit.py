@@ -99,7 +99,7 @@ class GraphEditor:
             removed.append(spec.target)
         return removed
 
-    def build(self) -> ExportedProgram:
+    def build(self, range_constraints: dict | None = None) -> ExportedProgram:
         self.graph.lint()
         self.gm.recompile()
         out_node = next(n for n in self.graph.nodes if n.op == "output")
@@ -112,7 +112,8 @@ class GraphEditor:
         return ExportedProgram(
             root=self.gm, graph=self.graph,
             graph_signature=ExportGraphSignature(self.input_specs, self.output_specs),
-            state_dict=self.state_dict, range_constraints=self.ep.range_constraints,
+            state_dict=self.state_dict,
+            range_constraints=self.ep.range_constraints if range_constraints is None else range_constraints,
             module_call_graph=module_call_graph, example_inputs=self.ep.example_inputs,
             constants=self.constants, verifiers=list(self.ep.verifiers),
         )

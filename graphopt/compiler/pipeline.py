@@ -101,12 +101,16 @@ def parse_pipeline(text: str, where: str = "--passes") -> list[PassStep]:
     return steps
 
 
-def validate(steps: list[PassStep], program_kind: str, has_calibration: bool) -> None:
+def validate_needs(steps: list[PassStep], has_calibration: bool) -> None:
     """Requirement checks that must fail before capture or any expensive work."""
     for step in steps:
         if "calibration" in step.cls.needs and not has_calibration:
             raise GraphoptError(f"pass '{step.name}' needs calibration data: pass --calib FILE.pt "
                                 f"(a torch.save'd list of input tuples) or calibration=[...]")
+
+
+def validate_tasks(steps: list[PassStep], program_kind: str) -> None:
+    for step in steps:
         if step.cls.tasks is not None and program_kind not in step.cls.tasks:
             raise GraphoptError(f"pass '{step.name}' applies to {'/'.join(sorted(step.cls.tasks))} programs, "
                                 f"not '{program_kind}'; choose --task accordingly")

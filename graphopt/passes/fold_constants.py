@@ -67,6 +67,8 @@ class FoldConstants(Pass):
                     continue
                 if all(u in values for u in node.users):
                     continue
+                if any(is_mutating(u) for u in node.users):
+                    continue  # an in-place user would write into the stored constant
                 in_bytes = sum(_nbytes(values[d]) for d in node.all_input_nodes if isinstance(values[d], torch.Tensor))
                 if _nbytes(value) > max(max_growth * in_bytes, _SMALL_BYTES):
                     continue

@@ -104,6 +104,17 @@ class Engine:
                                 f"use engine.method(name) with one of {', '.join(self._methods)}")
         return self.method(entry)(*args, **kwargs)
 
+    def generate(self, input_ids, max_new_tokens: int, eos_token_id=None, do_sample: bool = False,
+                 temperature: float = 1.0, top_k=None, top_p=None, seed=None, attention_mask=None, streamer=None):
+        """Generate new token ids [B, N] with a causal-lm bundle (see graphopt.runtime.generate)."""
+        if self.plan.get("kind") != "causal-lm":
+            raise GraphoptError(f"generate() needs a causal-lm bundle; this one is '{self.plan.get('kind')}' "
+                                f"(optimize with --task causal-lm)")
+        from .generate import generate
+        return generate(self, input_ids, max_new_tokens, eos_token_id=eos_token_id, do_sample=do_sample,
+                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                        attention_mask=attention_mask, streamer=streamer)
+
     def __repr__(self) -> str:
         return f"Engine({str(self.path)!r}, backend={self.backend!r}, methods={self.methods})"
 

@@ -147,7 +147,7 @@ def load_source(name: str):
                       input_specs=[InputSpec("input_ids", [1, "S"], "int64")], dims={"S": (1, 1024)},
                       extra_kwargs={"use_cache": False, "return_dict": False}, output_names=["logits"],
                       sha256=_hash_files([path / "model.safetensors", path / "config.json"]),
-                      calibration=lm_calibration())
+                      calibration=lm_calibration(), plan_extra={"tokenizer": "byte"})
     if name == "tiny-diffusion":
         model = load_unet()
         path = MODELS_DIR / name
