@@ -100,18 +100,28 @@ def test_missing_and_corrupt_checkpoints(tmp_path, monkeypatch):
         zoo.load_lm()
 
 
-@pytest.mark.parametrize("name, inputs", [
-    ("tiny-code-lm", lambda: (torch.tensor([[257, 100, 101, 102]]),)),
-    ("tiny-diffusion", lambda: (torch.randn(2, 1, 16, 16), torch.tensor([10, 900]))),
-])
-def test_optimize_zoo_models_with_no_flags(cli, tmp_path, name, inputs):
+def test_optimize_zoo_lm_with_no_flags_generates_like_transformers(cli, tmp_path):
     import graphopt
-    out = tmp_path / name
-    code, _, err = cli(f"zoo:{name}", "-o", out, "--quiet")
+    out = tmp_path / "lm"
+    code, _, err = cli("zoo:tiny-code-lm", "-o", out, "--quiet")
     assert code == 0, err
-    ref_model = zoo.load_lm() if name == "tiny-code-lm" else zoo.load_unet()
-    x = inputs()
+    engine = graphopt.load(out)
+    assert engine.plan["kind"] == "causal-lm" and engine.plan["tokenizer"] == "byte"
+    tok = ByteTokenizer()
+    lm = zoo.load_lm()
+    prompts = zoo.prompts(4)
+    for p in prompts[:2]:
+        ids = torch.tensor([tok.encode(p)])
+        ref = lm.generate(ids, max_new_tokens=32, do_sample=False)[:, ids.shape[1]:]
+        assert torch.equal(engine.generate(ids, 32), ref)
+
+
+def test_optimize_zoo_diffusion_with_no_flags(cli, tmp_path):
+    import graphopt
+    out = tmp_path / "unet"
+    code, _, err = cli("zoo:tiny-diffusion", "-o", out, "--quiet")
+    assert code == 0, err
+    x, t = torch.randn(1, 1, 16, 16), torch.tensor([900])
     with torch.no_grad():
-        ref = ref_model(*x)
-    ref = ref.logits if name == "tiny-code-lm" else ref.sample
-    torch.testing.assert_close(graphopt.load(out)(*x), ref, rtol=1e-4, atol=1e-4)
+        ref = zoo.load_unet()(x, t).sample
+    torch.testing.assert_close(graphopt.load(out)(x, t), ref, rtol=1e-4, atol=1e-4)

@@ -78,6 +78,8 @@ class Program:
             if not isinstance(val, torch.Tensor):
                 continue
             name = names[i] if names and i < len(names) else f"output_{i}"
+            if name in {s.name for s in self.inputs.get(method, [])}:
+                name = f"{name}_out"  # ONNX names inputs and outputs in one namespace
             specs.append(TensorSpec(name, DTYPE_NAMES.get(val.dtype, str(val.dtype)),
                                     [_dim_name(d, sym_names) for d in val.shape]))
         return specs

@@ -156,7 +156,7 @@ def load_source(name: str):
                       # and upsampling code branch on batch 1 and >= 64); --input/--dynamic B=2..63 gives batches.
                       input_specs=[InputSpec("sample", [1, 1, 16, 16], "float32"),
                                    InputSpec("timestep", [1], "int64", 0, 1000)],
-                      extra_kwargs={"return_dict": False}, output_names=["sample"],
+                      extra_kwargs={"return_dict": False}, output_names=["noise_pred"],
                       sha256=_hash_files([path / "diffusion_pytorch_model.safetensors", path / "config.json"]),
                       calibration=diffusion_calibration(batch=1))
     raise GraphoptError(f"unknown zoo model '{name}'; available: {', '.join(available())}")
