@@ -125,3 +125,15 @@ def test_factory_spec_errors():
 def test_other_tasks_are_refused_for_now():
     with pytest.raises(GraphoptError, match="--task causal-lm is not available"):
         capture("examples.tiny_cnn:build", task="causal-lm")
+
+
+class BranchOnBatch(nn.Module):
+    def forward(self, x):
+        if x.shape[0] >= 8:  # code that only holds for part of the declared range
+            return x.contiguous() * 2
+        return x * 2
+
+
+def test_dynamic_range_the_model_cannot_hold_names_the_fix():
+    with pytest.raises(GraphoptError, match=r"cannot keep dim B dynamic .* use --dynamic B=8\.\.64"):
+        capture(BranchOnBatch(), inputs=["x:Bx4:float32"], dynamic=["B=2..64"])
