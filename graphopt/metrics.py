@@ -17,8 +17,10 @@ FAST_WINDOWS = 128
 
 def _logits_fn(model) -> Callable[[torch.Tensor], torch.Tensor]:
     if isinstance(model, torch.nn.Module):
+        device = next(model.parameters()).device
+
         def fn(ids):
-            out = model(input_ids=ids)
+            out = model(input_ids=ids.to(device))
             return out.logits if hasattr(out, "logits") else out[0]
         return fn
     return model  # an Engine / CompiledModel / callable: input_ids -> logits
@@ -40,7 +42,7 @@ def lm_bits_per_byte(model, *, context: int = 256, fast: bool = False, max_windo
     nats, count = 0.0, 0
     for i in range(0, len(windows), batch):
         w = windows[i:i + batch]
-        logits = torch.as_tensor(fn(w[:, :-1])).float()
+        logits = torch.as_tensor(fn(w[:, :-1])).float().cpu()
         target = w[:, 1:]
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
         keep = target < 256

@@ -34,22 +34,10 @@ def build_model(seed: int = 0):
     return LlamaForCausalLM(LlamaConfig(**LM_CONFIG))
 
 
-@torch.no_grad()
-def heldout_bits_per_byte(model, context: int = 256, max_windows: int | None = None, batch: int = 16,
-                          device: str = "cpu") -> float:
-    """Mean bits per predicted byte over non-overlapping held-out windows (BOS targets excluded)."""
+def heldout_bits_per_byte(model, context: int = 256, max_windows: int | None = None) -> float:
+    from ..metrics import lm_bits_per_byte
     model.eval()
-    windows = code_data.heldout_windows(context + 1, max_windows)
-    total_nats, total_bytes = 0.0, 0
-    for i in range(0, len(windows), batch):
-        w = windows[i:i + batch].to(device)
-        logits = model(input_ids=w[:, :-1]).logits.float()
-        target = w[:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
-        is_byte = target < 256
-        total_nats += nll[is_byte].double().sum().item()
-        total_bytes += int(is_byte.sum())
-    return total_nats / max(total_bytes, 1) / math.log(2)
+    return lm_bits_per_byte(model, context=context, max_windows=max_windows, batch=16)
 
 
 def train(out: Path, steps: int, batch: int, context: int, lr: float, device: str, seed: int, threads: int,
@@ -97,13 +85,13 @@ def train(out: Path, steps: int, batch: int, context: int, lr: float, device: st
                                  "train_bits_per_token": round(smoothed / math.log(2), 4)})
             print(f"step {step:5d}  {elapsed / 60:6.1f} min  train {smoothed / math.log(2):.3f} bits/token", flush=True)
         if (step + 1) % eval_every == 0 and step + 1 < steps:
-            bpb = heldout_bits_per_byte(model, context, max_windows=128, device=device)
+            bpb = heldout_bits_per_byte(model, context, max_windows=128)
             log["evals"].append({"step": step + 1, "minutes": round((time.time() - t0) / 60, 3),
                                  "heldout_bits_per_byte_subset": round(bpb, 4)})
             print(f"  held-out (subset) {bpb:.3f} bits/byte", flush=True)
             _save(model, log, out)
     log["train_minutes"] = round((time.time() - t0) / 60, 2)
-    log["heldout_bits_per_byte"] = round(heldout_bits_per_byte(model, context, device=device), 4)
+    log["heldout_bits_per_byte"] = round(heldout_bits_per_byte(model, context), 4)
     print(f"done in {log['train_minutes']} min; held-out {log['heldout_bits_per_byte']} bits/byte", flush=True)
     _save(model, log, out)
     return log
