@@ -17,7 +17,7 @@ FAST_WINDOWS = 128
 
 def _logits_fn(model) -> Callable[[torch.Tensor], torch.Tensor]:
     if isinstance(model, torch.nn.Module):
-        device = next(model.parameters()).device
+        device = next(model.parameters(), torch.empty(0)).device
 
         def fn(ids):
             out = model(input_ids=ids.to(device))

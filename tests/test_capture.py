@@ -122,9 +122,13 @@ def test_factory_spec_errors():
         capture("missing/model.pt2")
 
 
-def test_other_tasks_are_refused_for_now():
-    with pytest.raises(GraphoptError, match="--task causal-lm is not available"):
+def test_tasks_that_do_not_fit_the_model_are_refused():
+    with pytest.raises(GraphoptError, match="--task causal-lm needs a transformers decoder model"):
         capture("examples.tiny_cnn:build", task="causal-lm")
+    with pytest.raises(GraphoptError, match="--task diffusion is not available"):
+        capture("examples.tiny_cnn:build", task="diffusion")
+    with pytest.raises(GraphoptError, match="--task 'nope'"):
+        capture("examples.tiny_cnn:build", task="nope")
 
 
 class BranchOnBatch(nn.Module):

@@ -1,0 +1,530 @@
+"""Weight-only quantization of one linear layer: round-to-nearest, GPTQ and decoupleQ.
+
+A linear layer's weight W0 is [N, K] (N output channels, K input features). Calibration
+inputs x give H = mean(x xᵀ) (float64, damped), and every method targets the layer's
+output error
+
+    L(Ŵ) = trace((W0 − Ŵ) H (W0 − Ŵ)ᵀ) = Σ_rows (w0 − ŵ) H (w0 − ŵ)ᵀ.
+
+Quantized form: Ŵ = s ⊙ W_int + z with signed integers W_int in [−2^(b−1), 2^(b−1)−1]
+and a float scale s and float zero z (an additive offset, not an integer zero point) per
+output channel and group of `group` consecutive input columns, so s, z are [N, G] with
+G = K / group (group = -1 means one group spanning all K, i.e. per channel).
+
+Methods
+  rtn        min/max grid, round to nearest.
+  gptq       GPTQ column sweep: quantize one column at a time and push its H-weighted
+             error onto the columns not yet quantized (lazy block updates).
+  decoupleq  decoupleQ: alternate an exact least-squares solve of (s, z) with W_int fixed
+             and an integer solve (GPTQ sweep or projected gradient + rounding) with
+             (s, z) fixed, keeping per channel only the steps that lower the loss.
+
+Packed layout (`pack` / `unpack`)
+  Values are stored unsigned: u = v + 2^(b−1). Each byte holds 8 // b values, the first
+  value in the lowest bits ("little end first"):
+    b = 2: 4 values per byte, value j of the byte in bits 2j..2j+1;
+    b = 4: 2 values per byte, low nibble first;
+    b = 8: 1 value per byte;
+    b = 3: stored exactly like b = 4 (offset 8, two nibbles per byte), so 3-bit weights
+           can be consumed by a 4-bit kernel unchanged.
+  Rows are packed independently; a row of K values takes ceil(K * storage_bits / 8) bytes
+  (storage_bits = 4 for b = 3), and the unused high bits of a row's last byte are zero.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+_PGD_STEPS = 300  # accelerated projected-gradient steps of decoupleQ's "pgd" integer step
+_SOLVE_CHUNK_ELEMS = 1 << 24  # bound on the elements of one batch of normal matrices
+_DTYPE = torch.float64  # all fitting is done in float64; results are stored as float32
+
+
+# ---------------------------------------------------------------------------------------
+# Calibration statistics
+# ---------------------------------------------------------------------------------------
+
+class HessianAccumulator:
+    """Accumulates Σ x xᵀ (float64) over calibration rows of one linear layer's input."""
+
+    def __init__(self, in_features: int):
+        if in_features <= 0:
+            raise ValueError(f"in_features must be positive, got {in_features}")
+        self.in_features = in_features
+        self.count = 0
+        self._sum = torch.zeros(in_features, in_features, dtype=_DTYPE)
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add calibration inputs of shape [..., K] (any leading dims)."""
+        if x.shape[-1:] != (self.in_features,):
+            raise ValueError(f"expected inputs [..., {self.in_features}], got {tuple(x.shape)}")
+        rows = x.detach().reshape(-1, self.in_features).to(device="cpu", dtype=_DTYPE)
+        if not torch.isfinite(rows).all():
+            raise ValueError("calibration inputs contain NaN or inf")
+        self._sum += rows.T @ rows
+        self.count += rows.shape[0]
+
+    def hessian(self, damp: float = 0.01) -> torch.Tensor:
+        """Mean x xᵀ [K, K] float64, plus `damp` × mean diagonal on the diagonal."""
+        if self.count == 0:
+            raise ValueError("no calibration inputs were added")
+        H = self._sum / self.count
+        return _add_damping(H, damp)
+
+
+def _add_damping(H: torch.Tensor, damp: float) -> torch.Tensor:
+    if damp < 0:
+        raise ValueError(f"damp must be >= 0, got {damp}")
+    damped = H.clone()
+    damped.diagonal().add_(damp * H.diagonal().mean())
+    return damped
+
+
+# ---------------------------------------------------------------------------------------
+# Result and shared helpers
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class QuantResult:
+    """Quantized weight: Ŵ = scale ⊙ w_int + zero, with scale/zero repeated over each group."""
+
+    w_int: torch.Tensor  # int8 [N, K]
+    scale: torch.Tensor  # float32 [N, G]
+    zero: torch.Tensor  # float32 [N, G]
+    bits: int
+    group: int  # columns per group; == K for per-channel
+    loss: float | None  # trace((W0 − Ŵ) H (W0 − Ŵ)ᵀ) for the W0, H it was fitted with
+
+    def dequantize(self) -> torch.Tensor:
+        """The quantized weight as float32 [N, K]."""
+        return _dequantize(self.w_int.float(), self.scale, self.zero, self.group)
+
+
+def layer_loss(w0: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float:
+    """trace((w0 − w_hat) H (w0 − w_hat)ᵀ), computed in float64."""
+    return float(_row_losses(w0.to(_DTYPE), w_hat.to(_DTYPE), H.to(_DTYPE)).sum())
+
+
+def _row_losses(w0: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """Per output channel (w0 − ŵ) H (w0 − ŵ)ᵀ, shape [N]; the objective is their sum."""
+    err = w0 - w_hat
+    return ((err @ H) * err).sum(dim=1)
+
+
+def _int_range(bits: int) -> tuple[int, int]:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def _resolve_group(group: int, K: int) -> int:
+    """Columns per group; -1 (or K) means per channel."""
+    if group == -1:
+        return K
+    if group <= 0:
+        raise ValueError(f"group must be -1 (per channel) or a positive size, got {group}")
+    if K % group != 0:
+        raise ValueError(f"in_features K={K} is not divisible by group size g={group}")
+    return group
+
+
+def _check_weight(w0: torch.Tensor) -> torch.Tensor:
+    if w0.dim() != 2:
+        raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(w0.shape)}")
+    w = w0.detach().to(device="cpu", dtype=_DTYPE)
+    if not torch.isfinite(w).all():
+        raise ValueError("weight contains NaN or inf")
+    return w
+
+
+def _check_hessian(H: torch.Tensor, K: int) -> torch.Tensor:
+    if H.shape != (K, K):
+        raise ValueError(f"H must be [{K}, {K}] to match the weight, got {tuple(H.shape)}")
+    H = H.detach().to(device="cpu", dtype=_DTYPE)
+    if not torch.isfinite(H).all():
+        raise ValueError("H contains NaN or inf")
+    return H
+
+
+def _per_column(t: torch.Tensor, group: int) -> torch.Tensor:
+    """[N, G] per-group values repeated to [N, K]."""
+    return t.repeat_interleave(group, dim=1)
+
+
+def _dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> torch.Tensor:
+    return q * _per_column(scale, group) + _per_column(zero, group)
+
+
+def _round_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Nearest integer code of w on the grid s·q + z (shapes broadcast)."""
+    # s == 0 makes every code decode to z, so any finite code is right; avoid 0/0.
+    safe_scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return torch.clamp(torch.round((w - zero) / safe_scale), qmin, qmax)
+
+
+def _grid_from_range(lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, z) mapping qmin to lo and qmax to hi; a constant group gets s = 1 so z alone decodes it."""
+    scale = (hi - lo) / (qmax - qmin)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale, lo - scale * qmin
+
+
+def _minmax_grid(w: torch.Tensor, group: int, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min/max (s, z) per row and group of `w` [N, K']; returns [N, K'/group]."""
+    groups = w.reshape(w.shape[0], -1, group)
+    return _grid_from_range(groups.amin(dim=2), groups.amax(dim=2), qmin, qmax)
+
+
+def _result(w0: torch.Tensor, H: torch.Tensor | None, q: torch.Tensor, scale: torch.Tensor,
+            zero: torch.Tensor, bits: int, group: int) -> QuantResult:
+    """Package float64 working tensors; the loss is that of the stored float32 grid."""
+    result = QuantResult(w_int=q.to(torch.int8), scale=scale.float(), zero=zero.float(),
+                         bits=bits, group=group, loss=None)
+    if H is not None:
+        result.loss = layer_loss(w0, result.dequantize(), H)
+    return result
+
+
+# ---------------------------------------------------------------------------------------
+# Round to nearest
+# ---------------------------------------------------------------------------------------
+
+def rtn(w0: torch.Tensor, bits: int, group: int = -1, H: torch.Tensor | None = None) -> QuantResult:
+    """Min/max round-to-nearest per channel (group=-1) or per group of `group` columns.
+
+    The grid maps each group's min to the lowest code and its max to the highest. With H
+    given, the result's `loss` is the H-weighted output error; otherwise it is None.
+    """
+    w = _check_weight(w0)
+    K = w.shape[1]
+    group = _resolve_group(group, K)
+    qmin, qmax = _int_range(bits)
+    H = None if H is None else _check_hessian(H, K)
+    scale, zero = _minmax_grid(w, group, qmin, qmax)
+    q = _round_to_grid(w, _per_column(scale, group), _per_column(zero, group), qmin, qmax)
+    return _result(w, H, q, scale, zero, bits, group)
+
+
+# ---------------------------------------------------------------------------------------
+# GPTQ
+# ---------------------------------------------------------------------------------------
+
+def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor U of (H + damping)⁻¹, the matrix the GPTQ sweep propagates with.
+
+    Features that never fired (zero diagonal) get H_ii = 1 so H stays invertible; their
+    weights cannot change the output, so their error is never propagated. If H is still
+    not positive definite, the damping grows tenfold until it is.
+    """
+    if damp < 0:
+        raise ValueError(f"damp must be >= 0, got {damp}")
+    H = H.clone()
+    dead = H.diagonal() == 0
+    H[dead, :] = 0
+    H[:, dead] = 0
+    H.diagonal()[dead] = 1
+    mean_diag = H.diagonal().mean()
+    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    extra = damp
+    for _ in range(8):
+        chol, info = torch.linalg.cholesky_ex(H + extra * mean_diag * eye)
+        if info == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            if info == 0:
+                return upper
+        extra = max(10 * extra, 1e-6)
+    raise ValueError("H is not positive definite even after heavy damping")
+
+
+def _pending_columns(W: torch.Tensor, block_err: torch.Tensor, U: torch.Tensor,
+                     start: int, stop: int, end: int) -> torch.Tensor:
+    """Columns [stop, end) of W with the lazy updates of the current block [start, stop) applied."""
+    return W[:, stop:end] - block_err @ U[start:stop, stop:end]
+
+
+def _gptq_sweep(w: torch.Tensor, U: torch.Tensor, bits: int, group: int, block: int,
+                scale: torch.Tensor | None = None, zero: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One GPTQ pass over the columns of w [N, K] (float64), returning (codes, scale, zero).
+
+    With scale/zero given ([N, G]) the grid is fixed; otherwise each group's grid is set from
+    the min/max of its current, error-compensated weights when the sweep reaches its first
+    column. Errors are accumulated per block of `block` columns and applied to the columns
+    after the block in one matmul (lazy batch update).
+    """
+    qmin, qmax = _int_range(bits)
+    W = w.clone()
+    N, K = W.shape
+    fixed_grid = scale is not None
+    if fixed_grid:
+        scale, zero = scale.clone(), zero.clone()
+    else:
+        scale = W.new_zeros(N, K // group)
+        zero = W.new_zeros(N, K // group)
+    codes = torch.zeros_like(W)
+    for start in range(0, K, block):
+        stop = min(start + block, K)
+        W_block = W[:, start:stop].clone()
+        err_block = torch.zeros_like(W_block)
+        U_block = U[start:stop, start:stop]
+        for i in range(stop - start):
+            col = start + i
+            g = col // group
+            if not fixed_grid and col % group == 0:
+                end = col + group
+                current = W_block[:, i:min(end, stop) - start]
+                if end > stop:  # the group runs past this block: include its pending updates
+                    pending = _pending_columns(W, err_block, U, start, stop, end)
+                    current = torch.cat([current, pending], dim=1)
+                scale[:, g:g + 1], zero[:, g:g + 1] = _minmax_grid(current, group, qmin, qmax)
+            q = _round_to_grid(W_block[:, i], scale[:, g], zero[:, g], qmin, qmax)
+            codes[:, col] = q
+            err = (W_block[:, i] - (q * scale[:, g] + zero[:, g])) / U_block[i, i]
+            W_block[:, i:] -= err[:, None] * U_block[i, i:][None, :]
+            err_block[:, i] = err
+        W[:, stop:] = _pending_columns(W, err_block, U, start, stop, K)
+    return codes, scale, zero
+
+
+def gptq(w0: torch.Tensor, H: torch.Tensor, bits: int, group: int = -1,
+         damp: float = 0.01, block: int = 128) -> QuantResult:
+    """GPTQ: sequential column quantization with H-weighted error compensation.
+
+    `damp` (× mean diagonal) is added to H only to invert it for the sweep; the reported
+    loss uses H as given.
+    """
+    w = _check_weight(w0)
+    K = w.shape[1]
+    group = _resolve_group(group, K)
+    _int_range(bits)
+    H = _check_hessian(H, K)
+    if block <= 0:
+        raise ValueError(f"block must be positive, got {block}")
+    U = _inverse_cholesky(H, damp)
+    q, scale, zero = _gptq_sweep(w, U, bits, group, block)
+    return _result(w, H, q, scale, zero, bits, group)
+
+
+# ---------------------------------------------------------------------------------------
+# decoupleQ
+# ---------------------------------------------------------------------------------------
+
+def _shrunk_grid(w: torch.Tensor, H: torch.Tensor, group: int, qmin: int, qmax: int,
+                 shrink_grid: int, max_shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min/max grid with each channel's range shrunk by the factor that minimizes its loss.
+
+    Shrinking keeps each group's center and scales its half-range (clipping both tails
+    alike). All groups of a channel share one factor, judged on the channel's H-weighted
+    round-to-nearest loss.
+    """
+    groups = w.reshape(w.shape[0], -1, group)
+    lo, hi = groups.amin(dim=2), groups.amax(dim=2)
+    center, half_range = (hi + lo) / 2, (hi - lo) / 2
+    best_loss = torch.full((w.shape[0],), math.inf, dtype=w.dtype)
+    best_scale, best_zero = _grid_from_range(lo, hi, qmin, qmax)
+    for factor in torch.linspace(1.0, max_shrink, shrink_grid, dtype=w.dtype):
+        scale, zero = _grid_from_range(center - factor * half_range, center + factor * half_range, qmin, qmax)
+        scale_cols, zero_cols = _per_column(scale, group), _per_column(zero, group)
+        q = _round_to_grid(w, scale_cols, zero_cols, qmin, qmax)
+        loss = _row_losses(w, q * scale_cols + zero_cols, H)
+        better = loss < best_loss
+        best_loss = torch.where(better, loss, best_loss)
+        best_scale = torch.where(better[:, None], scale, best_scale)
+        best_zero = torch.where(better[:, None], zero, best_zero)
+    return best_scale, best_zero
+
+
+def _normal_equations(w0: torch.Tensor, q: torch.Tensor, H: torch.Tensor, group: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row normal equations M θ = r of min_θ (w0 − θB) H (w0 − θB)ᵀ.
+
+    θ = (s_1..s_G, z_1..z_G); row g of B is the integer row masked to group g, row G+g is
+    the indicator of group g. Returns M [n, 2G, 2G] and r [n, 2G].
+    """
+    n, K = q.shape
+    G = K // group
+    q_groups = q.view(n, G, group)
+    w0H = (w0 @ H).view(n, G, group)
+    rhs = torch.cat([(q_groups * w0H).sum(-1), w0H.sum(-1)], dim=1)
+    scale_scale = q.new_empty(n, G, G)  # Σ_{i∈g, j∈h} a_i H_ij a_j
+    scale_zero = q.new_empty(n, G, G)  # Σ_{i∈g, j∈h} a_i H_ij   (entry s_g, z_h)
+    for g in range(G):  # one group of rows of H at a time keeps memory at O(n·K)
+        aH = (q_groups[:, g, :] @ H[g * group:(g + 1) * group, :]).view(n, G, group)
+        scale_scale[:, g, :] = (aH * q_groups).sum(-1)
+        scale_zero[:, g, :] = aH.sum(-1)
+    zero_zero = H.view(G, group, G, group).sum(dim=(1, 3)).expand(n, G, G)
+    M = torch.cat([torch.cat([scale_scale, scale_zero], dim=2),
+                   torch.cat([scale_zero.transpose(1, 2), zero_zero], dim=2)], dim=1)
+    return M, rhs
+
+
+def _solve_rows(M: torch.Tensor, rhs: torch.Tensor, degenerate: torch.Tensor) -> torch.Tensor:
+    """Batched solve of M θ = rhs; singular or degenerate rows fall back to min-norm lstsq."""
+    theta, info = torch.linalg.solve_ex(M, rhs)
+    bad = (info != 0) | ~torch.isfinite(theta).all(dim=1) | degenerate
+    if bad.any():
+        # gelsd truncates tiny singular values, so a group whose codes are all equal
+        # (s and z not separable) gets the minimum-norm (s, z) instead of ±huge values.
+        fallback = torch.linalg.lstsq(M[bad], rhs[bad].unsqueeze(-1), rcond=1e-12, driver="gelsd")
+        theta[bad] = fallback.solution.squeeze(-1)
+    return theta
+
+
+def _fit_scale_zero(w0: torch.Tensor, q: torch.Tensor, H: torch.Tensor, group: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float step: exact least-squares (s, z) [N, G] for fixed integer codes q [N, K]."""
+    N, K = q.shape
+    G = K // group
+    rows_per_chunk = max(1, _SOLVE_CHUNK_ELEMS // (4 * G * G))
+    scale, zero = q.new_empty(N, G), q.new_empty(N, G)
+    for start in range(0, N, rows_per_chunk):
+        rows = slice(start, min(start + rows_per_chunk, N))
+        M, rhs = _normal_equations(w0[rows], q[rows], H, group)
+        q_groups = q[rows].view(-1, G, group)
+        degenerate = (q_groups.amax(dim=2) == q_groups.amin(dim=2)).any(dim=1)
+        theta = _solve_rows(M, rhs, degenerate)
+        scale[rows], zero[rows] = theta[:, :G], theta[:, G:]
+    return scale, zero
+
+
+def _box_projected_solve(w0: torch.Tensor, H: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
+                         steps: int) -> torch.Tensor:
+    """min over lower ≤ w ≤ upper of Σ_rows (w − w0) H (w − w0)ᵀ by accelerated projected gradient.
+
+    Step 1/L with L = 2 λ_max(H), the gradient's Lipschitz constant, so it converges without
+    tuning and uses no randomness.
+    """
+    lipschitz = 2 * torch.linalg.eigvalsh(H)[-1].clamp_min(1e-30)
+    w = torch.clamp(w0, lower, upper)
+    momentum_point, t = w, 1.0
+    for _ in range(steps):
+        grad = 2 * (momentum_point - w0) @ H
+        w_next = torch.clamp(momentum_point - grad / lipschitz, lower, upper)
+        t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
+        momentum_point = w_next + ((t - 1) / t_next) * (w_next - w)
+        w, t = w_next, t_next
+    return w
+
+
+def _integer_step(w0: torch.Tensor, H: torch.Tensor, U: torch.Tensor, scale: torch.Tensor,
+                  zero: torch.Tensor, bits: int, group: int, integer: str) -> torch.Tensor:
+    """Integer codes for a fixed grid: a GPTQ sweep on w0, or on the box-relaxed optimum."""
+    target = w0
+    if integer == "pgd":
+        qmin, qmax = _int_range(bits)
+        low_end = _per_column(scale * qmin + zero, group)
+        high_end = _per_column(scale * qmax + zero, group)
+        # the least-squares scale may be negative, which flips the box's ends
+        lower, upper = torch.minimum(low_end, high_end), torch.maximum(low_end, high_end)
+        target = _box_projected_solve(w0, H, lower, upper, _PGD_STEPS)
+    q, _, _ = _gptq_sweep(target, U, bits, group, block=128, scale=scale, zero=zero)
+    return q
+
+
+def _keep_improved(improved: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """Row-wise select: new where the channel's loss fell, old elsewhere."""
+    return torch.where(improved[:, None], new, old)
+
+
+def decoupleq(w0: torch.Tensor, H: torch.Tensor, bits: int, group: int = -1, iters: int = 4,
+              integer: str = "gptq", damp: float = 0.01, shrink_grid: int = 20,
+              max_shrink: float = 0.8, seed: int = 0) -> QuantResult:
+    """decoupleQ: alternate exact (s, z) least squares and integer solves.
+
+    init: min/max grid shrunk per channel (see `_shrunk_grid`), codes from a GPTQ sweep
+    with that grid fixed. Then `iters` rounds of (float step, integer step) and a final
+    float step, so the returned (s, z) are least-squares optimal for the returned codes.
+    Each step is kept per channel only where that channel's loss fell.
+
+    integer: "gptq" (GPTQ sweep on w0 with the grid fixed) or "pgd" (accelerated projected
+    gradient on the relaxed weights in the grid's box, then a fixed-grid GPTQ sweep to round).
+    `damp` only regularizes the inverse of H for the sweeps; the objective uses H as given.
+    `seed` is accepted for API stability: no step draws random numbers, so the result is
+    deterministic for any seed.
+    """
+    del seed  # nothing random; see docstring
+    if integer not in ("gptq", "pgd"):
+        raise ValueError(f"integer must be 'gptq' or 'pgd', got {integer!r}")
+    if iters < 0 or shrink_grid < 1 or not 0 < max_shrink <= 1:
+        raise ValueError("need iters >= 0, shrink_grid >= 1 and 0 < max_shrink <= 1")
+    w = _check_weight(w0)
+    K = w.shape[1]
+    group = _resolve_group(group, K)
+    qmin, qmax = _int_range(bits)
+    H = _check_hessian(H, K)
+    U = _inverse_cholesky(H, damp)
+
+    scale, zero = _shrunk_grid(w, H, group, qmin, qmax, shrink_grid, max_shrink)
+    q, _, _ = _gptq_sweep(w, U, bits, group, block=128, scale=scale, zero=zero)
+    loss = _row_losses(w, _dequantize(q, scale, zero, group), H)
+
+    def float_step() -> None:
+        nonlocal scale, zero, loss
+        new_scale, new_zero = _fit_scale_zero(w, q, H, group)
+        new_loss = _row_losses(w, _dequantize(q, new_scale, new_zero, group), H)
+        improved = new_loss < loss
+        scale = _keep_improved(improved, new_scale, scale)
+        zero = _keep_improved(improved, new_zero, zero)
+        loss = torch.where(improved, new_loss, loss)
+
+    def integer_step() -> None:
+        nonlocal q, loss
+        new_q = _integer_step(w, H, U, scale, zero, bits, group, integer)
+        new_loss = _row_losses(w, _dequantize(new_q, scale, zero, group), H)
+        improved = new_loss < loss
+        q = _keep_improved(improved, new_q, q)
+        loss = torch.where(improved, new_loss, loss)
+
+    for _ in range(iters):
+        float_step()
+        integer_step()
+    float_step()
+    return _result(w, H, q, scale, zero, bits, group)
+
+
+# ---------------------------------------------------------------------------------------
+# Packing
+# ---------------------------------------------------------------------------------------
+
+def _storage_bits(bits: int) -> int:
+    _int_range(bits)
+    return 4 if bits == 3 else bits  # 3-bit codes use the 4-bit layout
+
+
+def pack(w_int: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack signed codes [N, K] into uint8 [N, ceil(K·storage_bits/8)] (layout: module docstring)."""
+    qmin, qmax = _int_range(bits)
+    if w_int.dim() != 2:
+        raise ValueError(f"w_int must be 2-D [N, K], got shape {tuple(w_int.shape)}")
+    if w_int.is_floating_point():
+        raise ValueError("w_int must be an integer tensor")
+    if w_int.numel() and (int(w_int.min()) < qmin or int(w_int.max()) > qmax):
+        raise ValueError(f"w_int values must lie in [{qmin}, {qmax}] for {bits} bits")
+    storage = _storage_bits(bits)
+    per_byte = 8 // storage
+    N, K = w_int.shape
+    n_bytes = math.ceil(K / per_byte)
+    unsigned = w_int.to(torch.int32) + (1 << (storage - 1))
+    padded = torch.zeros(N, n_bytes * per_byte, dtype=torch.int32)
+    padded[:, :K] = unsigned
+    slots = padded.view(N, n_bytes, per_byte)
+    shifts = torch.arange(per_byte, dtype=torch.int32) * storage
+    return (slots << shifts).sum(dim=2).to(torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int, K: int) -> torch.Tensor:
+    """Inverse of `pack`: uint8 [N, ceil(K·storage_bits/8)] -> int8 [N, K]."""
+    storage = _storage_bits(bits)
+    per_byte = 8 // storage
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError("packed must be a 2-D uint8 tensor")
+    if packed.shape[1] != math.ceil(K / per_byte):
+        raise ValueError(f"packed has {packed.shape[1]} bytes per row; K={K} at {bits} bits needs "
+                         f"{math.ceil(K / per_byte)}")
+    shifts = torch.arange(per_byte, dtype=torch.int32) * storage
+    slots = (packed.to(torch.int32)[:, :, None] >> shifts) & ((1 << storage) - 1)
+    values = slots.reshape(packed.shape[0], -1)[:, :K] - (1 << (storage - 1))
+    return values.to(torch.int8)
