@@ -189,6 +189,11 @@ def compile(model: Any, passes: str | None = None, *, example_inputs: Any = None
 def _lower(program: Program, staging: Path, backend: str, opset: int, calibration, prog_ui: Progress,
            timings: dict, verbose: bool):
     files: dict[str, dict[str, str]] = {}
+    onnx_opts = program.plan.get("onnx", {})
+    ort_tolerance = onnx_opts.get("check_tolerance", ORT_TOLERANCE)
+    if backend == "onnxruntime":
+        from .kernels import dq_onnx
+        dq_onnx.settings["accuracy_level"] = onnx_opts.get("matmulnbits_accuracy_level", 0)
     t0 = time.perf_counter()
     with prog_ui.stage("lowering", "(.pt2" + (" + .onnx)" if backend == "onnxruntime" else ")")):
         for name, ep in program.methods.items():
@@ -212,11 +217,11 @@ def _lower(program: Program, staging: Path, backend: str, opset: int, calibratio
         for name, xs in inputs.items():
             run = _ort_runner(staging / files[name]["onnx"], ["CPUExecutionProvider"])
             worst[name] = max(guard.compare(program.run(name, *x), run(list(x)), "max_rel") for x in xs)
-        bad = {m: v for m, v in worst.items() if not v <= ORT_TOLERANCE}
+        bad = {m: v for m, v in worst.items() if not v <= ort_tolerance}
         if bad:
             m, v = next(iter(bad.items()))
             raise GraphoptError(f"ONNX Runtime output of method '{m}' differs from the torch program: max_rel "
-                                f"{v:.3g} > {ORT_TOLERANCE:g}; use --backend torch, or report the model")
+                                f"{v:.3g} > {ort_tolerance:g}; use --backend torch, or report the model")
     timings["ort_check_s"] = time.perf_counter() - t0
-    return files, {"metric": "max_rel", "tolerance": ORT_TOLERANCE,
+    return files, {"metric": "max_rel", "tolerance": ort_tolerance,
                    "max_rel": {m: float(v) for m, v in worst.items()}}

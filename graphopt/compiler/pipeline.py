@@ -129,9 +129,10 @@ def run_pipeline(program, steps: list[PassStep], ctx: PassContext, on_error: str
     reports, guard_seconds = [], 0.0
     for step in steps:
         instance = step.cls(**step.config)
+        tolerance = instance.tolerance  # a pass may set it per instance (e.g. by bit width)
         report: dict[str, Any] = {
             "pass": step.name, "options": step.config, "exact": step.cls.exact, "metric": step.cls.metric,
-            "tolerance": step.cls.tolerance, "nodes_before": program.node_count(),
+            "tolerance": tolerance, "nodes_before": program.node_count(),
             "param_bytes_before": program.parameter_bytes(),
         }
         t0 = time.perf_counter()
@@ -154,10 +155,10 @@ def run_pipeline(program, steps: list[PassStep], ctx: PassContext, on_error: str
             report["guard_seconds"] = round(time.perf_counter() - g0, 4)
             guard_seconds += report["guard_seconds"]
             report["error_metric"] = value if math.isfinite(value) else "inf"
-            if not value <= step.cls.tolerance:
+            if not value <= tolerance:
                 kind = "exact" if step.cls.exact else "lossy"
                 error = GraphoptError(f"pass '{step.name}' ({kind}) broke its tolerance: {step.cls.metric} "
-                                      f"{value:.3g} > {step.cls.tolerance:g} against the original program")
+                                      f"{value:.3g} > {tolerance:g} against the original program")
         if error is not None:
             msg = str(error) if isinstance(error, GraphoptError) else \
                 f"pass '{step.name}' raised {type(error).__name__}: {error}"

@@ -1,0 +1,264 @@
+"""Weight-only quantization of a program's linear layers: find them, calibrate them in order, rewrite them.
+
+Shared by the rtn, gptq and decoupleq passes. Linear layers are quantized in graph order, groups of layers that read
+the same input (q/k/v, gate/up) together, each group calibrated on activations produced by the program with every
+earlier group already quantized (so later layers see, and compensate for, the earlier layers' error).
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+from typing import Callable
+
+import torch
+from torch.export.graph_signature import InputKind
+
+from ..errors import GraphoptError
+from .graph_edit import GraphEditor
+from .quantize import HessianAccumulator, QuantResult, pack
+
+aten = torch.ops.aten
+
+
+@dataclasses.dataclass
+class LinearSite:
+    node: str            # name of the aten.linear node in the calibration method
+    weight: str          # state-dict name of its weight parameter
+    input_node: str      # name of the node that feeds it
+    in_features: int
+    out_features: int
+
+
+class _Stop(Exception):
+    pass
+
+
+def _param_targets(ep) -> dict[str, str]:
+    """placeholder name -> state-dict name, for parameters."""
+    return {s.arg.name: s.target for s in ep.graph_signature.input_specs if s.kind == InputKind.PARAMETER}
+
+
+def _feeds_output(node: torch.fx.Node) -> bool:
+    """True if the node's value reaches a graph output through shape-only ops (an LM head's logits)."""
+    shape_ops = {aten.view.default, aten.reshape.default, aten.slice.Tensor, aten.select.int,
+                 aten.contiguous.default, aten.clone.default, aten._unsafe_view.default}
+    frontier = [node]
+    while frontier:
+        n = frontier.pop()
+        for u in n.users:
+            if u.op == "output":
+                return True
+            if u.op == "call_function" and u.target in shape_ops:
+                frontier.append(u)
+    return False
+
+
+def find_linears(ep, exclude: str = "") -> tuple[list[LinearSite], dict[str, str]]:
+    """Quantizable linear layers, and the excluded ones with the reason (LM head, tied weights, patterns)."""
+    params = _param_targets(ep)
+    patterns = [p.strip() for p in exclude.split("|") if p.strip()]
+    sites, skipped = [], {}
+    for node in ep.graph.nodes:
+        if node.op != "call_function" or node.target is not aten.linear.default:
+            continue
+        w = node.args[1]
+        if not isinstance(w, torch.fx.Node) or w.name not in params:
+            continue
+        target = params[w.name]
+        if any(u.target is not aten.linear.default for u in w.users):
+            skipped[target] = "tied to a non-linear use (embedding)"
+            continue
+        if _feeds_output(node):
+            skipped[target] = "LM head / output layer"
+            continue
+        if any(fnmatch.fnmatch(target, p) for p in patterns):
+            skipped[target] = "excluded by pattern"
+            continue
+        out_f, in_f = w.meta["val"].shape
+        sites.append(LinearSite(node.name, target, node.args[0].name, int(in_f), int(out_f)))
+    return sites, skipped
+
+
+def _flat_args(ep, weights: dict[str, torch.Tensor], user_inputs: tuple) -> list:
+    args, it = [], iter(user_inputs)
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind == InputKind.USER_INPUT:
+            args.append(next(it))
+        elif spec.target in weights:
+            args.append(weights[spec.target])
+        elif spec.target in ep.state_dict:
+            args.append(ep.state_dict[spec.target])
+        else:
+            args.append(ep.constants[spec.target])
+    return args
+
+
+class _Capture(torch.fx.Interpreter):
+    """Runs the graph until `stop_at` has run, handing the input of the watched node to `sink`."""
+
+    def __init__(self, gm, watch: str, sink: Callable[[torch.Tensor], None]):
+        super().__init__(gm)
+        self.watch, self.sink = watch, sink
+
+    def run_node(self, n):
+        if n.name == self.watch:
+            x = self.env[n.args[0]]
+            self.sink(x)
+            raise _Stop
+        return super().run_node(n)
+
+
+def calibrate_and_quantize(ep, sites: list[LinearSite], calibration: list[tuple],
+                           quantize: Callable[[torch.Tensor, torch.Tensor], QuantResult], progress,
+                           label: str, stats: dict | None = None,
+                           pad_to: dict[str, int] | None = None) -> dict[str, QuantResult]:
+    """Quantize `sites` in graph order, each input group calibrated on the partially quantized program."""
+    groups: dict[str, list[LinearSite]] = {}
+    for s in sites:
+        groups.setdefault(s.input_node, []).append(s)
+    weights: dict[str, torch.Tensor] = {}
+    results: dict[str, QuantResult] = {}
+    for input_node, members in progress.track(list(groups.items()), f"{label}: layers"):
+        acc = HessianAccumulator(members[0].in_features)
+
+        def sink(x, acc=acc, name=members[0].weight):
+            x = x.detach().reshape(-1, x.shape[-1])
+            if not torch.isfinite(x).all():
+                raise GraphoptError(f"{label}: calibration activations into '{name}' contain NaN/inf; check the "
+                                    f"calibration data and the layers before it")
+            acc.add(x)
+        for inputs in calibration:
+            try:
+                with torch.no_grad():
+                    _Capture(ep.graph_module, members[0].node, sink).run(*_flat_args(ep, weights, inputs))
+            except _Stop:
+                pass
+        H = acc.hessian()
+        if stats is not None:
+            stats["calibration_rows"] = min(stats.get("calibration_rows", acc.count), acc.count)
+        for site in members:
+            w0 = ep.state_dict[site.weight].detach().float()
+            if not torch.isfinite(w0).all():
+                raise GraphoptError(f"{label}: weight '{site.weight}' contains NaN/inf; refusing to quantize it")
+            pad = (pad_to or {}).get(site.weight, 0)
+            if pad:
+                # Zero columns for zero inputs: the padded layer computes the same function.
+                w0 = torch.nn.functional.pad(w0, (0, pad))
+                Hp = torch.zeros(H.shape[0] + pad, H.shape[1] + pad, dtype=H.dtype)
+                Hp[:H.shape[0], :H.shape[1]] = H
+                res = quantize(w0, Hp)
+            else:
+                res = quantize(w0, H)
+            results[site.weight] = res
+            weights[site.weight] = res.dequantize()[:, :site.in_features].contiguous()
+    return results
+
+
+def rewrite_linears(ep, results: dict[str, QuantResult]) -> tuple[object, int]:
+    """Replace aten.linear(x, W, b) by graphopt::dq_linear(x, packed, scale, zero, b, ...) for quantized W."""
+    from ..kernels import dq_linear  # noqa: F401  (registers torch.ops.graphopt.dq_linear)
+    ed = GraphEditor(ep)
+    params = _param_targets(ep)
+    consts: dict[str, tuple] = {}
+    count = 0
+    for node in list(ed.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.linear.default:
+            continue
+        w = node.args[1]
+        target = params.get(getattr(w, "name", None))
+        if target not in results:
+            continue
+        r = results[target]
+        if target not in consts:
+            consts[target] = _encode(r)
+        packed, scale, zero = consts[target]
+        with ed.graph.inserting_before(node):
+            p_node = ed.add_constant(packed, "dq_packed")
+            s_node = ed.add_constant(scale, "dq_scale")
+            z_node = ed.add_constant(zero, "dq_zero")
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        x = node.args[0]
+        pad = r.w_int.shape[1] - w.meta["val"].shape[1]
+        with ed.graph.inserting_before(node):
+            if pad:  # the weight was padded with zero columns to a whole number of groups
+                x_val = x.meta["val"]
+                x = ed.graph.call_function(aten.constant_pad_nd.default, (x, [0, pad], 0.0))
+                x.meta["val"] = torch.nn.functional.pad(x_val, (0, pad))
+            new = ed.graph.call_function(torch.ops.graphopt.dq_linear.default,
+                                         (x, p_node, s_node, z_node, bias, r.bits, r.group, r.w_int.shape[1]))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        ed.graph.erase_node(node)
+        count += 1
+    ed.remove_unused_inputs()
+    return ed.build(), count
+
+
+def _encode(r: QuantResult) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, scale, zero = r.w_int.clone(), r.scale.clone(), r.zero.clone()
+    # A zero scale makes the group constant (= zero) whatever the integers: re-encode it as q = 0, s = 1, which
+    # every backend represents exactly (ONNX's zero point is zero/scale).
+    flat = scale == 0
+    if flat.any():
+        cols = flat.repeat_interleave(r.group, dim=1)
+        q[cols] = 0
+        scale[flat] = 1.0
+    return pack(q, r.bits), scale.float(), zero.float()
+
+
+def calibration_for(program, calibration: list[tuple], max_samples: int) -> tuple[str, list[tuple]]:
+    """(method, inputs) the passes calibrate on: the prefill of a causal LM, else the entry method."""
+    plan = program.plan
+    if plan.get("kind") == "causal-lm":
+        from .causal_lm import prefill_inputs
+        return plan["prefill"], [prefill_inputs(c[0]) for c in calibration[:max_samples]]
+    return plan["entry"], [tuple(c) for c in calibration[:max_samples]]
+
+
+class WeightQuantPass:
+    """Mixin for rtn/gptq/decoupleq: subclasses define `quantize(w0, H) -> QuantResult` from self.config."""
+    needs = frozenset({"calibration"})
+    exact = False
+    metric = "rel_l2"
+    # Relative L2 error of the program's outputs that still counts as working; the real quality measure is the
+    # benchmark's bits per byte. Looser for fewer bits.
+    TOLERANCE_BY_BITS = {2: 1.0, 3: 0.7, 4: 0.4, 8: 0.05}
+    MAX_CALIBRATION = 64
+
+    def __init__(self, **config):
+        super().__init__(**config)
+        self.tolerance = self.TOLERANCE_BY_BITS[config.get("bits", 4)]
+
+    def run(self, program, ctx):
+        method, inputs = calibration_for(program, ctx.calibration, self.MAX_CALIBRATION)
+        ep = program.methods[method]
+        sites, skipped = find_linears(ep, self.config.get("exclude", ""))
+        group = self.config.get("group", -1)
+        usable = sites
+        pad_to = {s.weight: (-s.in_features) % group for s in sites if group != -1 and s.in_features % group}
+        if not usable:
+            raise GraphoptError(f"{self.name}: no linear layer to quantize (skipped: {len(skipped)})")
+        torch.manual_seed(ctx.seed)
+        stats: dict = {}
+        results = calibrate_and_quantize(ep, usable, inputs, self.quantize, ctx.progress, self.name, stats, pad_to)
+        k_max = max(s.in_features for s in usable)
+        if stats.get("calibration_rows", 0) < 2 * k_max:
+            ctx.progress.info(f"warning: {self.name} calibrated on {stats['calibration_rows']} rows for layers "
+                              f"with up to {k_max} input features; give at least {2 * k_max} (more --calib data)")
+        rewritten = 0
+        methods = {}
+        for name, m_ep in program.methods.items():
+            methods[name], n = rewrite_linears(m_ep, results)
+            rewritten += n
+        program.methods = methods
+        level = int(self.config.get("ort_accuracy", 0))
+        program.plan = {**program.plan, "onnx": {"matmulnbits_accuracy_level": level,
+                                                 "check_tolerance": 1e-4 if level == 0 else 5e-2}}
+        losses = {k: r.loss for k, r in results.items() if r.loss is not None}
+        return program, {
+            "quantized_layers": len(results), "rewritten_nodes": rewritten,
+            "skipped": skipped, "padded": {k: f"in_features padded by {v} to a multiple of group {group}"
+                                           for k, v in pad_to.items()}, "calibration_rows": stats.get("calibration_rows"),
+            "mean_layer_loss": sum(losses.values()) / len(losses) if losses else None,
+        }

@@ -1,0 +1,16 @@
+from __future__ import annotations
+
+from ..compiler import quantize as q
+from ..compiler.weight_quant import WeightQuantPass
+from .base import Pass, register
+from .quant_options import QUANT_OPTIONS
+
+
+@register
+class GPTQ(WeightQuantPass, Pass):
+    """Baseline: GPTQ column sweep with H-weighted error compensation, min/max grids per group."""
+    name = "gptq"
+    options = QUANT_OPTIONS
+
+    def quantize(self, w0, H):
+        return q.gptq(w0, H, self.config["bits"], self.config["group"])

@@ -1,0 +1,11 @@
+"""Options shared by the weight-quantization passes (rtn, gptq, decoupleq). Not a pass itself."""
+from .base import Option
+
+QUANT_OPTIONS = {
+    "bits": Option(int, 4, "weight bits", choices=(2, 3, 4, 8)),
+    "group": Option(int, 128, "input columns per scale/zero; -1 = per output channel", choices=(-1, 32, 64, 128)),
+    "exclude": Option(str, "", "more layers to keep in float: '|'-separated globs over weight names, e.g. "
+                               "'*down_proj*|*layers.0.*' (the LM head and tied embeddings are always kept)"),
+    "ort_accuracy": Option(int, 4, "ONNX Runtime MatMulNBits accuracy_level: 0 = fp32 compute, "
+                                   "4 = int8 activations (faster on CPU)", choices=(0, 1, 2, 3, 4)),
+}
