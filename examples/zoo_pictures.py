@@ -44,8 +44,9 @@ def main():
     if ev:
         ax.plot([e["minutes"] for e in ev], [e["heldout_bits_per_byte_subset"] for e in ev], "o-",
                 label="held-out subset, bits/byte")
-    ax.axhline(log["heldout_bits_per_byte"], color="gray", ls="--",
-               label=f"final held-out {log['heldout_bits_per_byte']:.3f} bits/byte")
+    if "heldout_bits_per_byte" in log:  # absent while training is still running
+        ax.axhline(log["heldout_bits_per_byte"], color="gray", ls="--",
+                   label=f"final held-out {log['heldout_bits_per_byte']:.3f} bits/byte")
     ax.set_xlabel("minutes (2-core CPU)")
     ax.set_ylabel("bits")
     ax.set_ylim(0, 5)

@@ -13,8 +13,7 @@ def make_scheduler(config: dict, kind: str = "ddim"):
     if kind not in SAMPLERS:
         raise ValueError(f"sampler '{kind}': choose one of {', '.join(SAMPLERS)}")
     cls = DDIMScheduler if kind == "ddim" else DDPMScheduler
-    keys = set(cls.__init__.__code__.co_varnames)
-    return cls(**{k: v for k, v in config.items() if k in keys and not k.startswith("_")})
+    return cls.from_config(config)  # keeps the trained beta schedule; ignores keys the other class lacks
 
 
 @torch.no_grad()

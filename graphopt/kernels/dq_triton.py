@@ -1,0 +1,399 @@
+"""Triton kernels for `graphopt::dq_linear`: y = x @ Ŵᵀ (+ bias) with packed low-bit weights.
+
+    Ŵ[n, k] = scale[n, k // g] * q[n, k] + zero[n, k // g],   q signed, b ∈ {2, 3, 4, 8} bits
+
+`packed` is uint8 [N, ceil(K * sb / 8)] in the layout of graphopt.compiler.quantize.pack: codes stored
+unsigned (q + 2^(sb-1)), 8 // sb per byte, first value in the lowest bits; sb = 4 for b = 3.
+
+Kernels (both accumulate in fp32 and write y in x's dtype)
+  _dq_gemv_kernel  small M (1-4 rows). Grid (cdiv(N, BLOCK_N),): each program owns BLOCK_N output columns for
+                   all M rows (BLOCK_M = next power of two >= M, padded rows masked) and walks K in BLOCK_K chunks.
+                   A chunk is split into sub-blocks that each lie inside one quantization group, and per group
+                   Σ_k x_k (s q_k + z) = s Σ_k x_k q_k + z Σ_k x_k, so codes are never dequantized element-wise.
+  _dq_gemm_kernel  larger M. Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)); the M index varies fastest so programs that
+                   share a weight tile run close together (L2 reuse). Each BLOCK_K × BLOCK_N weight tile is
+                   dequantized to x's dtype and fed to tl.dot.
+
+Unpacking: a chunk of BLOCK_K codes is BLOCK_K // P bytes per row (P = 8 // sb codes per byte), loaded once and
+contiguously. Code j of byte i is k = i*P + j, extracted as (byte >> (j*sb)) & (2^sb - 1) for each j in a static
+loop; the matching activations x[:, i*P + j] are loaded with stride P (x is small and cache resident), so no code is
+ever re-interleaved into k order. The K sum is order-independent, so each j contributes a separate partial product.
+
+Constexprs are BITS, GROUP (0 = per channel), BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS; everything else is a pointer or an
+i32, so `kernel_specs` can hand the kernels to triton.compile(ASTSource(...)) for ahead-of-time PTX. Offsets are i32:
+x, packed and y must each have fewer than 2^31 elements (checked by the launcher).
+
+Triton's CPU interpreter (TRITON_INTERPRET=1, set before triton is imported) runs these kernels on CPU tensors. It
+computes bf16 tl.dot on the raw bf16 bit patterns (Triton 3.9), so the launcher refuses bf16 GEMM when interpreted.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from ..compiler.quantize import SUPPORTED_BITS, unpack
+
+__all__ = ["dq_linear_triton", "dq_linear_reference", "kernel_specs", "is_interpreted", "GEMV_MAX_M"]
+
+GEMV_MAX_M = 4  # rows up to which the GEMV kernel is used
+_FLOAT_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_INT_ARGS = ("M", "N", "K", "stride_xm", "stride_pn", "stride_sn", "stride_zn", "stride_ym")
+_I32_LIMIT = 2**31
+
+
+# ---------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------
+
+@triton.jit
+def _dq_gemv_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
+                    M, N, K, stride_xm, stride_pn, stride_sn, stride_zn, stride_ym,
+                    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    SB: tl.constexpr = 4 if BITS == 3 else BITS  # 3-bit codes use the 4-bit layout
+    P: tl.constexpr = 8 // SB
+    CODE_MASK: tl.constexpr = (1 << SB) - 1
+    OFFSET: tl.constexpr = 1 << (SB - 1)
+    # Sub-blocks never straddle a group: GROUP is a power of two, so either it divides BLOCK_K or BLOCK_K divides it.
+    KSUB: tl.constexpr = BLOCK_K if (GROUP == 0 or GROUP >= BLOCK_K) else GROUP
+
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    rows = tl.arange(0, BLOCK_M)
+    offs_b = tl.arange(0, KSUB // P)
+    w_rows = packed_ptr + offs_n[:, None] * stride_pn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+
+    for k0 in range(0, K, BLOCK_K):
+        for sub in tl.static_range(BLOCK_K // KSUB):
+            kb = k0 + sub * KSUB  # first k of this sub-block; a multiple of P
+            byte = kb // P + offs_b
+            k_first = byte * P  # k of code 0 in each byte
+            w = tl.load(w_rows + byte[None, :], mask=n_mask[:, None] & (k_first < K)[None, :], other=0)
+            w = w.to(tl.int32)
+            qx = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # Σ_k x_k q_k over this sub-block
+            xs = tl.zeros([BLOCK_M], dtype=tl.float32)  # Σ_k x_k over this sub-block
+            for j in tl.static_range(P):
+                q = (((w >> (j * SB)) & CODE_MASK) - OFFSET).to(tl.float32)  # [BLOCK_N, KSUB // P]
+                k = k_first + j
+                for m in tl.static_range(BLOCK_M):
+                    k_end = tl.where(m < M, K, 0)  # padded rows load nothing
+                    xj = tl.load(x_ptr + m * stride_xm + k, mask=k < k_end, other=0.0).to(tl.float32)
+                    part = tl.sum(q * xj[None, :], axis=1)
+                    if BLOCK_M == 1:
+                        qx += part[None, :]
+                        xs += tl.sum(xj)
+                    else:
+                        # No per-row register arrays in Triton: route the row's partial into its accumulator row.
+                        qx += tl.where(rows[:, None] == m, part[None, :], 0.0)
+                        xs += tl.where(rows == m, tl.sum(xj), 0.0)
+            g_mask = offs_n < tl.where(kb < K, N, 0)  # sub-blocks past K (K % BLOCK_K != 0) have no group
+            if GROUP == 0:
+                s = tl.load(scale_ptr + offs_n * stride_sn, mask=g_mask, other=0.0).to(tl.float32)
+                z = tl.load(zero_ptr + offs_n * stride_zn, mask=g_mask, other=0.0).to(tl.float32)
+            else:
+                s = tl.load(scale_ptr + offs_n * stride_sn + kb // GROUP, mask=g_mask, other=0.0).to(tl.float32)
+                z = tl.load(zero_ptr + offs_n * stride_zn + kb // GROUP, mask=g_mask, other=0.0).to(tl.float32)
+            acc += qx * s[None, :] + xs[:, None] * z[None, :]
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rows < M)[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _dq_gemm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
+                    M, N, K, stride_xm, stride_pn, stride_sn, stride_zn, stride_ym,
+                    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    SB: tl.constexpr = 4 if BITS == 3 else BITS
+    P: tl.constexpr = 8 // SB
+    CODE_MASK: tl.constexpr = (1 << SB) - 1
+    OFFSET: tl.constexpr = 1 << (SB - 1)
+    # One (scale, zero) pair per column for the whole chunk, else a gather of each byte row's group.
+    WHOLE_CHUNK: tl.constexpr = GROUP == 0 or GROUP >= BLOCK_K
+
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    offs_b = tl.arange(0, BLOCK_K // P)
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
+    w_cols = packed_ptr + offs_n[None, :] * stride_pn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+
+    for k0 in range(0, K, BLOCK_K):
+        byte = k0 // P + offs_b
+        k_first = byte * P
+        w = tl.load(w_cols + byte[:, None], mask=(k_first < K)[:, None] & n_mask[None, :], other=0)
+        w = w.to(tl.int32)  # [BLOCK_K // P, BLOCK_N]
+        if WHOLE_CHUNK:
+            if GROUP == 0:
+                g = 0
+            else:
+                g = k0 // GROUP
+            s = tl.load(scale_ptr + offs_n * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            z = tl.load(zero_ptr + offs_n * stride_zn + g, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        else:
+            # GROUP >= 16 is a multiple of P, so all codes of a byte share a group: one gather serves every j.
+            g = (k_first // GROUP)[:, None]
+            sz_mask = (k_first < K)[:, None] & n_mask[None, :]
+            s = tl.load(scale_ptr + offs_n[None, :] * stride_sn + g, mask=sz_mask, other=0.0).to(tl.float32)
+            z = tl.load(zero_ptr + offs_n[None, :] * stride_zn + g, mask=sz_mask, other=0.0).to(tl.float32)
+        for j in tl.static_range(P):
+            k = k_first + j
+            k_mask = k < K
+            q = (((w >> (j * SB)) & CODE_MASK) - OFFSET).to(tl.float32)
+            wt = q * s + z  # [BLOCK_K // P, BLOCK_N]
+            # Codes past K (the unused high bits of a row's last byte) dequantize to finite junk; x is 0 there.
+            a = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            # "ieee": exact fp32 products for fp32 activations (no TF32); fp16/bf16 operands are unaffected.
+            acc = tl.dot(a, wt.to(a.dtype), acc, input_precision="ieee")
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+# ---------------------------------------------------------------------------------------
+# Kernel selection (shared by the launcher and ahead-of-time compilation)
+# ---------------------------------------------------------------------------------------
+
+def is_interpreted() -> bool:
+    """Whether the kernels were decorated under TRITON_INTERPRET=1 (they then run on CPU tensors)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(_dq_gemv_kernel, InterpretedFunction)
+
+
+def _is_pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
+
+
+def _storage_bits(bits: int) -> int:
+    return 4 if bits == 3 else bits
+
+
+def _dtype_name(dtype: torch.dtype | str, what: str) -> str:
+    if isinstance(dtype, str) and dtype in _FLOAT_DTYPES.values():
+        return dtype
+    if dtype in _FLOAT_DTYPES:
+        return _FLOAT_DTYPES[dtype]
+    raise ValueError(f"{what} dtype must be float16, bfloat16 or float32, got {dtype}")
+
+
+def _kernel_group(group: int, in_features: int | None) -> int:
+    """The GROUP constexpr: 0 for per channel, else the group size (a power of two >= 16)."""
+    if group in (-1, 0) or (in_features is not None and group == in_features):
+        return 0
+    if not _is_pow2(group) or group < 16:
+        raise ValueError(f"the Triton kernels need group = -1 / in_features (per channel) or a power of two >= 16, "
+                         f"got {group}")
+    return group
+
+
+def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool, *, m: int | None = None,
+                 in_features: int | None = None, scale_dtype: torch.dtype | str | None = None,
+                 block_n: int | None = None, block_k: int | None = None) -> dict[str, Any]:
+    """Everything needed to launch or AOT-compile one kernel variant.
+
+    group: -1 (or in_features) for per channel, else a power of two >= 16. dtype: the activation (= x, y, bias)
+    dtype; scale_dtype defaults to it. m: the row count if known (picks BLOCK_M; without it the variant covers
+    every M up to GEMV_MAX_M when m_small, and uses 64-row tiles otherwise). block_n / block_k override the
+    H100-oriented defaults.
+
+    Returns {"kernel", "name", "signature" (every kernel argument in order, constexprs marked "constexpr", as
+    Triton >= 3.2's ASTSource expects), "constexprs", "grid" (M, N) -> 3-tuple, "num_warps", "num_stages"}.
+    """
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    act = _dtype_name(dtype, "activation")
+    sdt = _dtype_name(scale_dtype if scale_dtype is not None else dtype, "scale")
+    g = _kernel_group(group, in_features)
+    per_byte = 8 // _storage_bits(bits)
+    if m is not None and m < 1:
+        raise ValueError(f"m must be >= 1, got {m}")
+
+    if m_small:
+        if m is not None and m > GEMV_MAX_M:
+            raise ValueError(f"the GEMV kernel handles at most {GEMV_MAX_M} rows, got m={m}")
+        kernel = _dq_gemv_kernel
+        bm = _next_pow2(m) if m is not None else GEMV_MAX_M
+        # 32 columns per program so N = 4096 already spreads over ~all 132 SMs of an H100; the K step shrinks
+        # with the row count to stay under 255 registers/thread without spills (ptxas, sm_90a).
+        bn = block_n or 32
+        bk = block_k or (256 if bm <= 2 else 128)
+        min_k = 16
+        num_warps, num_stages = 4, 2
+    else:
+        kernel = _dq_gemm_kernel
+        bm = min(64, max(16, _next_pow2(m))) if m is not None else 64
+        bn = block_n or 64
+        min_k = 16 * per_byte  # each of the P per-code dots needs K >= 16
+        # fp32 operands go through FMA ("ieee" dot), which needs a shorter K step to avoid spills.
+        bk = block_k or max(32 if act == "fp32" else 64, min_k)
+        num_warps, num_stages = 8, (2 if act == "fp32" else 3)
+    if not _is_pow2(bn) or bn < 16:
+        raise ValueError(f"block_n must be a power of two >= 16, got {bn}")
+    if not _is_pow2(bk) or bk < min_k:
+        raise ValueError(f"block_k must be a power of two >= {min_k} for this kernel and {bits} bits, got {bk}")
+
+    signature = {"x_ptr": f"*{act}", "packed_ptr": "*u8", "scale_ptr": f"*{sdt}", "zero_ptr": f"*{sdt}",
+                 "bias_ptr": f"*{act}", "y_ptr": f"*{act}"}
+    signature.update({name: "i32" for name in _INT_ARGS})
+    constexprs = {"BITS": bits, "GROUP": g, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "HAS_BIAS": False}
+    signature.update({name: "constexpr" for name in constexprs})
+
+    if m_small:
+        def grid(M: int, N: int) -> tuple[int, int, int]:
+            return (triton.cdiv(N, bn), 1, 1)
+    else:
+        def grid(M: int, N: int) -> tuple[int, int, int]:
+            return (triton.cdiv(M, bm), triton.cdiv(N, bn), 1)
+
+    return {"kernel": kernel, "name": kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__,
+            "signature": signature, "constexprs": constexprs, "grid": grid,
+            "num_warps": num_warps, "num_stages": num_stages}
+
+
+def with_bias(specs: dict[str, Any], has_bias: bool) -> dict[str, Any]:
+    """`specs` with HAS_BIAS set (kernel_specs returns the no-bias variant)."""
+    return {**specs, "constexprs": {**specs["constexprs"], "HAS_BIAS": bool(has_bias)}}
+
+
+# ---------------------------------------------------------------------------------------
+# Validation, launcher and reference
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class _Checked:
+    K: int
+    N: int
+    group: int  # resolved group size (K for per channel)
+    per_channel: bool
+
+
+def _check_inputs(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                  group: int, in_features: int, bias: torch.Tensor | None) -> _Checked:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    K = int(in_features)
+    if K <= 0:
+        raise ValueError(f"in_features must be positive, got {in_features}")
+    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"x must be a float16, bfloat16 or float32 tensor, got {getattr(x, 'dtype', type(x))}")
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"x must be [..., in_features={K}], got shape {tuple(x.shape)}")
+    if group in (-1, K):
+        g, per_channel = K, True
+    elif group <= 0 or K % group != 0:
+        raise ValueError(f"group must be -1 (per channel) or a positive divisor of in_features={K}, got {group}")
+    else:
+        g, per_channel = group, False
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(f"packed must be a 2-D uint8 tensor, got {packed.dtype} with shape {tuple(packed.shape)}")
+    n_bytes = math.ceil(K * _storage_bits(bits) / 8)
+    if packed.shape[1] != n_bytes:
+        raise ValueError(f"packed has {packed.shape[1]} bytes per row; in_features={K} at {bits} bits needs {n_bytes}")
+    N = packed.shape[0]
+    G = K // g
+    for name, t in (("scale", scale), ("zero", zero)):
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+        if tuple(t.shape) != (N, G):
+            raise ValueError(f"{name} must be [N={N}, K/group={G}], got shape {tuple(t.shape)}")
+    if scale.dtype != zero.dtype:
+        raise ValueError(f"scale and zero must share a dtype, got {scale.dtype} and {zero.dtype}")
+    if bias is not None:
+        if bias.dtype not in _FLOAT_DTYPES or tuple(bias.shape) != (N,):
+            raise ValueError(f"bias must be a float tensor of shape [N={N}], got {bias.dtype} {tuple(bias.shape)}")
+    for name, t in (("packed", packed), ("scale", scale), ("zero", zero), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    return _Checked(K=K, N=N, group=g, per_channel=per_channel)
+
+
+def dq_linear_reference(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                        group: int, in_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Pure-torch y = x @ Ŵᵀ (+ bias): unpack, dequantize and multiply in fp32, cast to x's dtype."""
+    c = _check_inputs(x, packed, scale, zero, bits, group, in_features, bias)
+    q = unpack(packed.cpu(), bits, c.K).to(device=x.device, dtype=torch.float32)  # unpack builds CPU shift tables
+    w = scale.float().repeat_interleave(c.group, dim=1) * q + zero.float().repeat_interleave(c.group, dim=1)
+    y = x.reshape(-1, c.K).float() @ w.T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], c.N)
+
+
+@dataclass
+class _Launch:
+    specs: dict[str, Any]
+    args: dict[str, Any]  # runtime (non-constexpr) arguments by name, in signature order
+    y: torch.Tensor  # [M, N] output the kernel writes
+    out_shape: tuple[int, ...]
+
+
+def _prepare(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int,
+             in_features: int, bias: torch.Tensor | None, block_n: int | None, block_k: int | None) -> _Launch:
+    c = _check_inputs(x, packed, scale, zero, bits, group, in_features, bias)
+    interpreted = is_interpreted()
+    if not interpreted and not x.is_cuda:
+        raise ValueError(f"dq_linear_triton needs CUDA tensors, got {x.device} (for CPU tensors set "
+                         f"TRITON_INTERPRET=1 before triton is first imported)")
+    x2 = x.reshape(-1, c.K)
+    M = x2.shape[0]
+    # The kernels index the innermost dim with unit stride.
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    packed, scale, zero = (t if t.stride(1) == 1 else t.contiguous() for t in (packed, scale, zero))
+    if bias is not None:
+        bias = bias.to(x.dtype).contiguous()
+    y = torch.empty(M, c.N, dtype=x.dtype, device=x.device)
+    for name, t in (("x", x2), ("packed", packed), ("y", y)):
+        if t.numel() >= _I32_LIMIT:
+            raise ValueError(f"{name} has {t.numel()} elements; the kernels use i32 offsets (< 2^31)")
+
+    m_small = M <= GEMV_MAX_M
+    if interpreted and not m_small and x.dtype == torch.bfloat16:
+        raise NotImplementedError("the Triton CPU interpreter computes bf16 tl.dot on raw bit patterns; the bf16 GEMM "
+                                  "kernel can only run on a GPU (M <= 4 uses the GEMV kernel, which works)")
+    specs = kernel_specs(bits, -1 if c.per_channel else c.group, x.dtype, m_small, m=max(M, 1),
+                         scale_dtype=scale.dtype, block_n=block_n, block_k=block_k)
+    specs = with_bias(specs, bias is not None)
+    args = {"x_ptr": x2, "packed_ptr": packed, "scale_ptr": scale, "zero_ptr": zero,
+            "bias_ptr": bias if bias is not None else y,  # never read when HAS_BIAS is False
+            "y_ptr": y, "M": M, "N": c.N, "K": c.K, "stride_xm": x2.stride(0), "stride_pn": packed.stride(0),
+            "stride_sn": scale.stride(0), "stride_zn": zero.stride(0), "stride_ym": y.stride(0)}
+    return _Launch(specs=specs, args=args, y=y, out_shape=(*x.shape[:-1], c.N))
+
+
+def dq_linear_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                     group: int, in_features: int, bias: torch.Tensor | None = None, *,
+                     block_n: int | None = None, block_k: int | None = None) -> torch.Tensor:
+    """y = x @ Ŵᵀ (+ bias) with the Triton kernels: GEMV for M <= 4 rows (leading dims of x flattened), else GEMM.
+
+    group: -1 or in_features for per channel, else a power of two >= 16 dividing in_features. Tensors must be on
+    CUDA, or on CPU when the kernels run under TRITON_INTERPRET=1. block_n / block_k override the default tiles.
+    """
+    launch = _prepare(x, packed, scale, zero, bits, group, in_features, bias, block_n, block_k)
+    specs, args, y = launch.specs, launch.args, launch.y
+    if y.numel() == 0:
+        return y.reshape(launch.out_shape)
+    grid = specs["grid"](args["M"], args["N"])
+    specs["kernel"][grid](*args.values(), **specs["constexprs"],
+                          num_warps=specs["num_warps"], num_stages=specs["num_stages"])
+    return y.reshape(launch.out_shape)

@@ -1,0 +1,264 @@
+"""Triton low-bit linear kernels (graphopt.kernels.dq_triton) under Triton's CPU interpreter, against the reference."""
+from __future__ import annotations
+
+import os
+
+# Must precede the first `import triton`: kernels decorated without it are compiled for a GPU.
+os.environ["TRITON_INTERPRET"] = "1"
+
+import inspect  # noqa: E402
+import math  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from graphopt.compiler.quantize import pack  # noqa: E402
+from graphopt.kernels import dq_triton as dq  # noqa: E402
+
+if not dq.is_interpreted():
+    pytest.skip("graphopt.kernels.dq_triton was imported before TRITON_INTERPRET=1 was set, so its kernels need a GPU",
+                allow_module_level=True)
+
+torch.set_num_threads(1)  # other cores are busy; every problem here is tiny
+
+
+def make_case(bits: int, group: int, M: int | tuple[int, ...], N: int = 64, K: int = 128, *,
+              dtype: torch.dtype = torch.float32, scale_dtype: torch.dtype = torch.float32, bias: bool = False,
+              seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    q = torch.randint(lo, hi + 1, (N, K), generator=gen)
+    G = 1 if group in (-1, K) else K // group
+    lead = (M,) if isinstance(M, int) else M
+    return {
+        "x": torch.randn(*lead, K, generator=gen).to(dtype),
+        "packed": pack(q, bits),
+        "scale": (torch.rand(N, G, generator=gen) * 0.1 + 0.01).to(scale_dtype),
+        "zero": (torch.randn(N, G, generator=gen) * 0.05).to(scale_dtype),
+        "bits": bits, "group": group, "in_features": K,
+        "bias": torch.randn(N, generator=gen).to(dtype) if bias else None,
+    }
+
+
+def check(case: dict, **blocks: int) -> torch.Tensor:
+    y = dq.dq_linear_triton(**case, **blocks)
+    ref = dq.dq_linear_reference(**case)
+    assert y.dtype == case["x"].dtype and y.shape == ref.shape
+    tol = 1e-5 if y.dtype == torch.float32 else 1e-2  # GEMM rounds dequantized weights to fp16/bf16
+    scale = ref.float().abs().max().item() + 1e-6
+    torch.testing.assert_close(y.float(), ref.float(), rtol=tol, atol=tol * scale)
+    return y
+
+
+# ---------------------------------------------------------------------------------------
+# Numerics against the reference
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("M", [1, 3, 16])
+@pytest.mark.parametrize("group", [32, 64, -1], ids=["g32", "g64", "perchan"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_matches_reference_fp32(bits: int, group: int, M: int, bias: bool) -> None:
+    check(make_case(bits, group, M, bias=bias, seed=bits * 100 + M))
+
+
+@pytest.mark.parametrize("M", [1, 3, 32])
+@pytest.mark.parametrize("group", [32, -1], ids=["g32", "perchan"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_matches_reference_fp16(bits: int, group: int, M: int) -> None:
+    # The interpreter runs fp16 tl.dot as an fp32-accumulating numpy matmul, so the GEMM path is checked too.
+    check(make_case(bits, group, M, dtype=torch.float16, scale_dtype=torch.float16, bias=True))
+
+
+@pytest.mark.parametrize("M", [1, 4])
+def test_bf16_gemv(M: int) -> None:
+    check(make_case(4, 32, M, dtype=torch.bfloat16, scale_dtype=torch.bfloat16, bias=True))
+
+
+def test_bf16_gemm_refused_by_interpreter() -> None:
+    with pytest.raises(NotImplementedError, match="bf16"):
+        dq.dq_linear_triton(**make_case(4, 32, 16, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M", [2, 16])
+def test_scale_dtype_differs_from_activations(scale_dtype: torch.dtype, M: int) -> None:
+    check(make_case(4, 64, M, scale_dtype=scale_dtype, bias=True))
+
+
+@pytest.mark.parametrize("M", [1, 16])
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_several_programs_and_k_steps(bits: int, M: int) -> None:
+    # N=40 over 32-wide column blocks (masked tail); K=256 in 64-wide steps, groups of 32 (two groups per step).
+    check(make_case(bits, 32, M, N=40, K=256, bias=True), block_n=32, block_k=64)
+
+
+@pytest.mark.parametrize("M", [1, 16])
+def test_group_spans_several_k_steps(M: int) -> None:
+    check(make_case(4, 128, M, K=256), block_k=32 if M == 1 else 64)
+
+
+@pytest.mark.parametrize("M", [3, 16])
+@pytest.mark.parametrize("bits", [2, 3])
+def test_per_channel_k_not_a_block_multiple(bits: int, M: int) -> None:
+    # K=90: a partly filled last byte (2-bit) and a K tail inside the last block; group = K means per channel.
+    case = make_case(bits, 90, M, N=48, K=90, bias=True)
+    assert case["scale"].shape == (48, 1)
+    check(case)
+
+
+@pytest.mark.parametrize("lead", [(1, 2), (2, 3)])
+def test_leading_dims_flattened(lead: tuple[int, ...]) -> None:
+    y = check(make_case(4, 32, lead))
+    assert y.shape == (*lead, 64)
+
+
+def test_strided_activations_and_cast_bias() -> None:
+    case = make_case(4, 32, 3)
+    wide = torch.randn(3, 2 * 128)
+    wide[:, :128] = case["x"]
+    case["x"] = wide[:, :128]  # row stride 256, unit column stride: launched without a copy
+    case["bias"] = torch.randn(64).half()  # cast to x's dtype, as F.linear's callers do
+    y = dq.dq_linear_triton(**case)
+    ref = dq.dq_linear_reference(**{**case, "bias": case["bias"].float()})
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_no_rows() -> None:
+    case = make_case(4, 32, 1)
+    case["x"] = case["x"][:0]
+    assert dq.dq_linear_triton(**case).shape == (0, 64)
+
+
+# ---------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------
+
+def _broken(**changes) -> dict:
+    case = make_case(4, 32, 2, bias=True)
+    case.update(changes)
+    return case
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"bits": 5}, "bits must be one of"),
+    ({"x": torch.zeros(2, 128, dtype=torch.int32)}, "x must be a float16"),
+    ({"x": torch.zeros(2, 96)}, "x must be"),
+    ({"in_features": 0}, "in_features must be positive"),
+    ({"group": 48}, "positive divisor of in_features"),
+    ({"packed": torch.zeros(64, 64, dtype=torch.int8)}, "packed must be a 2-D uint8"),
+    ({"packed": torch.zeros(64, 32, dtype=torch.uint8)}, "bytes per row"),
+    ({"scale": torch.ones(64, 2)}, "scale must be"),
+    ({"zero": torch.zeros(64, 4, dtype=torch.int32)}, "zero must be"),
+    ({"zero": torch.zeros(64, 4, dtype=torch.float16)}, "share a dtype"),
+    ({"bias": torch.zeros(63)}, "bias must be"),
+])
+def test_validation_errors(changes: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        dq.dq_linear_triton(**_broken(**changes))
+    with pytest.raises(ValueError, match=message):
+        dq.dq_linear_reference(**_broken(**changes))
+
+
+def test_triton_only_group_restriction() -> None:
+    case = make_case(4, 96, 1, K=192)  # a valid layout for the reference, not for the kernels
+    dq.dq_linear_reference(**case)
+    with pytest.raises(ValueError, match="power of two"):
+        dq.dq_linear_triton(**case)
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dq, "is_interpreted", lambda: False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        dq.dq_linear_triton(**make_case(4, 32, 1))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"m_small": True, "m": 5}, "at most 4 rows"),
+    ({"m_small": False, "block_k": 32}, "block_k must be"),  # 2-bit GEMM: four 8-deep dots
+    ({"m_small": True, "block_n": 48}, "block_n must be"),
+    ({"m_small": True, "group": 48}, "power of two"),
+    ({"m_small": True, "dtype": torch.float64}, "activation dtype"),
+])
+def test_kernel_specs_errors(kwargs: dict, message: str) -> None:
+    args = {"bits": 2, "group": 32, "dtype": torch.float16, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        dq.kernel_specs(**args)
+
+
+# ---------------------------------------------------------------------------------------
+# kernel_specs: the AOT description matches the kernels and the launch path
+# ---------------------------------------------------------------------------------------
+
+def _params(kernel) -> tuple[list[str], list[str]]:
+    params = inspect.signature(kernel.fn).parameters.values()  # .fn: the Python function under the decorator
+    return [p.name for p in params], [p.name for p in params if "constexpr" in str(p.annotation)]
+
+
+@pytest.mark.parametrize("m_small", [True, False])
+def test_kernel_specs_signature_lists_kernel_arguments(m_small: bool) -> None:
+    specs = dq.kernel_specs(3, -1, torch.bfloat16, m_small, scale_dtype=torch.float32)
+    names, constexprs = _params(specs["kernel"])
+    assert list(specs["signature"]) == names
+    assert [n for n, t in specs["signature"].items() if t == "constexpr"] == constexprs
+    assert set(specs["constexprs"]) == set(constexprs)
+    assert specs["signature"]["x_ptr"] == specs["signature"]["y_ptr"] == "*bf16"
+    assert specs["signature"]["scale_ptr"] == "*fp32" and specs["signature"]["packed_ptr"] == "*u8"
+    assert specs["constexprs"]["GROUP"] == 0 and specs["constexprs"]["BITS"] == 3
+    assert specs["name"] == ("_dq_gemv_kernel" if m_small else "_dq_gemm_kernel")
+    grid = specs["grid"](100, 1000)
+    c = specs["constexprs"]
+    assert grid == ((math.ceil(1000 / c["BLOCK_N"]), 1, 1) if m_small
+                    else (math.ceil(100 / c["BLOCK_M"]), math.ceil(1000 / c["BLOCK_N"]), 1))
+
+
+@pytest.mark.parametrize("M, bias", [(2, True), (20, False)])
+def test_launch_path_matches_kernel_specs(M: int, bias: bool) -> None:
+    case = make_case(2, 64, M, dtype=torch.float16, scale_dtype=torch.float32, bias=bias)
+    launch = dq._prepare(**case, block_n=None, block_k=None)
+    expected = dq.with_bias(dq.kernel_specs(2, 64, torch.float16, M <= dq.GEMV_MAX_M, m=M,
+                                            scale_dtype=torch.float32), bias)
+    assert launch.specs["kernel"] is expected["kernel"]
+    assert launch.specs["constexprs"] == expected["constexprs"]
+    assert launch.specs["signature"] == expected["signature"]
+    runtime = [n for n, t in expected["signature"].items() if t != "constexpr"]
+    assert list(launch.args) == runtime
+    type_names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.uint8: "u8"}
+    for name in runtime:
+        value = launch.args[name]
+        sig_type = expected["signature"][name]
+        if isinstance(value, torch.Tensor):
+            assert sig_type == "*" + type_names[value.dtype], name
+        else:
+            assert sig_type == "i32" and isinstance(value, int), name
+
+
+def test_aot_compiles_to_ptx(tmp_path) -> None:
+    """Both kernels go through Triton's real compiler to sm_90 PTX via kernel_specs (no GPU needed)."""
+    pytest.importorskip("triton.backends.nvidia")
+    script = textwrap.dedent("""
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from graphopt.kernels.dq_triton import kernel_specs, with_bias
+        for m_small in (True, False):
+            sp = with_bias(kernel_specs(4, 32, "fp16", m_small), True)
+            k = triton.compile(ASTSource(sp["kernel"], sp["signature"], sp["constexprs"]),
+                               target=GPUTarget("cuda", 90, 32),
+                               options={"num_warps": sp["num_warps"], "num_stages": sp["num_stages"]})
+            ptx = k.asm["ptx"]
+            assert ".entry " + sp["name"] in ptx, sp["name"]
+            assert m_small or "mma" in ptx  # fp16 GEMM tiles use tensor cores
+        print("ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
