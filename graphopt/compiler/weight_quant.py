@@ -99,6 +99,7 @@ class _Capture(torch.fx.Interpreter):
 
     def __init__(self, gm, watch: str, sink: Callable[[torch.Tensor], None]):
         super().__init__(gm)
+        self.extra_traceback = False  # keep our one-line errors one line
         self.watch, self.sink = watch, sink
 
     def run_node(self, n):

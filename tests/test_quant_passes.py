@@ -1,0 +1,137 @@
+"""rtn / gptq / decoupleq passes on exported graphs: structure, numerics, lowering, bad input."""
+import pytest
+import torch
+from torch import nn
+
+import graphopt
+from graphopt.compiler.capture import capture
+from graphopt.compiler.pipeline import PassContext, parse_pipeline, run_pipeline
+from graphopt.errors import GraphoptError, PassFailure
+from graphopt.kernels.dq_linear import dequantize
+
+torch.set_num_threads(1)
+DQ = torch.ops.graphopt.dq_linear.default
+aten = torch.ops.aten
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(50, 64)
+        self.up = nn.Linear(64, 96)
+        self.gate = nn.Linear(64, 96)
+        self.down = nn.Linear(96, 64)   # 96 is not a multiple of 64: padded
+        self.head = nn.Linear(64, 50)   # output layer: kept in float
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        h = h + self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
+        return self.head(h)
+
+
+def calib(n=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, 50, (2, 16), generator=g),) for _ in range(n)]
+
+
+def run(spec, model=None, calibration=None):
+    model = model or MLP().eval()
+    p = capture(model, example_inputs=(torch.randint(0, 50, (2, 16)),))
+    ctx = PassContext(calibration=calibration or calib())
+    return p, *run_pipeline(p, parse_pipeline(spec), ctx)[:2]
+
+
+def ops(program):
+    return [n.target for n in program.methods["forward"].graph.nodes if n.op == "call_function"]
+
+
+@pytest.mark.parametrize("spec", ["rtn{bits=4,group=32}", "gptq{bits=3,group=64}",
+                                  "decoupleq{bits=2,group=64,iters=2}", "decoupleq{bits=8,group=-1,iters=1}"])
+def test_linears_become_dq_linear_except_the_head(spec):
+    p, new, reports = run(spec)
+    assert ops(new).count(DQ) == 3 and ops(new).count(aten.linear.default) == 1
+    d = reports[0]["details"]
+    assert d["quantized_layers"] == 3 and d["skipped"] == {"model.head.weight": "LM head / output layer"}
+    if "group=64" in spec:  # 96 input features are padded to 128
+        assert set(d["padded"]) == {"model.down.weight"} and aten.constant_pad_nd.default in ops(new)
+    else:
+        assert d["padded"] == {} and aten.constant_pad_nd.default not in ops(new)
+    assert reports[0]["param_bytes_after"] < reports[0]["param_bytes_before"]
+    x = torch.randint(0, 50, (2, 16))
+    ref, out = p.run("forward", x)[0], new.run("forward", x)[0]
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel == pytest.approx(reports[0]["error_metric"], rel=0.5) or rel < reports[0]["tolerance"]
+
+
+def test_more_bits_and_better_methods_give_smaller_error():
+    errs = {}
+    for spec in ["rtn{bits=2,group=32}", "gptq{bits=2,group=32}", "decoupleq{bits=2,group=32}",
+                 "decoupleq{bits=4,group=32}"]:
+        errs[spec.split("{")[0] + spec[-12:]] = run(spec)[2][0]["error_metric"]
+    e = list(errs.values())
+    assert e[2] < e[0] and e[1] < e[0] and e[3] < e[2], errs
+
+
+def test_packed_weights_equal_the_fake_quant_weights():
+    from graphopt.compiler import quantize as q
+    _, new, _ = run("decoupleq{bits=3,group=32,iters=1}")
+    ep = new.methods["forward"]
+    node = next(n for n in ep.graph.nodes if n.target is DQ)
+    packed, scale, zero = (ep.constants[s.target] for s in ep.graph_signature.input_specs
+                           if s.arg.name in (node.args[1].name, node.args[2].name, node.args[3].name))
+    w = dequantize(packed, scale, zero, 3, 32, node.args[7])
+    assert torch.isfinite(w).all() and w.shape[1] == node.args[7]
+    levels = (w - zero.repeat_interleave(32, 1)) / scale.repeat_interleave(32, 1)
+    assert torch.allclose(levels, levels.round(), atol=1e-3) and levels.round().min() >= -4 and levels.round().max() <= 3
+
+
+@pytest.mark.parametrize("accuracy", [0, 4])
+def test_quantized_program_lowers_to_onnxruntime(accuracy, tmp_path):
+    m = MLP().eval()
+    c = graphopt.compile(m, f"decoupleq{{bits=4,group=32,iters=1,ort_accuracy={accuracy}}}",
+                         example_inputs=(torch.randint(0, 50, (2, 16)),), calibration=calib())
+    x = torch.randint(0, 50, (2, 16))
+    torch_out = c.program.run("forward", x)[0]
+    tol = 1e-4 if accuracy == 0 else 5e-2
+    assert (c(x) - torch_out).abs().max() / torch_out.abs().max() <= tol
+    c.save(tmp_path / "q")
+    torch_engine = graphopt.load(tmp_path / "q", backend="torch")  # the .pt2 carries the custom op
+    torch.testing.assert_close(torch_engine(x), torch_out)
+
+
+def test_needs_calibration_and_valid_options():
+    with pytest.raises(GraphoptError, match="pass 'decoupleq' needs calibration data"):
+        graphopt.compile(MLP().eval(), "decoupleq", example_inputs=(torch.randint(0, 50, (2, 16)),))
+    with pytest.raises(GraphoptError, match=r"'5' is not allowed; choose one of 2\|3\|4\|8"):
+        parse_pipeline("decoupleq{bits=5}")
+    with pytest.raises(GraphoptError, match=r"choose one of -1\|32\|64\|128"):
+        parse_pipeline("gptq{group=48}")
+
+
+def test_nan_weights_and_activations_are_refused():
+    m = MLP().eval()
+    with torch.no_grad():
+        m.up.weight[0, 0] = float("nan")
+    with pytest.raises(PassFailure, match="weight 'model.up.weight' contains NaN/inf"):
+        run("rtn", model=m)
+    m = MLP().eval()
+    with torch.no_grad():
+        m.emb.weight[3] = float("inf")
+    bad = [(torch.full((2, 16), 3),)]
+    with pytest.raises(PassFailure, match=r"calibration activations into 'model.(gate|up).weight' contain NaN/inf; check the calibration data and the layers before it; rerun"):
+        run("gptq", model=m, calibration=bad)
+
+
+def test_too_little_calibration_warns(capsys):
+    from graphopt.progress import Progress
+    p = capture(MLP().eval(), example_inputs=(torch.randint(0, 50, (2, 16)),))
+    ctx = PassContext(calibration=calib(1), progress=Progress(enabled=True))
+    run_pipeline(p, parse_pipeline("rtn{group=32}"), ctx)
+    assert "warning: rtn calibrated on 32 rows for layers with up to 96 input features" in capsys.readouterr().err
+
+
+def test_exclude_patterns_keep_layers_in_float():
+    _, new, reports = run("rtn{bits=4,group=32,exclude=*gate*|*down*}")
+    assert ops(new).count(DQ) == 1
+    assert reports[0]["details"]["skipped"]["model.gate.weight"] == "excluded by pattern"
