@@ -135,3 +135,12 @@ def test_exclude_patterns_keep_layers_in_float():
     _, new, reports = run("rtn{bits=4,group=32,exclude=*gate*|*down*}")
     assert ops(new).count(DQ) == 1
     assert reports[0]["details"]["skipped"]["model.gate.weight"] == "excluded by pattern"
+
+
+def test_padding_keeps_dynamic_dims_dynamic():
+    p = capture(MLP().eval(), inputs=["ids:2xS:int64:0..50"], dynamic=["S=2..64"])
+    new, reports, _ = run_pipeline(p, parse_pipeline("rtn{bits=4,group=64}"), PassContext(calibration=calib()))
+    assert reports[0]["details"]["padded"]
+    for s in (3, 40):
+        x = torch.randint(0, 50, (2, s))
+        assert new.run("forward", x)[0].shape == (2, s, 50)

@@ -185,7 +185,10 @@ def rewrite_linears(ep, results: dict[str, QuantResult]) -> tuple[object, int]:
             if pad:  # the weight was padded with zero columns to a whole number of groups
                 x_val = x.meta["val"]
                 x = ed.graph.call_function(aten.constant_pad_nd.default, (x, [0, pad], 0.0))
-                x.meta["val"] = torch.nn.functional.pad(x_val, (0, pad))
+                # Build the metadata by shape, not by running pad on the fake tensor: that would record guards
+                # on the symbolic dims (and specialise them) in the program's shape environment.
+                with x_val.fake_mode:
+                    x.meta["val"] = x_val.new_empty((*x_val.shape[:-1], x_val.shape[-1] + pad))
             new = ed.graph.call_function(torch.ops.graphopt.dq_linear.default,
                                          (x, p_node, s_node, z_node, bias, r.bits, r.group, r.w_int.shape[1]))
         new.meta = dict(node.meta)
