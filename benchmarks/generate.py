@@ -48,7 +48,7 @@ def main() -> None:
     import graphopt
     from graphopt import metrics, zoo
     n_prompts, new = (8, 64) if args.quick else (64, 128)
-    tok = zoo.tokenizer()
+    tok = zoo.byte_tokenizer()
     prompts = [tok.encode(p) for p in zoo.prompts(64)[:n_prompts]]
     hf = zoo.load_lm()
     result: dict = {"machine": machine(), "prompts": n_prompts, "new_tokens": new}

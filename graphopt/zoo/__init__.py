@@ -99,7 +99,7 @@ def train_log(name: str) -> dict:
     return json.loads(path.read_text())
 
 
-def tokenizer():
+def byte_tokenizer():
     from .tokenizer import ByteTokenizer
     return ByteTokenizer()
 
