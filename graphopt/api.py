@@ -193,7 +193,8 @@ def _lower(program: Program, staging: Path, backend: str, opset: int, calibratio
     ort_tolerance = onnx_opts.get("check_tolerance", ORT_TOLERANCE)
     if backend == "onnxruntime":
         from .kernels import dq_onnx
-        dq_onnx.settings["accuracy_level"] = onnx_opts.get("matmulnbits_accuracy_level", 0)
+        if "matmulnbits_accuracy_level" in onnx_opts:
+            dq_onnx.settings["accuracy_level"] = onnx_opts["matmulnbits_accuracy_level"]
     t0 = time.perf_counter()
     with prog_ui.stage("lowering", "(.pt2" + (" + .onnx)" if backend == "onnxruntime" else ")")):
         for name, ep in program.methods.items():

@@ -1,8 +1,8 @@
 """ONNX lowering of graphopt::dq_linear to ONNX Runtime's com.microsoft::MatMulNBits.
 
 MatMulNBits dequantizes B as (u - zero_point) * scale per block of `block_size` values along K, with u the unsigned
-stored value; graphopt stores u = q + 2^(sb-1) with Ŵ = s*q + z, so a float zero point zp = 2^(sb-1) - z/s gives
-(u - zp) * s = s*q + z exactly (up to float rounding). 3-bit weights are stored on the 4-bit layout and lower as
+stored value and a default zero point of 2^(sb-1); graphopt stores u = q + 2^(sb-1) with Ŵ = s*q + z, so
+MatMulNBits without zero points computes x @ (s*q)ᵀ and the float zeros add (Σ_group x) @ zeroᵀ, exactly. 3-bit weights are stored on the 4-bit layout and lower as
 bits=4 unchanged; 8-bit weights are dequantized in the graph (see below). The byte layout of `packed` rows is MatMulNBits' layout of B [N, K/block, block*bits/8].
 accuracy_level 0 computes in fp32; 4 quantizes activations to int8 inside ORT (much faster on CPU, ~0.5 % error).
 """
@@ -64,17 +64,23 @@ def dq_linear_onnx(x, packed, scale, zero, bias, bits: int, group: int, in_featu
     repeat = group // block
     n_out = packed.shape[0]
     n_blocks = in_features // block
-    if repeat > 1:  # one scale per block: repeat each group's scale/zero over its blocks
+    original_zero = zero
+    if repeat > 1:  # one scale per block: repeat each group's scale over its blocks
         scale = op.Reshape(op.Expand(op.Unsqueeze(scale, [2]), op.Constant(value_ints=[1, 1, repeat])), [0, -1])
-        zero = op.Reshape(op.Expand(op.Unsqueeze(zero, [2]), op.Constant(value_ints=[1, 1, repeat])), [0, -1])
-    zp = op.Sub(op.CastLike(op.Constant(value_float=float(2 ** (sb - 1))), scale), op.Div(zero, scale))
+    # No zero-point input: MatMulNBits then uses its default 2^(sb-1), i.e. computes x @ (s*q)ᵀ, and ORT's fast
+    # CPU path (int8 activations at accuracy_level 4) applies; float zero points would force a slow fallback.
+    # The zeros' part, x @ zᵀ per group, is a small exact side product: (Σ_{k in group} x_k) @ zeroᵀ.
     b = op.Reshape(packed, op.Constant(value_ints=[n_out, n_blocks, block * sb // 8]))
-    y = MSFT.MatMulNBits(x, b, op.Reshape(scale, [-1]), op.Reshape(zp, [-1]), K=in_features, N=n_out, bits=sb,
-                         block_size=block, accuracy_level=int(settings["accuracy_level"]))
+    y = MSFT.MatMulNBits(x, b, op.Reshape(scale, [-1]), K=in_features, N=n_out, bits=sb, block_size=block,
+                         accuracy_level=int(settings["accuracy_level"]))
+    n_groups = in_features // group
+    x_sums = op.ReduceSum(op.Reshape(x, op.Constant(value_ints=[-1, n_groups, group])),
+                          op.Constant(value_ints=[2]), keepdims=0)
+    zero_part = op.Reshape(op.MatMul(x_sums, op.Transpose(original_zero, perm=[1, 0])), op.Shape(y))
+    y = op.Add(y, zero_part)
     if bias is not None:
         y = op.Add(y, bias)
     return y
-
 
 def _dequantize_then_matmul(x, packed, scale, zero, bias, group: int):
     """8-bit: ORT's MatMulNBits refuses float zero points at 8 bits on CPU, so dequantize in the graph (ORT folds
