@@ -14,18 +14,7 @@ import torch
 
 from common import emit, machine, parse_args
 
-
-def tiny(kind: str, path: Path) -> Path:
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    if kind == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_positions=512, n_embd=64, n_layer=2, n_head=4))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128,
-                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                             max_position_embeddings=512))
-    model.eval().save_pretrained(path, safe_serialization=True)
-    return path
+from graphopt.testing import tiny_hf_lm
 
 
 def main() -> None:
@@ -35,7 +24,7 @@ def main() -> None:
     metrics: dict = {"machine": machine(), "runs": runs}
     with tempfile.TemporaryDirectory() as tmp:
         for kind in ("gpt2", "llama"):
-            src = tiny(kind, Path(tmp) / kind)
+            src = tiny_hf_lm(kind, Path(tmp) / kind, vocab=512, hidden=64, max_positions=512)
             samples: dict[str, list[float]] = {}
             for _ in range(runs):
                 compiled = graphopt.compile(str(src), inputs=["input_ids:1xS:int64"], dynamic=["S=1..512"])
