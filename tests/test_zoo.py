@@ -114,6 +114,17 @@ def test_optimize_zoo_lm_with_no_flags_generates_like_transformers(cli, tmp_path
         ids = torch.tensor([tok.encode(p)])
         ref = lm.generate(ids, max_new_tokens=32, do_sample=False)[:, ids.shape[1]:]
         assert torch.equal(engine.generate(ids, 32), ref)
+    # Batch 4, left-padded, prompt lengths from 1 token up.
+    rows = [tok.encode(p) for p in prompts[:3]] + [[tok.bos_token_id]]
+    S = max(len(r) for r in rows)
+    ids = torch.full((4, S), tok.pad_token_id)
+    mask = torch.zeros(4, S, dtype=torch.int64)
+    for b, r in enumerate(rows):
+        ids[b, S - len(r):] = torch.tensor(r)
+        mask[b, S - len(r):] = 1
+    ref = lm.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
+                      pad_token_id=tok.pad_token_id)[:, S:]
+    assert torch.equal(engine.generate(ids, 24, attention_mask=mask), ref)
 
 
 def test_optimize_zoo_diffusion_with_no_flags(cli, tmp_path):
