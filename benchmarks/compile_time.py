@@ -1,4 +1,5 @@
-"""Time `optimize` with the default pipeline on tiny GPT-2 and Llama, split by stage.
+"""Time `optimize` with the default pipeline on tiny GPT-2 and Llama (one forward method, dynamic sequence length),
+split by stage.
 
     python benchmarks/compile_time.py [--quick] [--json FILE]
 
@@ -27,7 +28,8 @@ def main() -> None:
             src = tiny_hf_lm(kind, Path(tmp) / kind, vocab=512, hidden=64, max_positions=512)
             samples: dict[str, list[float]] = {}
             for _ in range(runs):
-                compiled = graphopt.compile(str(src), inputs=["input_ids:1xS:int64"], dynamic=["S=1..512"])
+                compiled = graphopt.compile(str(src), task="single", inputs=["input_ids:1xS:int64"],
+                                            dynamic=["S=1..512"])
                 for k, v in compiled.timings.items():
                     samples.setdefault(k, []).append(v)
                 compiled.save(Path(tmp) / f"{kind}-out", force=True)
