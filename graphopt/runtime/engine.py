@@ -119,7 +119,7 @@ class Engine:
         return f"Engine({str(self.path)!r}, backend={self.backend!r}, methods={self.methods})"
 
 
-def _ort_runner(path: Path, providers: list[str] | None):
+def _ort_runner(path: Path, providers: list[str] | None, threads: int | None = None):
     import onnxruntime as ort
     if not path.is_file():
         raise GraphoptError(f"bundle file '{path}' is missing; re-run optimize (or load with backend='torch')")
@@ -127,6 +127,10 @@ def _ort_runner(path: Path, providers: list[str] | None):
     wanted = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        # Spinning threads wait for the next small kernel; on a shared CPU they steal it from the caller instead.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         session = ort.InferenceSession(str(path), sess_options=opts, providers=wanted)
     except Exception as e:
@@ -163,8 +167,12 @@ def _torch_runner(path: Path, device: str | None):
 
 
 def load(path, backend: str = "onnxruntime", *, providers: list[str] | None = None,
-         device: str | None = None) -> Engine:
-    """Load a bundle written by `optimize -o` / `CompiledModel.save`."""
+         device: str | None = None, threads: int | None = None) -> Engine:
+    """Load a bundle written by `optimize -o` / `CompiledModel.save`.
+
+    providers: ONNX Runtime execution providers (default CUDA when available, else CPU); threads: ORT intra-op
+    threads (default: ORT's choice); device: torch backend device.
+    """
     if backend not in BACKENDS:
         raise GraphoptError(f"backend '{backend}': choose one of {', '.join(BACKENDS)}")
     path = Path(path)
@@ -176,7 +184,7 @@ def load(path, backend: str = "onnxruntime", *, providers: list[str] | None = No
             if "onnx" not in files:
                 raise GraphoptError(f"bundle '{path}' has no ONNX file for method '{name}' (it was built with "
                                     f"--backend torch): load it with backend='torch' or re-run optimize")
-            run = _ort_runner(path / files["onnx"], providers)
+            run = _ort_runner(path / files["onnx"], providers, threads)
         else:
             run = _torch_runner(path / files["pt2"], device)
         methods[name] = Method(name, spec, manifest.get("dims", {}), run)
