@@ -11,7 +11,6 @@ import statistics
 import tempfile
 from pathlib import Path
 
-import torch
 
 from common import emit, machine, parse_args
 

@@ -53,13 +53,10 @@ def compare(refs, outs, metric: str = "max_rel") -> float:
 def guard_inputs(program, calibration, samples: int) -> dict[str, list[tuple]]:
     """Inputs the guard runs per method: the example inputs, plus calibration samples for the entry method."""
     inputs = {m: [tuple(program.example_inputs[m])] for m in program.methods if m in program.example_inputs}
-    if not calibration:
-        return inputs
-    if program.plan.get("kind") == "causal-lm":
-        from .causal_lm import prefill_inputs
-        inputs[program.plan["prefill"]] += [prefill_inputs(c[0]) for c in calibration[:samples]]
-    elif program.plan.get("entry") in inputs:
-        inputs[program.plan["entry"]] += [tuple(c) for c in calibration[:samples]]
+    if calibration:
+        method, items = program.calibration_inputs(calibration, samples)
+        if method in inputs:
+            inputs[method] += items
     return inputs
 
 

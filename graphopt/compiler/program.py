@@ -55,6 +55,14 @@ class Program:
             out = _callable(ep)(*args, **kwargs)
         return tuple(t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
 
+    def calibration_inputs(self, calibration, limit: int) -> tuple[str, list[tuple]]:
+        """(method, inputs) that calibration items feed: a causal LM's prefill (items are (input_ids,)), else the
+        entry method (items are its positional inputs)."""
+        if self.plan.get("kind") == "causal-lm":
+            from .causal_lm import prefill_inputs
+            return self.plan["prefill"], [prefill_inputs(c[0]) for c in calibration[:limit]]
+        return self.plan["entry"], [tuple(c) for c in calibration[:limit]]
+
     def copy(self) -> "Program":
         # ExportedPrograms are never edited in place (graph_edit builds new ones), so sharing them is safe and
         # keeping the old Program is all a rollback needs.

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import math
 from typing import Callable
 
 import torch
@@ -211,15 +210,6 @@ def _encode(r: QuantResult) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return pack(q, r.bits), scale.float(), zero.float()
 
 
-def calibration_for(program, calibration: list[tuple], max_samples: int) -> tuple[str, list[tuple]]:
-    """(method, inputs) the passes calibrate on: the prefill of a causal LM, else the entry method."""
-    plan = program.plan
-    if plan.get("kind") == "causal-lm":
-        from .causal_lm import prefill_inputs
-        return plan["prefill"], [prefill_inputs(c[0]) for c in calibration[:max_samples]]
-    return plan["entry"], [tuple(c) for c in calibration[:max_samples]]
-
-
 class WeightQuantPass:
     """Mixin for rtn/gptq/decoupleq: subclasses define `quantize(w0, H) -> QuantResult` from self.config."""
     needs = frozenset({"calibration"})
@@ -235,7 +225,7 @@ class WeightQuantPass:
         self.tolerance = self.TOLERANCE_BY_BITS[config.get("bits", 4)]
 
     def run(self, program, ctx):
-        method, inputs = calibration_for(program, ctx.calibration, self.MAX_CALIBRATION)
+        method, inputs = program.calibration_inputs(ctx.calibration, self.MAX_CALIBRATION)
         ep = program.methods[method]
         sites, skipped = find_linears(ep, self.config.get("exclude", ""))
         group = self.config.get("group", -1)

@@ -29,7 +29,6 @@ computes bf16 tl.dot on the raw bf16 bit patterns (Triton 3.9), so the launcher 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 

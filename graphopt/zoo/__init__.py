@@ -17,6 +17,18 @@ MODELS_DIR = Path(__file__).parent / "models"
 SOURCES = ("tiny-code-lm", "tiny-diffusion")  # usable as zoo:NAME
 
 
+def write_dir_atomically(out: Path, write) -> None:
+    """Call write(tmp_dir) next to `out`, then swap it in: an interrupted run never leaves a half checkpoint."""
+    import shutil
+    import tempfile
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
+    write(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
 def available() -> list[str]:
     return list(SOURCES)
 

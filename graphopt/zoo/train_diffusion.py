@@ -9,14 +9,12 @@ import argparse
 import copy
 import json
 import math
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from . import digits
+from . import digits, write_dir_atomically
 
 UNET_CONFIG = dict(
     sample_size=16, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(32, 64, 128),
@@ -33,22 +31,13 @@ def build_unet(seed: int = 0):
     return UNet2DModel(**UNET_CONFIG)
 
 
-def _atomic_dir(out: Path, write) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
-    write(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-
-
 def save_classifier(model, log: dict, out: Path) -> None:
     from safetensors.torch import save_file
 
     def write(tmp):
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
         (tmp / "train_log.json").write_text(json.dumps(log, indent=1))
-    _atomic_dir(out, write)
+    write_dir_atomically(out, write)
 
 
 def train(out_dir: Path, steps: int, batch: int, lr: float, device: str, seed: int, threads: int) -> dict:
@@ -113,7 +102,7 @@ def save_unet(unet, sched, log: dict, out: Path) -> None:
         unet.to("cpu").save_pretrained(tmp, safe_serialization=True)
         sched.save_pretrained(tmp / "scheduler")
         (tmp / "train_log.json").write_text(json.dumps(log, indent=1))
-    _atomic_dir(out, write)
+    write_dir_atomically(out, write)
     unet.to(log["device"])
 
 

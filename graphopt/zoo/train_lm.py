@@ -10,14 +10,12 @@ import argparse
 import json
 import math
 import platform
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from . import code_data
+from . import code_data, write_dir_atomically
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
 
 LM_CONFIG = dict(
@@ -98,15 +96,11 @@ def train(out: Path, steps: int, batch: int, context: int, lr: float, device: st
 
 
 def _save(model, log: dict, out: Path) -> None:
-    # Write next to the target, then swap, so an interrupted run never leaves a half-written checkpoint.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
-    model.to("cpu").save_pretrained(tmp, safe_serialization=True)
+    def write(tmp):
+        model.to("cpu").save_pretrained(tmp, safe_serialization=True)
+        (tmp / "train_log.json").write_text(json.dumps(log, indent=1))
+    write_dir_atomically(out, write)
     model.to(log["device"])
-    (tmp / "train_log.json").write_text(json.dumps(log, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
 
 
 def main(argv=None) -> None:
