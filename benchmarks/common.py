@@ -15,10 +15,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def parse_args(description: str) -> argparse.Namespace:
+def parse_args(description: str, extra=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--quick", action="store_true", help="a smaller run that finishes in a few minutes on a CPU")
     ap.add_argument("--json", type=Path, help="write the metrics as JSON to this file")
+    if extra:
+        extra(ap)  # script-specific options
     args = ap.parse_args()
     random.seed(0)
     torch.manual_seed(0)

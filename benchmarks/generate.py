@@ -5,7 +5,7 @@
 128 new greedy tokens for each of the 64 held-out prompts (quick: 8 prompts, 64 tokens), at batch 1 and batch 8
 (prompts left-padded). Per batch size: greedy_match_rate (graphopt ORT tokens equal to HF's, position by position),
 ort/torch/hf tokens_per_s (new tokens over wall time, prefill included), ort_vs_hf_speedup, ttft_ms (ORT: call to
-first token).
+first token). --device cuda runs the torch backend and transformers on that GPU (ONNX Runtime stays on the CPU).
 """
 from __future__ import annotations
 
@@ -44,20 +44,28 @@ class FirstToken:
 
 
 def main() -> None:
-    args = parse_args(__doc__.splitlines()[0])
+    def options(ap):
+        ap.add_argument("--device", default="cpu", help="device for the torch backend and transformers (e.g. cuda)")
+        ap.add_argument("--prompts", type=int, help="number of held-out prompts (default 64; quick: 8)")
+    args = parse_args(__doc__.splitlines()[0], options)
+    dev = torch.device(args.device)
     import graphopt
     from graphopt import metrics, zoo
     n_prompts, new = (8, 64) if args.quick else (64, 128)
+    n_prompts = args.prompts or n_prompts
     tok = zoo.byte_tokenizer()
     prompts = [tok.encode(p) for p in zoo.prompts(64)[:n_prompts]]
-    hf = zoo.load_lm()
-    result: dict = {"machine": machine(), "prompts": n_prompts, "new_tokens": new}
+    hf = zoo.load_lm().to(dev)
+    result: dict = {"machine": machine(), "prompts": n_prompts, "new_tokens": new, "device": str(dev)}
+    if dev.type == "cuda":
+        result["gpu"] = torch.cuda.get_device_name(dev)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "lm"
         t0 = time.perf_counter()
         graphopt.compile("zoo:tiny-code-lm").save(out)
         result["compile_s"] = round(time.perf_counter() - t0, 2)
-        engines = {"ort": graphopt.load(out), "torch": graphopt.load(out, backend="torch")}
+        engines = {"ort": graphopt.load(out),
+                   "torch": graphopt.load(out, backend="torch", device=None if dev.type == "cpu" else str(dev))}
         for bs in (1, 8):
             r: dict = {}
             outs: dict[str, list] = {"hf": [], "ort": [], "torch": []}
@@ -65,14 +73,14 @@ def main() -> None:
             ttft = []
             # One warm-up call each, so one-time costs (session creation, first allocations) are not timed.
             ids, mask = next(batches(prompts, bs, tok.pad_token_id))
-            hf.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+            hf.generate(ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=2, do_sample=False)
             for e in engines.values():
                 e.generate(ids, 2, attention_mask=mask)
             for ids, mask in batches(prompts, bs, tok.pad_token_id):
                 t = time.perf_counter()
                 with torch.no_grad():
-                    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                                      pad_token_id=tok.pad_token_id)[:, ids.shape[1]:]
+                    ref = hf.generate(ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=new,
+                                      do_sample=False, pad_token_id=tok.pad_token_id)[:, ids.shape[1]:].cpu()
                 times["hf"] += time.perf_counter() - t
                 outs["hf"] += ref.tolist()
                 for name, e in engines.items():

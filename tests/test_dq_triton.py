@@ -112,6 +112,24 @@ def test_per_channel_k_not_a_block_multiple(bits: int, M: int) -> None:
     check(case)
 
 
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("group", [32, 128, -1], ids=["g32", "g128", "perchan"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_dequant_gemv_matches_reference(bits: int, group: int, M: int) -> None:
+    # K=256 in 64-wide steps: several groups per step (g32), a group over several steps (g128), and per channel.
+    check(make_case(bits, group, M, N=40, K=256, bias=True, seed=bits + M), gemv="dequant", block_n=16, block_k=64)
+
+
+def test_dequant_gemv_k_tail_and_half_precision() -> None:
+    check(make_case(2, 90, 2, N=48, K=90), gemv="dequant")
+    check(make_case(4, 32, 1, dtype=torch.float16, scale_dtype=torch.float16, bias=True), gemv="dequant")
+
+
+def test_unknown_gemv_kernel_refused() -> None:
+    with pytest.raises(ValueError, match="gemv must be one of"):
+        dq.dq_linear_triton(**make_case(4, 32, 1), gemv="fast")
+
+
 @pytest.mark.parametrize("lead", [(1, 2), (2, 3)])
 def test_leading_dims_flattened(lead: tuple[int, ...]) -> None:
     y = check(make_case(4, 32, lead))

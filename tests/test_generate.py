@@ -158,3 +158,16 @@ def test_run_command_streams_ids(lm, tmp_path):
                           "sys.exit(graphopt_main(sys.argv[1:]))", "run", str(out), "--prompt", "hi"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "no built-in tokenizer" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_torch_backend_on_explicit_device_moves_created_tensors(lm):
+    """device= runs torch.export's move pass: tensors the graph creates follow the weights (checked on 'meta')."""
+    model, out = lm
+    ids, mask = left_padded(2, [5, 3], seed=7)
+    got = graphopt.load(out, backend="torch", device="cpu").generate(ids, 6, attention_mask=mask, eos_token_id=[])
+    assert torch.equal(got, hf_greedy(model, ids, mask, 6))
+    engine = graphopt.load(out, backend="torch", device="meta")
+    module = engine.method("prefill")._run.module
+    devices = {n.kwargs["device"] for n in module.graph.nodes if n.op == "call_function" and "device" in n.kwargs}
+    assert devices and {torch.device(d).type for d in devices} == {"meta"}, devices
+    assert all(p.device.type == "meta" for p in module.parameters())

@@ -10,6 +10,9 @@ Kernels (both accumulate in fp32 and write y in x's dtype)
                    all M rows (BLOCK_M = next power of two >= M, padded rows masked) and walks K in BLOCK_K chunks.
                    A chunk is split into sub-blocks that each lie inside one quantization group, and per group
                    Σ_k x_k (s q_k + z) = s Σ_k x_k q_k + z Σ_k x_k, so codes are never dequantized element-wise.
+  _dq_gemv_dequant_kernel  the same grid; codes dequantized element-wise (s q + z) into a 3-D register tile
+                   reduced over K once at the end (no cross-thread reduction per group). kernel_specs(gemv=...)
+                   picks one of the two; benchmarks/dq_kernels.py measures both.
   _dq_gemm_kernel  larger M. Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)); the M index varies fastest so programs that
                    share a weight tile run close together (L2 reuse). Each BLOCK_K × BLOCK_N weight tile is
                    dequantized to x's dtype and fed to tl.dot.
@@ -38,7 +41,7 @@ import triton.language as tl
 
 from ..compiler.quantize import SUPPORTED_BITS, unpack
 
-__all__ = ["dq_linear_triton", "dq_linear_reference", "kernel_specs", "is_interpreted", "GEMV_MAX_M"]
+__all__ = ["dq_linear_triton", "dq_linear_reference", "kernel_specs", "is_interpreted", "GEMV_MAX_M", "GEMV_KERNELS"]
 
 GEMV_MAX_M = 4  # rows up to which the GEMV kernel is used
 _FLOAT_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -109,6 +112,57 @@ def _dq_gemv_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
 
 
 @triton.jit
+def _dq_gemv_dequant_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
+                            M, N, K, stride_xm, stride_pn, stride_sn, stride_zn, stride_ym,
+                            BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # Same grid and sub-blocks as _dq_gemv_kernel, but codes are dequantized element-wise and accumulated into a
+    # [BLOCK_M, BLOCK_N, KSUB // P] register tile that is reduced over K once at the end: no cross-thread
+    # reduction inside the K loop, at the price of one FMA per code and a larger accumulator.
+    SB: tl.constexpr = 4 if BITS == 3 else BITS
+    P: tl.constexpr = 8 // SB
+    CODE_MASK: tl.constexpr = (1 << SB) - 1
+    OFFSET: tl.constexpr = 1 << (SB - 1)
+    KSUB: tl.constexpr = BLOCK_K if (GROUP == 0 or GROUP >= BLOCK_K) else GROUP
+
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    rows = tl.arange(0, BLOCK_M)
+    offs_b = tl.arange(0, KSUB // P)
+    w_rows = packed_ptr + offs_n[:, None] * stride_pn
+    x_rows = x_ptr + rows[:, None] * stride_xm
+    acc = tl.zeros([BLOCK_M, BLOCK_N, KSUB // P], dtype=tl.float32)
+
+    for k0 in range(0, K, BLOCK_K):
+        for sub in tl.static_range(BLOCK_K // KSUB):
+            kb = k0 + sub * KSUB
+            byte = kb // P + offs_b
+            k_first = byte * P
+            w = tl.load(w_rows + byte[None, :], mask=n_mask[:, None] & (k_first < K)[None, :], other=0)
+            w = w.to(tl.int32)
+            g_mask = offs_n < tl.where(kb < K, N, 0)
+            if GROUP == 0:
+                s = tl.load(scale_ptr + offs_n * stride_sn, mask=g_mask, other=0.0).to(tl.float32)
+                z = tl.load(zero_ptr + offs_n * stride_zn, mask=g_mask, other=0.0).to(tl.float32)
+            else:
+                s = tl.load(scale_ptr + offs_n * stride_sn + kb // GROUP, mask=g_mask, other=0.0).to(tl.float32)
+                z = tl.load(zero_ptr + offs_n * stride_zn + kb // GROUP, mask=g_mask, other=0.0).to(tl.float32)
+            for j in tl.static_range(P):
+                q = (((w >> (j * SB)) & CODE_MASK) - OFFSET).to(tl.float32)
+                wt = q * s[:, None] + z[:, None]  # [BLOCK_N, KSUB // P]; codes past K meet x = 0
+                k = k_first + j
+                xj = tl.load(x_rows + k[None, :], mask=(rows < M)[:, None] & (k < K)[None, :], other=0.0)
+                acc += wt[None, :, :] * xj.to(tl.float32)[:, None, :]
+
+    out = tl.sum(acc, axis=2)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=(rows < M)[:, None] & n_mask[None, :])
+
+
+@triton.jit
 def _dq_gemm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
                     M, N, K, stride_xm, stride_pn, stride_sn, stride_zn, stride_ym,
                     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -165,6 +219,10 @@ def _dq_gemm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
+GEMV_KERNELS = {"reduce": _dq_gemv_kernel, "dequant": _dq_gemv_dequant_kernel}
+GEMV_DEFAULT = "reduce"
+
+
 # ---------------------------------------------------------------------------------------
 # Kernel selection (shared by the launcher and ahead-of-time compilation)
 # ---------------------------------------------------------------------------------------
@@ -207,13 +265,15 @@ def _kernel_group(group: int, in_features: int | None) -> int:
 
 def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool, *, m: int | None = None,
                  in_features: int | None = None, scale_dtype: torch.dtype | str | None = None,
-                 block_n: int | None = None, block_k: int | None = None) -> dict[str, Any]:
+                 block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
+                 gemv: str = GEMV_DEFAULT) -> dict[str, Any]:
     """Everything needed to launch or AOT-compile one kernel variant.
 
     group: -1 (or in_features) for per channel, else a power of two >= 16. dtype: the activation (= x, y, bias)
     dtype; scale_dtype defaults to it. m: the row count if known (picks BLOCK_M; without it the variant covers
-    every M up to GEMV_MAX_M when m_small, and uses 64-row tiles otherwise). block_n / block_k override the
-    H100-oriented defaults.
+    every M up to GEMV_MAX_M when m_small, and uses 64-row tiles otherwise). block_n / block_k / num_warps override
+    the H100-oriented defaults. gemv picks the small-M kernel: "reduce" (per-group partial sums, _dq_gemv_kernel)
+    or "dequant" (element-wise dequantization into a 3-D accumulator, _dq_gemv_dequant_kernel).
 
     Returns {"kernel", "name", "signature" (every kernel argument in order, constexprs marked "constexpr", as
     Triton >= 3.2's ASTSource expects), "constexprs", "grid" (M, N) -> 3-tuple, "num_warps", "num_stages"}.
@@ -230,14 +290,16 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
     if m_small:
         if m is not None and m > GEMV_MAX_M:
             raise ValueError(f"the GEMV kernel handles at most {GEMV_MAX_M} rows, got m={m}")
-        kernel = _dq_gemv_kernel
+        if gemv not in GEMV_KERNELS:
+            raise ValueError(f"gemv must be one of {', '.join(GEMV_KERNELS)}, got {gemv!r}")
+        kernel = GEMV_KERNELS[gemv]
         bm = _next_pow2(m) if m is not None else GEMV_MAX_M
         # 32 columns per program so N = 4096 already spreads over ~all 132 SMs of an H100; the K step shrinks
         # with the row count to stay under 255 registers/thread without spills (ptxas, sm_90a).
         bn = block_n or 32
         bk = block_k or (256 if bm <= 2 else 128)
         min_k = 16
-        num_warps, num_stages = 4, 2
+        default_warps, num_stages = 4, 2
     else:
         kernel = _dq_gemm_kernel
         bm = min(64, max(16, _next_pow2(m))) if m is not None else 64
@@ -245,7 +307,13 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
         min_k = 16 * per_byte  # each of the P per-code dots needs K >= 16
         # fp32 operands go through FMA ("ieee" dot), which needs a shorter K step to avoid spills.
         bk = block_k or max(32 if act == "fp32" else 64, min_k)
-        num_warps, num_stages = 8, (2 if act == "fp32" else 3)
+        default_warps, num_stages = 8, (2 if act == "fp32" else 3)
+    if num_warps is not None:
+        if num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {num_warps}")
+        nw = num_warps
+    else:
+        nw = default_warps
     if not _is_pow2(bn) or bn < 16:
         raise ValueError(f"block_n must be a power of two >= 16, got {bn}")
     if not _is_pow2(bk) or bk < min_k:
@@ -266,7 +334,7 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
 
     return {"kernel": kernel, "name": kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__,
             "signature": signature, "constexprs": constexprs, "grid": grid,
-            "num_warps": num_warps, "num_stages": num_stages}
+            "num_warps": nw, "num_stages": num_stages}
 
 
 def with_bias(specs: dict[str, Any], has_bias: bool) -> dict[str, Any]:
@@ -347,7 +415,8 @@ class _Launch:
 
 
 def _prepare(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int,
-             in_features: int, bias: torch.Tensor | None, block_n: int | None, block_k: int | None) -> _Launch:
+             in_features: int, bias: torch.Tensor | None, block_n: int | None, block_k: int | None,
+             num_warps: int | None = None, gemv: str | None = None) -> _Launch:
     c = _check_inputs(x, packed, scale, zero, bits, group, in_features, bias)
     interpreted = is_interpreted()
     if not interpreted and not x.is_cuda:
@@ -371,7 +440,8 @@ def _prepare(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: t
         raise NotImplementedError("the Triton CPU interpreter computes bf16 tl.dot on raw bit patterns; the bf16 GEMM "
                                   "kernel can only run on a GPU (M <= 4 uses the GEMV kernel, which works)")
     specs = kernel_specs(bits, -1 if c.per_channel else c.group, x.dtype, m_small, m=max(M, 1),
-                         scale_dtype=scale.dtype, block_n=block_n, block_k=block_k)
+                         scale_dtype=scale.dtype, block_n=block_n, block_k=block_k, num_warps=num_warps,
+                         gemv=gemv or GEMV_DEFAULT)
     specs = with_bias(specs, bias is not None)
     args = {"x_ptr": x2, "packed_ptr": packed, "scale_ptr": scale, "zero_ptr": zero,
             "bias_ptr": bias if bias is not None else y,  # never read when HAS_BIAS is False
@@ -382,13 +452,15 @@ def _prepare(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: t
 
 def dq_linear_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
                      group: int, in_features: int, bias: torch.Tensor | None = None, *,
-                     block_n: int | None = None, block_k: int | None = None) -> torch.Tensor:
+                     block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
+                     gemv: str | None = None) -> torch.Tensor:
     """y = x @ Ŵᵀ (+ bias) with the Triton kernels: GEMV for M <= 4 rows (leading dims of x flattened), else GEMM.
 
     group: -1 or in_features for per channel, else a power of two >= 16 dividing in_features. Tensors must be on
-    CUDA, or on CPU when the kernels run under TRITON_INTERPRET=1. block_n / block_k override the default tiles.
+    CUDA, or on CPU when the kernels run under TRITON_INTERPRET=1. block_n / block_k / num_warps override the
+    default tiles; gemv ("reduce" or "dequant") the small-M kernel (see kernel_specs).
     """
-    launch = _prepare(x, packed, scale, zero, bits, group, in_features, bias, block_n, block_k)
+    launch = _prepare(x, packed, scale, zero, bits, group, in_features, bias, block_n, block_k, num_warps, gemv)
     specs, args, y = launch.specs, launch.args, launch.y
     if y.numel() == 0:
         return y.reshape(launch.out_shape)

@@ -150,9 +150,15 @@ def _torch_runner(path: Path, device: str | None):
         ep = torch.export.load(str(path))
     except Exception as e:
         raise GraphoptError(f"cannot load '{path}' ({type(e).__name__}); the file is corrupt: re-run optimize")
-    module = ep.module()
     if device:
-        module = module.to(device)
+        # Moves parameters and buffers, and rewrites the device arguments of tensors the graph creates (masks,
+        # positions), which module.to() would leave on the export device.
+        from torch.export.passes import move_to_device_pass
+        try:
+            ep = move_to_device_pass(ep, device)
+        except (RuntimeError, ValueError) as e:
+            raise GraphoptError(f"cannot move '{path}' to device '{device}': {str(e).splitlines()[0]}")
+    module = ep.module()
     from torch.utils import _pytree as pytree
 
     def run(tensors: list[torch.Tensor]):

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Everything this project checks on a lent GPU, in one device-tool call (see benchmarks/RESULTS.md):
+#   1. plugin_ptx.py  - the AOT PTX in build/plugins (made here with `python -m graphopt.kernels.aot -o build/plugins
+#                       --arch 90 --bias`) loaded and launched through the CUDA driver, checked against the reference
+#   2. dq_kernels.py  - Triton kernel correctness on the GPU, tile sweep, timings vs torch bf16 / int4
+#   3. generate.py    - the zoo LM's generation with the torch backend (and transformers) on the GPU
+# Each part has its own time limit; logs and JSON go to $OUT.
+set -u
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/triton-cache
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton, onnxruntime, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'ort', onnxruntime.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+cd benchmarks
+run() {  # name limit_s command...
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "== $name: rc=$? in $((SECONDS - t0)) s" | tee -a "$OUT/gpu.txt"
+}
+run plugin_ptx 110 python3 plugin_ptx.py --ptx-dir ../build/plugins --json "$OUT/plugin_ptx.json"
+run dq_kernels 290 python3 dq_kernels.py --json "$OUT/dq_kernels.json"
+run generate_gpu 170 python3 generate.py --device cuda --prompts 16 --json "$OUT/generate_gpu.json"
+for f in "$OUT"/*.log; do echo "---- $f"; tail -n 12 "$f"; done
