@@ -5,8 +5,8 @@
 1. Correctness on this GPU: bits 2/3/4/8 x group 32/128/per channel x M 1, 3, 70 (both GEMV kernels at M <= 4)
    with fp16 activations, bits 2/4 group 64 with bf16, against dq_linear_reference (rel L2 error); key
    `check_failures`. Every swept configuration is checked too before it is timed.
-2. Tile sweep at M = 1 (GEMV kernel x BLOCK_N x BLOCK_K) and M = 16 (GEMM BLOCK_N x BLOCK_K x warps) for W4g128 and
-   W2g64: the best configuration per shape, its time, and the default configuration's time.
+2. Tile sweep at M = 1 (GEMV kernel x BLOCK_N x BLOCK_K x warps) and M = 16, 64 (GEMM BLOCK_N x BLOCK_K x warps)
+   for W4g128 and W2g64: the best configuration per shape, its time, and the default configuration's time.
 3. For (K, N) in {(4096, 4096), (8192, 8192), (4096, 14336)}, M in {1, 16, 64}, bits 2 (group 64) and 4 (group
    128), bf16 activations: microseconds (triton.testing.do_bench, median; it flushes the L2 cache before every run,
    so weights always come from HBM) for graphopt's default and best-swept configuration, torch bf16 linear and
@@ -24,10 +24,12 @@ from common import emit, parse_args
 
 SHAPES = [(4096, 4096), (8192, 8192), (4096, 14336)]
 SETTINGS = {4: 128, 2: 64}  # bits -> group
-GEMV_SWEEP = [dict(gemv=g, block_n=bn, block_k=bk) for g, bn, bk in
-              itertools.product(("reduce", "dequant"), (16, 32, 64), (128, 256, 512))]
-GEMM_SWEEP = [dict(block_n=bn, block_k=bk, num_warps=nw) for bn, bk, nw in
-              itertools.product((32, 64), (64, 128, 256), (4, 8))]
+GEMV_SWEEP = [dict(gemv=g, block_n=bn, block_k=bk, num_warps=nw) for g, bn, bk, nw in
+              itertools.product(("reduce", "dequant"), (16, 32), (256, 512), (2, 4, 8))]
+GEMM_SWEEP = {16: [dict(block_n=bn, block_k=bk, num_warps=nw) for bn, bk, nw in
+                   itertools.product((16, 32, 64), (64, 128, 256), (4, 8))],
+              64: [dict(block_n=bn, block_k=bk, num_warps=nw) for bn, bk, nw in
+                   itertools.product((32, 64, 128), (64, 128), (4, 8))]}
 
 
 def quantized(bits: int, group: int, N: int, K: int, dt: torch.dtype, gen: torch.Generator):
@@ -116,7 +118,7 @@ def main() -> None:
                 us = bench(lambda: dq_linear_triton(x, packed, scale, zero, bits, group, K))
                 m[f"{tag}_us"] = round(us, 2)
                 m[f"{tag}_bw_fraction"] = round(moved(packed, scale, M, K, N) / (us * 1e-6) / copy_bw, 3)
-                sweep = GEMV_SWEEP if M == 1 else GEMM_SWEEP if M == 16 else []
+                sweep = GEMV_SWEEP if M == 1 else GEMM_SWEEP[M]
                 best = (us, "default")
                 for cfg in sweep:
                     try:

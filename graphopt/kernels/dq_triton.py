@@ -112,34 +112,70 @@ def _dq_gemv_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
 
 
 @triton.jit
+def _codes_to_f32(w, j: tl.constexpr, SB: tl.constexpr, OFFSET: tl.constexpr):
+    # Signed code j of each int32-widened byte as fp32 without an int-to-float instruction (those issue at a
+    # quarter of the FMA rate): OR-ing the code into the mantissa of 2^23 gives exactly 2^23 + code.
+    code = (w >> (j * SB)) & ((1 << SB) - 1)
+    return (code | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
+
+
+@triton.jit
+def _split_last(x, P: tl.constexpr):
+    # x [R, C, P] (P in 1, 2, 4) -> its P slices [R, C] along the last dim, ordered by index.
+    if P == 1:
+        return (tl.reshape(x, [x.shape[0], x.shape[1]]),)
+    elif P == 2:
+        a, b = tl.split(x)
+        return (a, b)
+    else:
+        lo, hi = tl.split(tl.reshape(x, [x.shape[0], x.shape[1], 2, 2]))  # lo: index 0, 2; hi: 1, 3
+        x0, x2 = tl.split(lo)
+        x1, x3 = tl.split(hi)
+        return (x0, x1, x2, x3)
+
+
+@triton.jit
+def _join_last(c0, c1, c2, c3, P: tl.constexpr):
+    # P tensors [R, C] -> [R, C * P] with element (r, i*P + j) = c_j[r, i] (the inverse of _split_last).
+    if P == 1:
+        return c0
+    elif P == 2:
+        return tl.reshape(tl.join(c0, c1), [c0.shape[0], c0.shape[1] * 2])
+    else:
+        j = tl.join(tl.join(c0, c2), tl.join(c1, c3))  # [R, C, 2 (j // 2), 2 (j % 2)]
+        return tl.reshape(j, [c0.shape[0], c0.shape[1] * 4])
+
+
+@triton.jit
 def _dq_gemv_dequant_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
                             M, N, K, stride_xm, stride_pn, stride_sn, stride_zn, stride_ym,
                             BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
     # Same grid and sub-blocks as _dq_gemv_kernel, but codes are dequantized element-wise and accumulated into a
     # [BLOCK_M, BLOCK_N, KSUB // P] register tile that is reduced over K once at the end: no cross-thread
-    # reduction inside the K loop, at the price of one FMA per code and a larger accumulator.
+    # reduction inside the K loop. x is loaded contiguously once per sub-block and split into its P code slots
+    # in registers; codes become floats by the 2^23 mantissa trick.
     SB: tl.constexpr = 4 if BITS == 3 else BITS
     P: tl.constexpr = 8 // SB
-    CODE_MASK: tl.constexpr = (1 << SB) - 1
     OFFSET: tl.constexpr = 1 << (SB - 1)
     KSUB: tl.constexpr = BLOCK_K if (GROUP == 0 or GROUP >= BLOCK_K) else GROUP
+    KB: tl.constexpr = KSUB // P
 
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     rows = tl.arange(0, BLOCK_M)
-    offs_b = tl.arange(0, KSUB // P)
+    offs_b = tl.arange(0, KB)
+    offs_k = tl.arange(0, KSUB)
     w_rows = packed_ptr + offs_n[:, None] * stride_pn
     x_rows = x_ptr + rows[:, None] * stride_xm
-    acc = tl.zeros([BLOCK_M, BLOCK_N, KSUB // P], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N, KB], dtype=tl.float32)
 
     for k0 in range(0, K, BLOCK_K):
         for sub in tl.static_range(BLOCK_K // KSUB):
             kb = k0 + sub * KSUB
             byte = kb // P + offs_b
-            k_first = byte * P
-            w = tl.load(w_rows + byte[None, :], mask=n_mask[:, None] & (k_first < K)[None, :], other=0)
+            w = tl.load(w_rows + byte[None, :], mask=n_mask[:, None] & (byte * P < K)[None, :], other=0)
             w = w.to(tl.int32)
             g_mask = offs_n < tl.where(kb < K, N, 0)
             if GROUP == 0:
@@ -148,12 +184,12 @@ def _dq_gemv_dequant_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_
             else:
                 s = tl.load(scale_ptr + offs_n * stride_sn + kb // GROUP, mask=g_mask, other=0.0).to(tl.float32)
                 z = tl.load(zero_ptr + offs_n * stride_zn + kb // GROUP, mask=g_mask, other=0.0).to(tl.float32)
+            k = kb + offs_k
+            xk = tl.load(x_rows + k[None, :], mask=(rows < M)[:, None] & (k < K)[None, :], other=0.0)
+            xs = _split_last(tl.reshape(xk.to(tl.float32), [BLOCK_M, KB, P]), P)
             for j in tl.static_range(P):
-                q = (((w >> (j * SB)) & CODE_MASK) - OFFSET).to(tl.float32)
-                wt = q * s[:, None] + z[:, None]  # [BLOCK_N, KSUB // P]; codes past K meet x = 0
-                k = k_first + j
-                xj = tl.load(x_rows + k[None, :], mask=(rows < M)[:, None] & (k < K)[None, :], other=0.0)
-                acc += wt[None, :, :] * xj.to(tl.float32)[:, None, :]
+                wt = _codes_to_f32(w, j, SB, OFFSET) * s[:, None] + z[:, None]  # codes past K meet x = 0
+                acc += wt[None, :, :] * xs[j][:, None, :]
 
     out = tl.sum(acc, axis=2)
     if HAS_BIAS:
@@ -169,9 +205,9 @@ def _dq_gemm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
                     BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
     SB: tl.constexpr = 4 if BITS == 3 else BITS
     P: tl.constexpr = 8 // SB
-    CODE_MASK: tl.constexpr = (1 << SB) - 1
     OFFSET: tl.constexpr = 1 << (SB - 1)
-    # One (scale, zero) pair per column for the whole chunk, else a gather of each byte row's group.
+    KB: tl.constexpr = BLOCK_K // P
+    # One (scale, zero) pair per row of the tile for the whole chunk, else one per group inside it.
     WHOLE_CHUNK: tl.constexpr = GROUP == 0 or GROUP >= BLOCK_K
 
     pid_m = tl.program_id(0)
@@ -180,38 +216,42 @@ def _dq_gemm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    offs_b = tl.arange(0, BLOCK_K // P)
+    offs_b = tl.arange(0, KB)
+    offs_k = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + offs_m[:, None] * stride_xm
-    w_cols = packed_ptr + offs_n[None, :] * stride_pn
+    w_rows = packed_ptr + offs_n[:, None] * stride_pn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
 
     for k0 in range(0, K, BLOCK_K):
         byte = k0 // P + offs_b
-        k_first = byte * P
-        w = tl.load(w_cols + byte[:, None], mask=(k_first < K)[:, None] & n_mask[None, :], other=0)
-        w = w.to(tl.int32)  # [BLOCK_K // P, BLOCK_N]
+        w = tl.load(w_rows + byte[None, :], mask=n_mask[:, None] & (byte * P < K)[None, :], other=0)
+        w = w.to(tl.int32)  # [BLOCK_N, BLOCK_K // P], contiguous along K in memory
+        # Codes back in k order, [BLOCK_N, BLOCK_K], by register shuffles (the P = 1 and 2 slots are unused
+        # below 4 codes per byte: reusing code 0 keeps the call uniform and is compiled away).
+        c0 = _codes_to_f32(w, 0, SB, OFFSET)
+        c1 = _codes_to_f32(w, 1 % P, SB, OFFSET)
+        c2 = _codes_to_f32(w, 2 % P, SB, OFFSET)
+        c3 = _codes_to_f32(w, 3 % P, SB, OFFSET)
+        q = _join_last(c0, c1, c2, c3, P)
         if WHOLE_CHUNK:
-            if GROUP == 0:
-                g = 0
-            else:
-                g = k0 // GROUP
-            s = tl.load(scale_ptr + offs_n * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-            z = tl.load(zero_ptr + offs_n * stride_zn + g, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            g = 0 if GROUP == 0 else k0 // GROUP
+            s = tl.load(scale_ptr + offs_n * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
+            z = tl.load(zero_ptr + offs_n * stride_zn + g, mask=n_mask, other=0.0).to(tl.float32)
+            wt = q * s[:, None] + z[:, None]
         else:
-            # GROUP >= 16 is a multiple of P, so all codes of a byte share a group: one gather serves every j.
-            g = (k_first // GROUP)[:, None]
-            sz_mask = (k_first < K)[:, None] & n_mask[None, :]
-            s = tl.load(scale_ptr + offs_n[None, :] * stride_sn + g, mask=sz_mask, other=0.0).to(tl.float32)
-            z = tl.load(zero_ptr + offs_n[None, :] * stride_zn + g, mask=sz_mask, other=0.0).to(tl.float32)
-        for j in tl.static_range(P):
-            k = k_first + j
-            k_mask = k < K
-            q = (((w >> (j * SB)) & CODE_MASK) - OFFSET).to(tl.float32)
-            wt = q * s + z  # [BLOCK_K // P, BLOCK_N]
-            # Codes past K (the unused high bits of a row's last byte) dequantize to finite junk; x is 0 there.
-            a = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            # "ieee": exact fp32 products for fp32 activations (no TF32); fp16/bf16 operands are unaffected.
-            acc = tl.dot(a, wt.to(a.dtype), acc, input_precision="ieee")
+            NG: tl.constexpr = BLOCK_K // GROUP
+            g = k0 // GROUP + tl.arange(0, NG)
+            sz_mask = n_mask[:, None] & (g * GROUP < K)[None, :]
+            s = tl.load(scale_ptr + offs_n[:, None] * stride_sn + g[None, :], mask=sz_mask, other=0.0)
+            z = tl.load(zero_ptr + offs_n[:, None] * stride_zn + g[None, :], mask=sz_mask, other=0.0)
+            q3 = tl.reshape(q, [BLOCK_N, NG, GROUP])
+            wt = q3 * s.to(tl.float32)[:, :, None] + z.to(tl.float32)[:, :, None]
+            wt = tl.reshape(wt, [BLOCK_N, BLOCK_K])
+        k = k0 + offs_k
+        a = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & (k < K)[None, :], other=0.0)
+        # Codes past K (the unused high bits of a row's last byte) dequantize to finite junk; x is 0 there.
+        # "ieee": exact fp32 products for fp32 activations (no TF32); fp16/bf16 operands are unaffected.
+        acc = tl.dot(a, tl.trans(wt.to(a.dtype)), acc, input_precision="ieee")
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
