@@ -198,7 +198,7 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> No
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"m_small": True, "m": 5}, "at most 4 rows"),
-    ({"m_small": False, "block_k": 32}, "block_k must be"),  # 2-bit GEMM: four 8-deep dots
+    ({"m_small": False, "block_k": 8}, "block_k must be"),  # tensor-core dots need K >= 16
     ({"m_small": True, "block_n": 48}, "block_n must be"),
     ({"m_small": True, "group": 48}, "power of two"),
     ({"m_small": True, "dtype": torch.float64}, "activation dtype"),
@@ -228,7 +228,7 @@ def test_kernel_specs_signature_lists_kernel_arguments(m_small: bool) -> None:
     assert specs["signature"]["x_ptr"] == specs["signature"]["y_ptr"] == "*bf16"
     assert specs["signature"]["scale_ptr"] == "*fp32" and specs["signature"]["packed_ptr"] == "*u8"
     assert specs["constexprs"]["GROUP"] == 0 and specs["constexprs"]["BITS"] == 3
-    assert specs["name"] == ("_dq_gemv_kernel" if m_small else "_dq_gemm_kernel")
+    assert specs["name"] == ("_dq_gemv_dequant_kernel" if m_small else "_dq_gemm_kernel")
     grid = specs["grid"](100, 1000)
     c = specs["constexprs"]
     assert grid == ((math.ceil(1000 / c["BLOCK_N"]), 1, 1) if m_small

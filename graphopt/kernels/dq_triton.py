@@ -260,7 +260,7 @@ def _dq_gemm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
 
 
 GEMV_KERNELS = {"reduce": _dq_gemv_kernel, "dequant": _dq_gemv_dequant_kernel}
-GEMV_DEFAULT = "reduce"
+GEMV_DEFAULT = "dequant"  # measured faster on an H100 (benchmarks/RESULTS.md)
 
 
 # ---------------------------------------------------------------------------------------
@@ -323,7 +323,6 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
     act = _dtype_name(dtype, "activation")
     sdt = _dtype_name(scale_dtype if scale_dtype is not None else dtype, "scale")
     g = _kernel_group(group, in_features)
-    per_byte = 8 // _storage_bits(bits)
     if m is not None and m < 1:
         raise ValueError(f"m must be >= 1, got {m}")
 
@@ -334,20 +333,21 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
             raise ValueError(f"gemv must be one of {', '.join(GEMV_KERNELS)}, got {gemv!r}")
         kernel = GEMV_KERNELS[gemv]
         bm = _next_pow2(m) if m is not None else GEMV_MAX_M
-        # 32 columns per program so N = 4096 already spreads over ~all 132 SMs of an H100; the K step shrinks
-        # with the row count to stay under 255 registers/thread without spills (ptxas, sm_90a).
-        bn = block_n or 32
-        bk = block_k or (256 if bm <= 2 else 128)
+        # Defaults from the H100 sweep of benchmarks/dq_kernels.py (2026-11-27, M = 1: "dequant", 16 columns,
+        # 512-wide K steps were fastest for W4g128 and W2g64); the K step halves for 4 rows to stay in registers.
+        bn = block_n or 16
+        bk = block_k or (512 if bm <= 2 else 256)
         min_k = 16
         default_warps, num_stages = 4, 2
     else:
         kernel = _dq_gemm_kernel
         bm = min(64, max(16, _next_pow2(m))) if m is not None else 64
-        bn = block_n or 64
-        min_k = 16 * per_byte  # each of the P per-code dots needs K >= 16
-        # fp32 operands go through FMA ("ieee" dot), which needs a shorter K step to avoid spills.
-        bk = block_k or max(32 if act == "fp32" else 64, min_k)
-        default_warps, num_stages = 8, (2 if act == "fp32" else 3)
+        # H100 sweep: 32 columns per program (more programs than SMs at N = 4096) with 256-wide K steps at
+        # 16 rows, 128-wide at 64 rows; fp32 operands go through FMA ("ieee" dot) and need shorter steps.
+        bn = block_n or 32
+        min_k = 16
+        bk = block_k or (64 if act == "fp32" else 256 if bm <= 16 else 128)
+        default_warps, num_stages = (4 if bm <= 16 else 8), (2 if act == "fp32" else 3)
     if num_warps is not None:
         if num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {num_warps}")
