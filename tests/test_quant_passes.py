@@ -144,3 +144,75 @@ def test_padding_keeps_dynamic_dims_dynamic():
     for s in (3, 40):
         x = torch.randint(0, 50, (2, s))
         assert new.run("forward", x)[0].shape == (2, s, 50)
+
+
+class Stack(nn.Module):
+    """Three pre-norm residual blocks under `blocks.N`, as transformer layers are."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(64)
+            self.up = nn.Linear(64, 128)
+            self.down = nn.Linear(128, 64)
+
+        def forward(self, h):
+            return h + self.down(torch.nn.functional.gelu(self.up(self.norm(h))))
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.emb = nn.Embedding(50, 64)
+        self.blocks = nn.ModuleList([Stack.Block() for _ in range(3)])
+        self.head = nn.Linear(64, 50)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        for b in self.blocks:
+            h = b(h)
+        return self.head(h)
+
+
+def test_block_key_is_the_numbered_module_path():
+    from graphopt.compiler.blockwise import block_key
+    assert block_key("model.model.layers.3.mlp.up_proj.weight") == "model.model.layers.3"
+    assert block_key("transformer.h.11.attn.c_attn.weight") == "transformer.h.11"
+    assert block_key("model.head.weight") is None
+
+
+def test_blockwise_stage_tunes_only_float_parts_per_block():
+    p, plain, plain_reports = run("decoupleq{bits=2,group=32,iters=2}", model=Stack().eval(), calibration=calib(16))
+    _, tuned, reports = run("decoupleq{bits=2,group=32,iters=2,blockwise=true,blockwise_steps=48}",
+                            model=Stack().eval(), calibration=calib(16))
+    blocks = reports[0]["details"]["blockwise"]["blocks"]
+    assert list(blocks) == ["model.blocks.0", "model.blocks.1", "model.blocks.2"]
+    assert all(b["tuned"] == 6 for b in blocks.values())  # 2 linears (scale, zero) + norm weight/bias + 2 biases
+    assert any(b["kept"] for b in blocks.values())
+    for b in blocks.values():
+        assert b["kept"] == (b["heldout_loss_after"] < b["heldout_loss_before"])
+    assert ops(tuned).count(DQ) == ops(plain).count(DQ) == 6
+
+    def consts(program):
+        ep = program.methods["forward"]
+        node_inputs = {}
+        for n in ep.graph.nodes:
+            if n.target is DQ:
+                node_inputs[n.meta["nn_module_stack"][next(reversed(n.meta["nn_module_stack"]))][0]] = [
+                    next(ep.constants[s.target] for s in ep.graph_signature.input_specs if s.arg.name == a.name)
+                    for a in n.args[1:4]]
+        return node_inputs
+    a, b = consts(plain), consts(tuned)
+    for layer in a:
+        assert torch.equal(a[layer][0], b[layer][0])  # integer codes: untouched
+        kept = blocks[".".join(layer.split(".")[:3])]["kept"]
+        assert torch.equal(a[layer][1], b[layer][1]) != kept  # scales move only where the block was kept
+    sd_plain, sd_tuned = plain.methods["forward"].state_dict, tuned.methods["forward"].state_dict
+    for i in range(3):
+        moved = not torch.equal(sd_plain[f"model.blocks.{i}.norm.weight"], sd_tuned[f"model.blocks.{i}.norm.weight"])
+        assert moved == blocks[f"model.blocks.{i}"]["kept"]
+    # Numerics: the tuned program still computes the model (the guard's bound) and lowers to ORT like any other.
+    x = torch.randint(0, 50, (2, 16))
+    ref, out = p.run("forward", x)[0], tuned.run("forward", x)[0]
+    assert ((out - ref).norm() / ref.norm()).item() < reports[0]["tolerance"]
+    # Here every block's held-out loss fell, and the whole program's error on the guard's inputs with them.
+    assert reports[0]["error_metric"] < plain_reports[0]["error_metric"]

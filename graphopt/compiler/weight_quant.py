@@ -155,10 +155,17 @@ def calibrate_and_quantize(ep, sites: list[LinearSite], calibration: list[tuple]
     return results
 
 
-def rewrite_linears(ep, results: dict[str, QuantResult]) -> tuple[object, int]:
-    """Replace aten.linear(x, W, b) by graphopt::dq_linear(x, packed, scale, zero, b, ...) for quantized W."""
+def rewrite_linears(ep, results: dict[str, QuantResult],
+                    param_updates: dict[str, torch.Tensor] | None = None) -> tuple[object, int]:
+    """Replace aten.linear(x, W, b) by graphopt::dq_linear(x, packed, scale, zero, b, ...) for quantized W, and
+    give the parameters in `param_updates` (state-dict name -> tensor) their new values."""
     from ..kernels import dq_linear  # noqa: F401  (registers torch.ops.graphopt.dq_linear)
     ed = GraphEditor(ep)
+    for target, value in (param_updates or {}).items():
+        if target in ed.state_dict:
+            old = ed.state_dict[target]
+            ed.state_dict[target] = torch.nn.Parameter(value.to(old.dtype), requires_grad=old.requires_grad) \
+                if isinstance(old, torch.nn.Parameter) else value.to(old.dtype)
     params = _param_targets(ep)
     consts: dict[str, tuple] = {}
     count = 0
@@ -236,6 +243,12 @@ class WeightQuantPass:
         torch.manual_seed(ctx.seed)
         stats: dict = {}
         results = calibrate_and_quantize(ep, usable, inputs, self.quantize, ctx.progress, self.name, stats, pad_to)
+        param_updates, blockwise = {}, None
+        if self.config.get("blockwise"):
+            from .blockwise import tune_blocks
+            results, param_updates, blockwise = tune_blocks(
+                ep, usable, results, inputs, steps=int(self.config["blockwise_steps"]), progress=ctx.progress,
+                label=f"{self.name} block-wise")
         k_max = max(s.in_features for s in usable)
         if stats.get("calibration_rows", 0) < 2 * k_max:
             ctx.progress.info(f"warning: {self.name} calibrated on {stats['calibration_rows']} rows for layers "
@@ -243,7 +256,7 @@ class WeightQuantPass:
         rewritten = 0
         methods = {}
         for name, m_ep in program.methods.items():
-            methods[name], n = rewrite_linears(m_ep, results)
+            methods[name], n = rewrite_linears(m_ep, results, param_updates)
             rewritten += n
         program.methods = methods
         level = int(self.config.get("ort_accuracy", 0))
@@ -255,4 +268,5 @@ class WeightQuantPass:
             "skipped": skipped, "padded": {k: f"in_features padded by {v} to a multiple of group {group}"
                                            for k, v in pad_to.items()}, "calibration_rows": stats.get("calibration_rows"),
             "mean_layer_loss": sum(losses.values()) / len(losses) if losses else None,
+            **({"blockwise": blockwise} if blockwise is not None else {}),
         }

@@ -18,6 +18,10 @@ class DecoupleQ(WeightQuantPass, Pass):
         "iters": Option(int, 4, "alternations of the float and integer steps", min=0, max=50),
         "integer": Option(str, "gptq", "integer step: GPTQ sweep, or projected gradient then rounding",
                           choices=("gptq", "pgd")),
+        "blockwise": Option(bool, False, "then tune each repeated block's scales, zeros and norm weights to match "
+                                         "its full-precision output"),
+        "blockwise_steps": Option(int, 64, "Adam steps per block in the block-wise stage (one calibration "
+                                           "sequence each)", min=1, max=10000),
     }
 
     def quantize(self, w0, H):
