@@ -5,7 +5,8 @@
 Quality: held-out bits per byte of the quantized program (the exported graph with graphopt::dq_linear, run by
 torch) on evenly spaced held-out windows of 256 tokens (512 windows; quick: 64), calibrated on the zoo's 16 x 128
 token calibration set. Keys: fp32_bits_per_byte, {method}_{setting}_bits_per_byte, _rel_increase (bits/byte / fp32
-- 1), _quant_seconds; settings w2pc (2-bit per channel), w2g64, w3g128, w4g128 (quick: w2g64 and w4g128).
+- 1), _quant_seconds; settings w2pc (2-bit per channel), w2g64, w3g128, w4g128 (quick: w2g64 and w4g128); methods
+rtn, gptq, decoupleq and decoupleq_bw (with the block-wise stage, 256 steps per block); --methods picks a subset.
 Speed: ONNX Runtime CPU greedy decode tokens/s of causal-lm bundles, fp32 vs decoupleq W4g128 / W2g64 (MatMulNBits,
 accuracy_level 4 and 0), batch 1, 4 prompts x 64 new tokens.
 """
@@ -20,6 +21,10 @@ import torch
 from common import emit, machine, parse_args
 
 SETTINGS = {"w2pc": (2, -1), "w2g64": (2, 64), "w3g128": (3, 128), "w4g128": (4, 128)}
+METHODS = {"rtn": "rtn{{bits={bits},group={group}}}", "gptq": "gptq{{bits={bits},group={group}}}",
+           "decoupleq": "decoupleq{{bits={bits},group={group}}}",
+           # decoupleQ with its block-wise stage (keys decoupleq_bw_*)
+           "decoupleq_bw": "decoupleq{{bits={bits},group={group},blockwise=true,blockwise_steps=256}}"}
 
 
 def bits_per_byte(program, windows: int) -> float:
@@ -46,7 +51,11 @@ def main() -> None:
     speed_only = "--speed-only" in sys.argv  # re-measure only the ORT decode speeds
     if speed_only:
         sys.argv.remove("--speed-only")
-    args = parse_args(__doc__.splitlines()[0])
+    args = parse_args(__doc__.splitlines()[0], lambda ap: ap.add_argument(
+        "--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}"))
+    methods = [x for x in args.methods.split(",") if x]
+    if set(methods) - set(METHODS):
+        raise SystemExit(f"--methods: choose from {', '.join(METHODS)}")
     from graphopt import zoo
     from graphopt.compiler.capture import capture
     from graphopt.compiler.pipeline import PassContext, parse_pipeline, run_pipeline
@@ -58,9 +67,9 @@ def main() -> None:
     calibration = zoo.lm_calibration()
     m["fp32_bits_per_byte"] = round(bits_per_byte(base, windows), 4)
     print(f"fp32: {m['fp32_bits_per_byte']}", flush=True)
-    for method in () if speed_only else ("rtn", "gptq", "decoupleq"):
+    for method in () if speed_only else methods:
         for name, (bits, group) in settings.items():
-            spec = f"{method}{{bits={bits},group={group}}}"
+            spec = METHODS[method].format(bits=bits, group=group)
             t0 = time.perf_counter()
             program, reports, _ = run_pipeline(base, parse_pipeline(spec), PassContext(calibration=calibration))
             quant_s = reports[0]["seconds"]
