@@ -134,11 +134,15 @@ def compile(model: Any, passes: str | None = None, *, example_inputs: Any = None
 
     passes: a pipeline text such as "remove-noops,dce"; None runs the default exact clean-up passes.
     calibration: a list of input tuples (or a path to a torch.save'd one).
-    backend: "onnxruntime" writes .pt2 + .onnx and checks ORT against torch; "torch" writes .pt2 only.
+    backend: "onnxruntime" writes .pt2 + .onnx and checks ORT against torch; "torch" writes .pt2 only;
+    "tensorrt" writes .pt2 + .engine (needs the graphopt[tensorrt] extra and an NVIDIA GPU; unverified).
     """
     prog_ui = progress if isinstance(progress, Progress) else Progress(enabled=bool(progress))
     if backend not in BACKENDS:
         raise GraphoptError(f"--backend '{backend}': choose one of {', '.join(BACKENDS)}")
+    if backend == "tensorrt":
+        from .compiler.tensorrt_lower import require_tensorrt
+        require_tensorrt()  # before any expensive work
     t_start = time.perf_counter()
     # Cheap checks first: nothing expensive runs before the pipeline and its requirements are known to be valid.
     steps = parse_pipeline(DEFAULT_PIPELINE if passes is None else passes)
@@ -196,7 +200,11 @@ def _lower(program: Program, staging: Path, backend: str, opset: int, calibratio
         if "matmulnbits_accuracy_level" in onnx_opts:
             dq_onnx.settings["accuracy_level"] = onnx_opts["matmulnbits_accuracy_level"]
     t0 = time.perf_counter()
-    with prog_ui.stage("lowering", "(.pt2" + (" + .onnx)" if backend == "onnxruntime" else ")")):
+    if backend == "tensorrt":
+        from .compiler import tensorrt_lower
+        tensorrt_lower.check_plugins(program.methods)
+    extra_file = {"onnxruntime": " + .onnx", "tensorrt": " + .engine"}.get(backend, "")
+    with prog_ui.stage("lowering", f"(.pt2{extra_file})"):
         for name, ep in program.methods.items():
             files[name] = {"pt2": f"{name}.pt2"}
             torch.export.save(ep, str(staging / f"{name}.pt2"))
@@ -207,6 +215,9 @@ def _lower(program: Program, staging: Path, backend: str, opset: int, calibratio
                 files[name]["onnx"] = f"{name}.onnx"
                 if (staging / f"{name}.onnx.data").exists():
                     files[name]["onnx_data"] = f"{name}.onnx.data"
+            elif backend == "tensorrt":
+                tensorrt_lower.lower_method(ep, program.example_inputs[name], staging / f"{name}.engine")
+                files[name]["engine"] = f"{name}.engine"
     timings["lowering_s"] = time.perf_counter() - t0
     if backend != "onnxruntime":
         return files, None

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dynamic", action="append", default=[], metavar="NAME=MIN..MAX",
                    help="range of a symbolic dim used in --input, e.g. S=1..512")
     p.add_argument("--calib", metavar="FILE.pt", help="calibration data: a torch.save'd list of input tuples")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "tensorrt"])
     p.add_argument("--report", metavar="FILE.json", help="also write the pass reports as JSON")
     p.add_argument("--on-error", default="stop", choices=["stop", "skip"],
                    help="a pass that fails or breaks its tolerance: stop (default) or roll it back and go on")
@@ -133,7 +133,7 @@ def build_graphopt_parser() -> argparse.ArgumentParser:
     r.add_argument("--prompt", help="prompt text")
     r.add_argument("--prompt-ids", metavar="IDS", help="prompt as comma-separated token ids (no tokenizer needed)")
     r.add_argument("--max-new-tokens", type=int, default=64)
-    r.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
+    r.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "tensorrt"])
     r.add_argument("--tokenizer", metavar="DIR", help="Hugging Face tokenizer directory (zoo LMs need none)")
     r.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     r.add_argument("--temperature", type=float, default=1.0)

@@ -24,7 +24,7 @@ import torch
 from ..errors import GraphoptError
 
 __all__ = ["PluginKernel", "compile_kernel", "dq_linear_plugin_kernels", "write_plugin_dir", "read_plugin_dir",
-           "ARCHS", "PTX_VERSION"]
+           "strip_unused_scratch", "ARCHS", "PTX_VERSION"]
 
 ARCHS = (80, 90)  # Ampere (A100) and Hopper (H100/H200); sm_90 compiles to sm_90a, as Triton does
 PTX_VERSION = 80  # PTX ISA 8.0 (CUDA 12.0 drivers and newer): the oldest ISA that has sm_90a
@@ -66,7 +66,9 @@ class PluginKernel:
         c = self.constexprs
         group = "pc" if c["GROUP"] == 0 else f"g{c['GROUP']}"
         bias = "_bias" if c["HAS_BIAS"] else ""
-        return f"dq_linear_{self.variant}_w{c['BITS']}{group}_{self.extra.get('dtype', '')}{bias}_sm{self.arch}"
+        trt = "_trt" if self.extra.get("convention") == "tensorrt" else ""
+        return (f"dq_linear_{self.variant}_w{c['BITS']}{group}_{self.extra.get('dtype', '')}{bias}{trt}"
+                f"_sm{self.arch}")
 
 
 def _entry_params(ptx: str, entry: str) -> list[str]:
@@ -76,9 +78,29 @@ def _entry_params(ptx: str, entry: str) -> list[str]:
     raise GraphoptError(f"the compiled PTX has no entry '{entry}'")
 
 
+def strip_unused_scratch(ptx: str, entry: str, n_scratch: int) -> str:
+    """Remove the entry's last n_scratch parameters (Triton's scratch pointers) when its body never reads them,
+    so the kernel takes exactly the arguments a TensorRT AOT plugin passes."""
+    head, sep, rest = ptx.partition(f".entry {entry}(")
+    if not sep:
+        raise GraphoptError(f"the PTX has no entry '{entry}'")
+    params, close, body = rest.partition(")")
+    lines = [ln for ln in params.split("\n") if ".param" in ln]
+    drop = lines[len(lines) - n_scratch:] if n_scratch else []
+    for ln in drop:
+        name = ln.strip().rstrip(",").split()[-1]
+        if name in body:
+            raise GraphoptError(f"{entry}: scratch parameter {name} is used by the kernel; it cannot be dropped")
+    kept = lines[:len(lines) - n_scratch]
+    new_params = "\n" + ",\n".join(ln.rstrip().rstrip(",") for ln in kept) + "\n"
+    return head + sep + new_params + close + body
+
+
 def compile_kernel(specs: dict[str, Any], arch: int, *, op: str, variant: str,
-                   ptx_version: int = PTX_VERSION, extra: dict[str, Any] | None = None) -> PluginKernel:
-    """Compile one kernel variant (a kernel_specs dict) for sm_<arch> and describe how to launch it."""
+                   ptx_version: int = PTX_VERSION, extra: dict[str, Any] | None = None,
+                   drop_unused_scratch: bool = False) -> PluginKernel:
+    """Compile one kernel variant (a kernel_specs dict) for sm_<arch> and describe how to launch it.
+    drop_unused_scratch: remove Triton's trailing scratch-pointer parameters when they are unused (TensorRT)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -106,6 +128,9 @@ def compile_kernel(specs: dict[str, Any], arch: int, *, op: str, variant: str,
     for name, t, p in zip(runtime, types, ptx_params):
         if (t == "ptr") != (p in ("u64", "b64")):
             raise GraphoptError(f"{md.name}: argument {name} is {t} but its PTX parameter is .{p}")
+    if drop_unused_scratch and scratch and not any(s["bytes"] for s in scratch):
+        ptx = strip_unused_scratch(ptx, md.name, len(scratch))
+        scratch = []
     c = specs["constexprs"]
     return PluginKernel(op=op, variant=variant, entry=md.name, arch=arch, ptx=ptx, params=runtime, param_types=types,
                         scratch_params=scratch, constexprs=dict(c), num_warps=int(md.num_warps),
@@ -115,8 +140,11 @@ def compile_kernel(specs: dict[str, Any], arch: int, *, op: str, variant: str,
 
 def dq_linear_plugin_kernels(bits: int, group: int, dtype: torch.dtype | str, *, has_bias: bool = False,
                              archs: tuple[int, ...] = ARCHS, scale_dtype: torch.dtype | str | None = None,
-                             in_features: int | None = None) -> list[PluginKernel]:
-    """The two kernels of one graphopt::dq_linear configuration (GEMV for M <= 4, GEMM otherwise) per arch."""
+                             in_features: int | None = None, convention: str = "triton") -> list[PluginKernel]:
+    """The two kernels of one graphopt::dq_linear configuration (GEMV for M <= 4, GEMM otherwise) per arch.
+
+    convention "tensorrt": TensorRT's AOT plugin argument order (inputs, scalars, outputs) and no scratch
+    parameters; "triton" (default): the kernels' own order, as benchmarks/plugin_ptx.py launches them."""
     from .dq_triton import GEMV_MAX_M, _dtype_name, kernel_specs, with_bias
 
     act = _dtype_name(dtype, "activation")
@@ -124,9 +152,11 @@ def dq_linear_plugin_kernels(bits: int, group: int, dtype: torch.dtype | str, *,
     for arch in archs:
         for variant, m_small in (("gemv", True), ("gemm", False)):
             specs = with_bias(kernel_specs(bits, group, act, m_small, in_features=in_features,
-                                           scale_dtype=scale_dtype), has_bias)
+                                           scale_dtype=scale_dtype, convention=convention), has_bias)
             k = compile_kernel(specs, arch, op="graphopt::dq_linear", variant=variant,
-                               extra={"dtype": act, "max_m": GEMV_MAX_M if m_small else None})
+                               extra={"dtype": act, "max_m": GEMV_MAX_M if m_small else None,
+                                      "convention": convention},
+                               drop_unused_scratch=convention == "tensorrt")
             out.append(k)
     return out
 
@@ -173,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default="fp16,bf16", help="activation dtypes: fp16, bf16, fp32")
     ap.add_argument("--arch", default=",".join(map(str, ARCHS)), help="compute capabilities, e.g. 80,90")
     ap.add_argument("--bias", action="store_true", help="also compile the variants that add a bias")
+    ap.add_argument("--convention", default="triton", choices=["triton", "tensorrt"],
+                    help="argument order: the kernels' own, or TensorRT's AOT plugin order without scratch pointers")
     a = ap.parse_args(argv)
     try:
         ints = {k: [int(v) for v in getattr(a, k).split(",")] for k in ("bits", "group", "arch")}
@@ -183,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     kernels = []
     for bits, group, dtype, bias in Progress().track(combos, "compiling to PTX"):
         try:
-            kernels += dq_linear_plugin_kernels(bits, group, dtype, has_bias=bias, archs=tuple(ints["arch"]))
+            kernels += dq_linear_plugin_kernels(bits, group, dtype, has_bias=bias, archs=tuple(ints["arch"]),
+                                                convention=a.convention)
         except (ValueError, GraphoptError) as e:
             raise SystemExit(f"error: {e}")
     write_plugin_dir(kernels, a.out)

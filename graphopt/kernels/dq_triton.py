@@ -259,6 +259,25 @@ def _dq_gemm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
+@triton.jit
+def _dq_gemv_trt_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr,
+                        M, N, K, stride_xm, stride_pn, stride_sn, stride_zn, stride_ym, y_ptr,
+                        BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # TensorRT's AOT plugin calling convention: inputs, then scalar arguments, then outputs.
+    _dq_gemv_dequant_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_pn,
+                            stride_sn, stride_zn, stride_ym, BITS, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS)
+
+
+@triton.jit
+def _dq_gemm_trt_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr,
+                        M, N, K, stride_xm, stride_pn, stride_sn, stride_zn, stride_ym, y_ptr,
+                        BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    _dq_gemm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_pn,
+                    stride_sn, stride_zn, stride_ym, BITS, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS)
+
+
 GEMV_KERNELS = {"reduce": _dq_gemv_kernel, "dequant": _dq_gemv_dequant_kernel}
 GEMV_DEFAULT = "dequant"  # measured faster on an H100 (benchmarks/RESULTS.md)
 
@@ -306,14 +325,16 @@ def _kernel_group(group: int, in_features: int | None) -> int:
 def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool, *, m: int | None = None,
                  in_features: int | None = None, scale_dtype: torch.dtype | str | None = None,
                  block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
-                 gemv: str = GEMV_DEFAULT) -> dict[str, Any]:
+                 gemv: str = GEMV_DEFAULT, convention: str = "triton") -> dict[str, Any]:
     """Everything needed to launch or AOT-compile one kernel variant.
 
     group: -1 (or in_features) for per channel, else a power of two >= 16. dtype: the activation (= x, y, bias)
     dtype; scale_dtype defaults to it. m: the row count if known (picks BLOCK_M; without it the variant covers
     every M up to GEMV_MAX_M when m_small, and uses 64-row tiles otherwise). block_n / block_k / num_warps override
     the H100-oriented defaults. gemv picks the small-M kernel: "reduce" (per-group partial sums, _dq_gemv_kernel)
-    or "dequant" (element-wise dequantization into a 3-D accumulator, _dq_gemv_dequant_kernel).
+    or "dequant" (element-wise dequantization into a 3-D accumulator, _dq_gemv_dequant_kernel). convention
+    "tensorrt" gives entry points with TensorRT's AOT plugin argument order (input pointers, the i32 scalars, then
+    y_ptr; the dequant GEMV and the GEMM inside).
 
     Returns {"kernel", "name", "signature" (every kernel argument in order, constexprs marked "constexpr", as
     Triton >= 3.2's ASTSource expects), "constexprs", "grid" (M, N) -> 3-tuple, "num_warps", "num_stages"}.
@@ -362,6 +383,11 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
     signature = {"x_ptr": f"*{act}", "packed_ptr": "*u8", "scale_ptr": f"*{sdt}", "zero_ptr": f"*{sdt}",
                  "bias_ptr": f"*{act}", "y_ptr": f"*{act}"}
     signature.update({name: "i32" for name in _INT_ARGS})
+    if convention == "tensorrt":
+        kernel = _dq_gemv_trt_kernel if m_small else _dq_gemm_trt_kernel
+        signature["y_ptr"] = signature.pop("y_ptr")  # moved after the scalars
+    elif convention != "triton":
+        raise ValueError(f"convention must be 'triton' or 'tensorrt', got {convention!r}")
     constexprs = {"BITS": bits, "GROUP": g, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "HAS_BIAS": False}
     signature.update({name: "constexpr" for name in constexprs})
 

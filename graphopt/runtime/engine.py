@@ -10,7 +10,7 @@ from ..compiler.bundle import read_manifest
 from ..compiler.program import DTYPES
 from ..errors import GraphoptError
 
-BACKENDS = ("onnxruntime", "torch")
+BACKENDS = ("onnxruntime", "torch", "tensorrt")
 
 
 class Method:
@@ -171,6 +171,42 @@ def _torch_runner(path: Path, device: str | None):
     return run
 
 
+def _trt_runner(path: Path):
+    """A serialized TensorRT engine run on torch's current CUDA stream (unverified: no TensorRT here)."""
+    import importlib
+
+    from ..compiler.tensorrt_lower import PLUGINS, require_tensorrt
+    trt, _ = require_tensorrt()
+    for module in set(PLUGINS.values()):  # plugin creators must exist before the engine is deserialized
+        importlib.import_module(module).register()
+    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(path.read_bytes())
+    if engine is None:
+        raise GraphoptError(f"TensorRT could not deserialize '{path}' (built for another TensorRT or GPU?): "
+                            f"re-run optimize --backend tensorrt on this machine")
+    context = engine.create_execution_context()
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+    outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+
+    def run(tensors: list[torch.Tensor]):
+        tensors = [t.cuda().contiguous() for t in tensors]
+        for n, t in zip(inputs, tensors):
+            context.set_input_shape(n, tuple(t.shape))
+            context.set_tensor_address(n, t.data_ptr())
+        results = []
+        for n in outputs:
+            dtype = torch.from_numpy(np.empty(0, dtype=trt.nptype(engine.get_tensor_dtype(n)))).dtype
+            out = torch.empty(tuple(context.get_tensor_shape(n)), dtype=dtype, device="cuda")
+            context.set_tensor_address(n, out.data_ptr())
+            results.append(out)
+        stream = torch.cuda.current_stream()
+        if not context.execute_async_v3(stream.cuda_stream):
+            raise GraphoptError(f"TensorRT failed to run '{path}'")
+        stream.synchronize()
+        return results
+    return run
+
+
 def load(path, backend: str = "onnxruntime", *, providers: list[str] | None = None,
          device: str | None = None, threads: int | None = None) -> Engine:
     """Load a bundle written by `optimize -o` / `CompiledModel.save`.
@@ -180,6 +216,9 @@ def load(path, backend: str = "onnxruntime", *, providers: list[str] | None = No
     """
     if backend not in BACKENDS:
         raise GraphoptError(f"backend '{backend}': choose one of {', '.join(BACKENDS)}")
+    if backend == "tensorrt":
+        from ..compiler.tensorrt_lower import require_tensorrt
+        require_tensorrt()
     path = Path(path)
     manifest = read_manifest(path)
     methods = {}
@@ -190,6 +229,11 @@ def load(path, backend: str = "onnxruntime", *, providers: list[str] | None = No
                 raise GraphoptError(f"bundle '{path}' has no ONNX file for method '{name}' (it was built with "
                                     f"--backend torch): load it with backend='torch' or re-run optimize")
             run = _ort_runner(path / files["onnx"], providers, threads)
+        elif backend == "tensorrt":
+            if "engine" not in files:
+                raise GraphoptError(f"bundle '{path}' has no TensorRT engine for method '{name}': re-run optimize "
+                                    f"with --backend tensorrt")
+            run = _trt_runner(path / files["engine"])
         else:
             run = _torch_runner(path / files["pt2"], device)
         methods[name] = Method(name, spec, manifest.get("dims", {}), run)
