@@ -125,7 +125,7 @@ def test_factory_spec_errors():
 def test_tasks_that_do_not_fit_the_model_are_refused():
     with pytest.raises(GraphoptError, match="--task causal-lm needs a transformers decoder model"):
         capture("examples.tiny_cnn:build", task="causal-lm")
-    with pytest.raises(GraphoptError, match="--task diffusion is not available"):
+    with pytest.raises(GraphoptError, match="--task diffusion needs a denoiser with a timestep input"):
         capture("examples.tiny_cnn:build", task="diffusion")
     with pytest.raises(GraphoptError, match="--task 'nope'"):
         capture("examples.tiny_cnn:build", task="nope")

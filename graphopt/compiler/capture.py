@@ -322,12 +322,10 @@ def resolve_task(task: str, loaded: Loaded) -> str:
     from .causal_lm import is_causal_lm
     if task not in TASKS:
         raise GraphoptError(f"--task '{task}': choose one of {', '.join(TASKS)}")
-    if task == "diffusion":
-        raise GraphoptError("--task diffusion is not available in this version yet; use --task single "
-                            "(one forward method)")
+    from .diffusion import is_denoiser_model
     lm = loaded.model is not None and is_causal_lm(loaded.model)
     if task == "auto":
-        return "causal-lm" if lm else "single"
+        return "causal-lm" if lm else "diffusion" if is_denoiser_model(loaded.model) else "single"
     if task == "causal-lm" and not lm:
         raise GraphoptError(f"--task causal-lm needs a transformers decoder model that can generate; "
                             f"'{loaded.description}' is not one (use --task single)")
@@ -355,7 +353,8 @@ def capture(source: Any, *, task: str = "auto", inputs: list[str] | None = None,
         if specs or dims:
             raise GraphoptError(f"'{loaded.description}' is already exported: its inputs and dynamic shapes come "
                                 f"from the archive; drop --input/--dynamic")
-        return _program_from_exported(loaded.exported, source_info)
+        program = _program_from_exported(loaded.exported, source_info)
+        return _as_task(program, kind, loaded)
 
     model = loaded.model.eval()
     names, examples, dim_ranges, input_specs = _resolve_inputs(loaded, specs, dims, example_inputs, seed)
@@ -376,12 +375,20 @@ def capture(source: Any, *, task: str = "auto", inputs: list[str] | None = None,
     n_out = len(ep.graph_signature.user_outputs)
     out_names = loaded.output_names if loaded.output_names and len(loaded.output_names) == n_out else \
         [f"output_{i}" for i in range(n_out)] if n_out > 1 else ["output"]
-    return Program(
+    program = Program(
         methods={"forward": ep}, plan={"kind": "single", "entry": "forward"},
         inputs={"forward": [TensorSpec(s.name, s.dtype, list(s.shape)) for s in input_specs]},
         example_inputs={"forward": examples}, dims={k: list(v) for k, v in dim_ranges.items()},
         source=source_info, output_names={"forward": out_names},
     )
+    return _as_task(program, kind, loaded)
+
+
+def _as_task(program: Program, kind: str, loaded: Loaded) -> Program:
+    if kind == "diffusion":
+        from .diffusion import to_diffusion
+        return to_diffusion(program, loaded)
+    return program
 
 
 def _export_error(description: str, e: Exception) -> str:

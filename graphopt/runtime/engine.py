@@ -114,6 +114,68 @@ class Engine:
                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                         attention_mask=attention_mask, streamer=streamer)
 
+    def sample(self, noise=None, seed: int | None = None, steps: int | None = None, sampler: str | None = None,
+               batch: int = 1, on_step=None, **conditioning) -> torch.Tensor:
+        """Run the diffusion sampler of a diffusion bundle; returns the final sample (same shape as the noise).
+
+        noise: the starting noise (default: standard normal from `seed`, `batch` samples of the plan's shape);
+        steps: sampler steps (default: the plan's); sampler: "ddim" (deterministic) or "ddpm" (default: the plan's);
+        conditioning: the model's extra inputs by name (e.g. class_labels), batched like the noise.
+        """
+        from .sampler import SAMPLERS
+        from .sampler import sample as run_sampler
+        plan = self.plan
+        if plan.get("kind") != "diffusion":
+            raise GraphoptError(f"sample() needs a diffusion bundle; this one is '{plan.get('kind')}' "
+                                f"(optimize with --task diffusion)")
+        roles = plan["inputs"]
+        steps = plan["steps"] if steps is None else steps
+        train_steps = int(plan["scheduler_config"].get("num_train_timesteps", 1000))
+        if not isinstance(steps, int) or not 1 <= steps <= train_steps:
+            raise GraphoptError(f"steps must be an integer in 1..{train_steps} (the training schedule's length), "
+                                f"got {steps}")
+        sampler = sampler or plan.get("sampler", "ddim")
+        if sampler not in SAMPLERS:
+            raise GraphoptError(f"sampler '{sampler}': choose one of {', '.join(SAMPLERS)}")
+        unknown = set(conditioning) - set(roles["conditioning"])
+        missing = [n for n in roles["conditioning"] if n not in conditioning]
+        if unknown or missing:
+            raise GraphoptError(f"conditioning inputs: the model takes {roles['conditioning'] or 'none'}; "
+                                f"missing {missing or 'none'}, unknown {sorted(unknown) or 'none'}")
+        method = self.method(plan["entry"])
+        spec = {s["name"]: s for s in method.inputs}
+        shape = plan["sample_shape"]
+        if noise is None:
+            g = torch.Generator().manual_seed(0 if seed is None else seed)
+            if any(not isinstance(d, int) for d in shape[1:]):
+                raise GraphoptError(f"the sample shape {shape} has symbolic dims besides the batch: pass noise=")
+            dims = [batch, *shape[1:]]  # a static batch-1 graph is run once per sample below
+            noise = torch.randn(*dims, generator=g, dtype=DTYPES[spec[roles["sample"]]["dtype"]])
+        rows = 1 if isinstance(shape[0], int) and shape[0] == 1 and noise.shape[0] > 1 else None
+        t_spec = spec[roles["timestep"]]
+
+        def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            eps = _denoise(x, t)
+            # Models with a learned variance (DiT) emit [noise, variance] along channels: the sampler takes the noise.
+            return eps[:, :x.shape[1]] if eps.shape[1] == 2 * x.shape[1] else eps
+
+        def _denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            t = t.to(DTYPES[t_spec["dtype"]])
+            t = t[:1].reshape([]) if not t_spec["shape"] else t
+            if rows is None:
+                out = method(**{roles["sample"]: x, roles["timestep"]: t}, **conditioning)
+                return out[0] if isinstance(out, tuple) else out
+            parts = []
+            for i in range(x.shape[0]):  # the graph was exported for batch 1
+                cond = {k: v[i:i + 1] for k, v in conditioning.items()}
+                t_i = t if t.dim() == 0 else t[i:i + 1]
+                out = method(**{roles["sample"]: x[i:i + 1], roles["timestep"]: t_i}, **cond)
+                parts.append(out[0] if isinstance(out, tuple) else out)
+            return torch.cat(parts)
+
+        return run_sampler(denoise, noise, plan["scheduler_config"], steps, kind=sampler,
+                           seed=0 if seed is None else seed, on_step=on_step)
+
     def __repr__(self) -> str:
         return f"Engine({str(self.path)!r}, backend={self.backend!r}, methods={self.methods})"
 

@@ -170,5 +170,6 @@ def load_source(name: str):
                                    InputSpec("timestep", [1], "int64", 0, 1000)],
                       extra_kwargs={"return_dict": False}, output_names=["noise_pred"],
                       sha256=_hash_files([path / "diffusion_pytorch_model.safetensors", path / "config.json"]),
-                      calibration=diffusion_calibration(batch=1))
+                      calibration=diffusion_calibration(batch=1),
+                      plan_extra={"scheduler_config": scheduler_config()})
     raise GraphoptError(f"unknown zoo model '{name}'; available: {', '.join(available())}")
