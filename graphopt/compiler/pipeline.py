@@ -151,7 +151,8 @@ def run_pipeline(program, steps: list[PassStep], ctx: PassContext, on_error: str
         if error is None:
             g0 = time.perf_counter()
             with ctx.progress.stage("guard", step.name):
-                value = guard.check(candidate, reference, inputs, step.cls.metric)
+                value = guard.check(candidate, reference, inputs, step.cls.metric,
+                                    extra_outputs=getattr(step.cls, "adds_outputs", False))
             report["guard_seconds"] = round(time.perf_counter() - g0, 4)
             guard_seconds += report["guard_seconds"]
             report["error_metric"] = value if math.isfinite(value) else "inf"

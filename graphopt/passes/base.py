@@ -70,6 +70,7 @@ class Pass:
     exact: ClassVar[bool] = True
     metric: ClassVar[str] = "max_rel"                   # see compiler.guard.METRICS
     tolerance: ClassVar[float] = 1e-5
+    adds_outputs: ClassVar[bool] = False               # appends outputs to methods (the guard compares the rest)
 
     def __init__(self, **config: Any):
         self.config = config

@@ -115,12 +115,13 @@ class Engine:
                         attention_mask=attention_mask, streamer=streamer)
 
     def sample(self, noise=None, seed: int | None = None, steps: int | None = None, sampler: str | None = None,
-               batch: int = 1, on_step=None, **conditioning) -> torch.Tensor:
+               batch: int = 1, on_step=None, cache: bool = True, **conditioning) -> torch.Tensor:
         """Run the diffusion sampler of a diffusion bundle; returns the final sample (same shape as the noise).
 
         noise: the starting noise (default: standard normal from `seed`, `batch` samples of the plan's shape);
         steps: sampler steps (default: the plan's); sampler: "ddim" (deterministic) or "ddpm" (default: the plan's);
         conditioning: the model's extra inputs by name (e.g. class_labels), batched like the noise.
+        cache: follow the plan's feature-cache schedule (cache-schedule pass) when there is one.
         """
         from .sampler import SAMPLERS
         from .sampler import sample as run_sampler
@@ -151,27 +152,47 @@ class Engine:
                 raise GraphoptError(f"the sample shape {shape} has symbolic dims besides the batch: pass noise=")
             dims = [batch, *shape[1:]]  # a static batch-1 graph is run once per sample below
             noise = torch.randn(*dims, generator=g, dtype=DTYPES[spec[roles["sample"]]["dtype"]])
-        rows = 1 if isinstance(shape[0], int) and shape[0] == 1 and noise.shape[0] > 1 else None
+        batch1 = isinstance(shape[0], int) and shape[0] == 1  # a static batch-1 graph runs once per row
+        rows = noise.shape[0] if batch1 else 1
         t_spec = spec[roles["timestep"]]
+        cache_plan = plan.get("cache") if cache else None
+        if cache_plan is not None and steps != cache_plan["steps"]:
+            raise GraphoptError(f"this bundle's cache schedule is for steps={cache_plan['steps']}; pass that, or "
+                                f"cache=False to sample without it")
+        shallow = self.method(cache_plan["method"]) if cache_plan else None
+        recompute = set(cache_plan["schedule"]) if cache_plan else None
+        state = {"step": 0, "cached": [None] * rows}
+
+        def run(m: "Method", x, t, i, *extra):
+            feed = {roles["sample"]: x, roles["timestep"]: t}
+            cond = {k: (v[i:i + 1] if batch1 else v) for k, v in conditioning.items()}
+            out = m(**feed, **cond, **dict(zip(["cached_feature", "dec_scale", "dec_shift"], extra)))
+            return out if isinstance(out, tuple) else (out,)
 
         def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            eps = _denoise(x, t)
-            # Models with a learned variance (DiT) emit [noise, variance] along channels: the sampler takes the noise.
-            return eps[:, :x.shape[1]] if eps.shape[1] == 2 * x.shape[1] else eps
-
-        def _denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            step = state["step"]
+            state["step"] += 1
             t = t.to(DTYPES[t_spec["dtype"]])
             t = t[:1].reshape([]) if not t_spec["shape"] else t
-            if rows is None:
-                out = method(**{roles["sample"]: x, roles["timestep"]: t}, **conditioning)
-                return out[0] if isinstance(out, tuple) else out
             parts = []
-            for i in range(x.shape[0]):  # the graph was exported for batch 1
-                cond = {k: v[i:i + 1] for k, v in conditioning.items()}
-                t_i = t if t.dim() == 0 else t[i:i + 1]
-                out = method(**{roles["sample"]: x[i:i + 1], roles["timestep"]: t_i}, **cond)
-                parts.append(out[0] if isinstance(out, tuple) else out)
-            return torch.cat(parts)
+            for i in range(rows):
+                xi = x[i:i + 1] if batch1 else x
+                ti = t if t.dim() == 0 or not batch1 else t[i:i + 1]
+                if cache_plan is None:
+                    eps = run(method, xi, ti, i)[0]
+                elif step in recompute:
+                    out = run(method, xi, ti, i)
+                    eps, state["cached"][i] = out[0], out[cache_plan["feature_output"]]
+                else:
+                    extra = [state["cached"][i]]
+                    if cache_plan.get("dec"):
+                        extra += [torch.tensor(cache_plan["dec"][k][step], dtype=torch.float32)
+                                  for k in ("scale", "shift")]
+                    eps = run(shallow, xi, ti, i, *extra)[0]
+                # Models with a learned variance (DiT) emit [noise, variance] along channels: the sampler takes the
+                # noise.
+                parts.append(eps[:, :xi.shape[1]] if eps.shape[1] == 2 * xi.shape[1] else eps)
+            return torch.cat(parts) if batch1 else parts[0]
 
         return run_sampler(denoise, noise, plan["scheduler_config"], steps, kind=sampler,
                            seed=0 if seed is None else seed, on_step=on_step)

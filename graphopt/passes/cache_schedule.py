@@ -1,0 +1,167 @@
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..compiler import cache_schedule as cs
+from ..compiler import feature_cache as fc
+from ..compiler.program import TensorSpec
+from ..errors import GraphoptError
+from .base import Option, Pass, register
+
+_DIST = {
+    "l1": lambda a, b: (a - b).abs().mean(),
+    "l2": lambda a, b: ((a - b) ** 2).mean(),
+    "cos": lambda a, b: 1 - torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0),
+}
+
+
+def _psnr(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """PSNR in dB over the reference's dynamic range (samples live in [-1, 1]: peak-to-peak 2)."""
+    mse = float(((ref - out) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)
+
+
+@register
+class CacheSchedule(Pass):
+    """Diffusion feature caching: a shallow graph reuses a deep feature; recompute steps chosen by DP."""
+    name = "cache-schedule"
+    tasks = frozenset({"diffusion"})
+    exact = False
+    # The guard compares the full method's original outputs (they must not change); the schedule's own quality
+    # (PSNR of cached against uncached sampling on the calibration noises) is in the report.
+    metric = "max_rel"
+    tolerance = 1e-5
+    adds_outputs = True
+    options = {
+        "budget": Option(float, 0.34, "recompute steps: a fraction of the steps (< 1) or a count K (>= 1)",
+                         min=0.0, max=1000.0),
+        "steps": Option(int, 0, "sampler steps T the schedule is for; 0 = the plan's", min=0, max=1000),
+        "point": Option(str, "auto", "cache point: auto (the input of the last up block) or up_blocks.K"),
+        "metric": Option(str, "l1", "feature distance the schedule minimises", choices=("l1", "l2", "cos")),
+        "dec": Option(bool, True, "decoupled error correction: per step and channel a·F + b, least squares"),
+        "schedule": Option(str, "dp", "dp, or uniform (DeepCache's fixed interval, for comparison)",
+                           choices=("dp", "uniform")),
+        "samples": Option(int, 8, "calibration noises the full sampler runs on", min=1, max=256),
+    }
+
+    def run(self, program, ctx):
+        from ..runtime.sampler import sample
+        c = self.config
+        plan = program.plan
+        T = c["steps"] or int(plan["steps"])
+        budget = c["budget"]
+        if budget >= 1 and not float(budget).is_integer():
+            raise GraphoptError(f"cache-schedule: budget={budget}: give a fraction below 1 or a whole number K")
+        K = int(budget) if budget >= 1 else max(1, int(round(budget * T)))
+        cs.check_budget(T, K)
+        entry = plan["entry"]
+        ep = program.methods[entry]
+        point, feature = fc.find_point(ep, c["point"])
+        full = fc.full_with_feature(ep, feature)
+        n_out = len(ep.graph_signature.user_outputs)
+        roles = plan["inputs"]
+        specs = program.inputs[entry]
+        order = [s.name for s in specs]
+        if roles["conditioning"]:
+            raise GraphoptError("cache-schedule: calibration of conditioned denoisers (class labels, ...) is not "
+                                "supported yet; the zoo UNet and unconditional diffusers UNets are")
+        full_mod = full.module()
+
+        def call(mod, x, t, *extra):
+            named = {roles["sample"]: x, roles["timestep"]: t}
+            args = [named[n] for n in order] + list(extra)
+            with torch.no_grad():
+                out = mod(*args)
+            return out if isinstance(out, (tuple, list)) else (out,)
+
+        t_dtype = next(s.dtype for s in specs if s.name == roles["timestep"])
+        shape = plan["sample_shape"]
+        g = torch.Generator().manual_seed(ctx.seed)
+        noises = [torch.randn(1, *shape[1:], generator=g) for _ in range(c["samples"])]
+        feats: list[list[torch.Tensor]] = []
+        finals = []
+        for noise in ctx.progress.track(noises, "cache-schedule: calibration"):
+            seq: list[torch.Tensor] = []
+
+            def denoise(x, t, seq=seq):
+                out = call(full_mod, x, t.to(getattr(torch, t_dtype)))
+                seq.append(out[n_out])
+                return out[0]
+            finals.append(sample(denoise, noise, plan["scheduler_config"], T, kind=plan.get("sampler", "ddim")))
+            feats.append(seq)
+        dist = _DIST[c["metric"]]
+        D = np.zeros((T, T))
+        for s in range(T):
+            for i in range(s, T):
+                D[s, i] = float(np.mean([float(dist(f[i], f[s])) for f in feats]))
+        if c["schedule"] == "dp":
+            steps, cost = cs.dp_schedule(D, K)
+        else:
+            steps = cs.uniform_schedule(T, K)
+            cost = cs.schedule_cost(D, steps)
+        C = feats[0][0].shape[1]
+        scale = np.ones((T, C))
+        shift = np.zeros((T, C))
+        start = {}
+        for i in range(T):
+            start[i] = max(s for s in steps if s <= i)
+        if c["dec"]:
+            for i in range(T):
+                s = start[i]
+                if s == i:
+                    continue
+                Fs = torch.cat([f[s] for f in feats]).transpose(0, 1).reshape(C, -1).double()
+                Fi = torch.cat([f[i] for f in feats]).transpose(0, 1).reshape(C, -1).double()
+                ms, mi = Fs.mean(1), Fi.mean(1)
+                var = ((Fs - ms[:, None]) ** 2).mean(1)
+                cov = ((Fs - ms[:, None]) * (Fi - mi[:, None])).mean(1)
+                a = torch.where(var > 1e-12, cov / var.clamp_min(1e-12), torch.ones_like(var))
+                scale[i] = a.numpy()
+                shift[i] = (mi - a * ms).numpy()
+        x, t = (program.example_inputs[entry][order.index(roles[k])] for k in ("sample", "timestep"))
+        f_val = feature.meta["val"]
+        example_feat = torch.zeros(tuple(f_val.shape), dtype=f_val.dtype)
+        extra = (torch.ones(C), torch.zeros(C)) if c["dec"] else ()
+        shallow_inputs = tuple(program.example_inputs[entry]) + (example_feat,) + extra
+        shallow = fc.shallow_graph(ep, feature, c["dec"], shallow_inputs)
+
+        # Quality on the calibration noises: the cached sampler against the uncached one.
+        shallow_mod = shallow.module()
+        psnrs = []
+        for noise, ref in zip(noises, finals):
+            state = {"i": 0, "F": None}
+
+            def cached_denoise(x, t):
+                i = state["i"]
+                state["i"] += 1
+                t = t.to(getattr(torch, t_dtype))
+                if i in steps:
+                    out = call(full_mod, x, t)
+                    state["F"] = out[n_out]
+                    return out[0]
+                dec = (torch.tensor(scale[i], dtype=torch.float32), torch.tensor(shift[i], dtype=torch.float32))
+                return call(shallow_mod, x, t, state["F"], *(dec if c["dec"] else ()))[0]
+            out = sample(cached_denoise, noise, plan["scheduler_config"], T, kind=plan.get("sampler", "ddim"))
+            psnrs.append(_psnr(ref, out))
+        flops_full = fc.flops(ep, tuple(program.example_inputs[entry]))
+        flops_shallow = fc.flops(shallow, shallow_inputs)
+        frac = flops_shallow / flops_full
+
+        program.methods = {**program.methods, entry: full, "shallow": shallow}
+        dtype = specs[order.index(roles["sample"])].dtype
+        program.inputs = {**program.inputs, "shallow": list(specs) + [
+            TensorSpec("cached_feature", dtype, list(f_val.shape))] + (
+            [TensorSpec("dec_scale", dtype, [C]), TensorSpec("dec_shift", dtype, [C])] if c["dec"] else [])}
+        program.example_inputs = {**program.example_inputs, "shallow": shallow_inputs}
+        names = list(program.output_names.get(entry) or [f"output_{k}" for k in range(n_out)])
+        program.output_names = {**program.output_names, entry: names + ["cached_feature"], "shallow": names}
+        program.plan = {**plan, "steps": T, "cache": {
+            "point": point, "method": "shallow", "feature_output": n_out, "steps": T, "schedule": steps,
+            "dec": {"scale": scale.round(6).tolist(), "shift": shift.round(6).tolist()} if c["dec"] else None}}
+        return program, {
+            "point": point, "T": T, "K": K, "schedule": steps, "schedule_kind": c["schedule"],
+            "schedule_cost": cost, "uniform_cost": cs.schedule_cost(D, cs.uniform_schedule(T, K)),
+            "calibration_psnr_db": float(np.mean(psnrs)), "shallow_flops_fraction": frac,
+            "ideal_speedup": T / (K + (T - K) * frac),
+        }
