@@ -22,6 +22,25 @@ def _psnr(ref: torch.Tensor, out: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)
 
 
+def _error_weights(scheduler_config: dict, T: int, kind: str) -> np.ndarray:
+    """Per step, how much of an error in the predicted noise reaches the final sample (deterministic DDIM view):
+    the step moves x by c_i·δ with c_i = √(1−ᾱ_prev) − √ᾱ_prev·√(1−ᾱ_t)/√ᾱ_t, and the remaining steps scale a
+    change of x at level ᾱ_prev by about √(ᾱ_final/ᾱ_prev)."""
+    from ..runtime.sampler import make_scheduler
+    sched = make_scheduler(scheduler_config, kind)
+    sched.set_timesteps(T)
+    ac = sched.alphas_cumprod.double()
+    ts = [int(t) for t in sched.timesteps]
+    final = float(getattr(sched, "final_alpha_cumprod", ac[0]))
+    w = np.zeros(T)
+    for i, t in enumerate(ts):
+        a_t = float(ac[t])
+        a_prev = float(ac[ts[i + 1]]) if i + 1 < T else final
+        c_i = np.sqrt(1 - a_prev) - np.sqrt(a_prev) * np.sqrt(1 - a_t) / np.sqrt(a_t)
+        w[i] = abs(c_i) * np.sqrt(final / a_prev)
+    return w
+
+
 @register
 class CacheSchedule(Pass):
     """Diffusion feature caching: a shallow graph reuses a deep feature; recompute steps chosen by DP."""
@@ -38,7 +57,10 @@ class CacheSchedule(Pass):
                          min=0.0, max=1000.0),
         "steps": Option(int, 0, "sampler steps T the schedule is for; 0 = the plan's", min=0, max=1000),
         "point": Option(str, "auto", "cache point: auto (the input of the last up block) or up_blocks.K"),
-        "metric": Option(str, "l1", "feature distance the schedule minimises", choices=("l1", "l2", "cos")),
+        "metric": Option(str, "l1", "what the schedule minimises: a feature distance (l1, l2, cos), or out: the "
+                                    "shallow graph's noise-prediction error from reusing each cached feature, "
+                                    "weighted by how much the sampler passes that step's error to the sample",
+                         choices=("l1", "l2", "cos", "out")),
         "dec": Option(bool, True, "decoupled error correction: per step and channel a·F + b, least squares"),
         "schedule": Option(str, "dp", "dp, or uniform (DeepCache's fixed interval, for comparison)",
                            choices=("dp", "uniform")),
@@ -80,21 +102,36 @@ class CacheSchedule(Pass):
         g = torch.Generator().manual_seed(ctx.seed)
         noises = [torch.randn(1, *shape[1:], generator=g) for _ in range(c["samples"])]
         feats: list[list[torch.Tensor]] = []
+        trajectories: list[list[tuple]] = []  # (x, t, eps) per step: the inputs and outputs of the full graph
         finals = []
         for noise in ctx.progress.track(noises, "cache-schedule: calibration"):
             seq: list[torch.Tensor] = []
+            traj: list[tuple] = []
 
-            def denoise(x, t, seq=seq):
-                out = call(full_mod, x, t.to(getattr(torch, t_dtype)))
+            def denoise(x, t, seq=seq, traj=traj):
+                t = t.to(getattr(torch, t_dtype))
+                out = call(full_mod, x, t)
                 seq.append(out[n_out])
+                traj.append((x, t, out[0]))
                 return out[0]
             finals.append(sample(denoise, noise, plan["scheduler_config"], T, kind=plan.get("sampler", "ddim")))
             feats.append(seq)
-        dist = _DIST[c["metric"]]
+            trajectories.append(traj)
+        shallow_plain = fc.shallow_graph(ep, feature, False, tuple(program.example_inputs[entry]) + (
+            torch.zeros(tuple(feature.meta["val"].shape)),)).module()
         D = np.zeros((T, T))
-        for s in range(T):
-            for i in range(s, T):
-                D[s, i] = float(np.mean([float(dist(f[i], f[s])) for f in feats]))
+        if c["metric"] == "out":
+            w = _error_weights(plan["scheduler_config"], T, plan.get("sampler", "ddim"))
+            for s in range(T):
+                for i in range(s + 1, T):
+                    errs = [float(((call(shallow_plain, x, t, f[s])[0] - eps) ** 2).mean())
+                            for f, (x, t, eps) in ((f, traj[i]) for f, traj in zip(feats, trajectories))]
+                    D[s, i] = w[i] ** 2 * float(np.mean(errs))
+        else:
+            dist = _DIST[c["metric"]]
+            for s in range(T):
+                for i in range(s, T):
+                    D[s, i] = float(np.mean([float(dist(f[i], f[s])) for f in feats]))
         if c["schedule"] == "dp":
             steps, cost = cs.dp_schedule(D, K)
         else:

@@ -161,13 +161,22 @@ class Engine:
                                 f"cache=False to sample without it")
         shallow = self.method(cache_plan["method"]) if cache_plan else None
         recompute = set(cache_plan["schedule"]) if cache_plan else None
-        state = {"step": 0, "cached": [None] * rows}
+        state = {"step": 0, "cached": [None] * rows, "checked": set()}
+        dec = None
+        if cache_plan is not None and cache_plan.get("dec"):  # per-step tensors, made once
+            dec = [(torch.tensor(a, dtype=torch.float32), torch.tensor(b, dtype=torch.float32))
+                   for a, b in zip(cache_plan["dec"]["scale"], cache_plan["dec"]["shift"])]
 
         def run(m: "Method", x, t, i, *extra):
-            feed = {roles["sample"]: x, roles["timestep"]: t}
-            cond = {k: (v[i:i + 1] if batch1 else v) for k, v in conditioning.items()}
-            out = m(**feed, **cond, **dict(zip(["cached_feature", "dec_scale", "dec_shift"], extra)))
-            return out if isinstance(out, tuple) else (out,)
+            feed = {roles["sample"]: x, roles["timestep"]: t,
+                    **{k: (v[i:i + 1] if batch1 else v) for k, v in conditioning.items()},
+                    **dict(zip(["cached_feature", "dec_scale", "dec_shift"], extra))}
+            if m.name not in state["checked"]:  # full input checks once per method; the loop repeats the same
+                tensors = m.check((), feed)     # shapes and dtypes, and a small model's step is a few ms
+                state["checked"].add(m.name)
+            else:
+                tensors = [feed[spec["name"]] for spec in m.inputs]
+            return m._run(tensors)
 
         def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             step = state["step"]
@@ -184,10 +193,7 @@ class Engine:
                     out = run(method, xi, ti, i)
                     eps, state["cached"][i] = out[0], out[cache_plan["feature_output"]]
                 else:
-                    extra = [state["cached"][i]]
-                    if cache_plan.get("dec"):
-                        extra += [torch.tensor(cache_plan["dec"][k][step], dtype=torch.float32)
-                                  for k in ("scale", "shift")]
+                    extra = [state["cached"][i], *(dec[step] if dec else ())]
                     eps = run(shallow, xi, ti, i, *extra)[0]
                 # Models with a learned variance (DiT) emit [noise, variance] along channels: the sampler takes the
                 # noise.

@@ -1,0 +1,105 @@
+"""Diffusion feature caching on the zoo UNet: uniform vs DP schedules, with and without DEC, at T = 30.
+
+    python benchmarks/cache_schedule.py [--quick] [--json FILE] [--png FILE]
+
+Every method samples from the same 64 held-out noises (quick: 8), DDIM, T = 30 steps; K = 15 / 10 / 6 recompute
+steps (suffix k2 / k3 / k5). Quality: PSNR (dB, over the batch, range [-1, 1]) against the uncached sampler's output
+from the same noise: uniform_kN_psnr (DeepCache's fixed interval), dp_kN_psnr, dp_dec_kN_psnr; dp_minus_uniform_db
+at k3; dp_dec_k3_classifiable_rate (zoo classifier, confidence >= 0.9; uncached_classifiable_rate for reference).
+Cost: shallow_flops_fraction (FLOPs of the shallow graph / the full graph), ideal_speedup_k3 = T / (K + (T−K)·f),
+speedup_k3 (ONNX Runtime, one intra-op thread: best of 3 interleaved runs of uncached / cached sampling, same
+noises, same engine). PSNR runs use the
+torch backend (the ORT bundles compute the same graphs; the speed run checks ORT against it).
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from common import emit, machine, parse_args
+
+T = 30
+BUDGETS = {"k2": 15, "k3": 10, "k5": 6}
+METHODS = {"uniform": "schedule=uniform,dec=false", "dp": "schedule=dp,dec=false", "dp_dec": "schedule=dp,dec=true"}
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0], lambda ap: ap.add_argument(
+        "--png", type=Path, help="write a picture of samples (uncached / uniform / DP+DEC at k3)"))
+    import graphopt
+    from graphopt import metrics, zoo
+    torch.set_num_threads(2)
+    n = 8 if args.quick else 64
+    noises = zoo.diffusion_noises(n, seed=1234)  # held out: the pass calibrates on its own seeded noises
+    m: dict = {"machine": machine(), "T": T, "samples": n}
+    samples = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        base = graphopt.compile("zoo:tiny-diffusion", backend="torch")
+        base.save(tmp / "base")
+        reference = graphopt.load(tmp / "base", backend="torch").sample(noise=noises, steps=T)
+        samples["uncached"] = reference
+        m["uncached_classifiable_rate"] = round(metrics.classifiable_rate(reference), 4)
+        for suffix, K in BUDGETS.items():
+            for method, opts in METHODS.items():
+                spec = f"cache-schedule{{budget={K},steps={T},{opts}}}"
+                c = graphopt.compile("zoo:tiny-diffusion", spec, backend="torch")
+                details = c.reports[-1]["details"]
+                out_dir = tmp / f"{method}_{suffix}"
+                c.save(out_dir)
+                out = graphopt.load(out_dir, backend="torch").sample(noise=noises, steps=T)
+                m[f"{method}_{suffix}_psnr"] = round(metrics.psnr(out, reference), 2)
+                if suffix == "k3":
+                    samples[method] = out
+                    m["shallow_flops_fraction"] = round(details["shallow_flops_fraction"], 4)
+                    m["ideal_speedup_k3"] = round(details["ideal_speedup"], 3)
+                    if method == "dp_dec":
+                        m["dp_dec_k3_classifiable_rate"] = round(metrics.classifiable_rate(out), 4)
+                        m["dp_k3_schedule"] = details["schedule"]
+                print(f"{method}_{suffix}: {m[f'{method}_{suffix}_psnr']} dB (schedule {details['schedule']})",
+                      flush=True)
+        m["dp_minus_uniform_db"] = round(m["dp_k3_psnr"] - m["uniform_k3_psnr"], 2)
+        m["dp_dec_minus_uniform_db"] = round(m["dp_dec_k3_psnr"] - m["uniform_k3_psnr"], 2)
+
+        # Speed on ONNX Runtime: the same bundle with and without its schedule.
+        c = graphopt.compile("zoo:tiny-diffusion", f"cache-schedule{{budget={BUDGETS['k3']},steps={T}}}")
+        c.save(tmp / "ort")
+        engine = graphopt.load(tmp / "ort", threads=1)  # one ORT thread: this small model's steps take ~1-3 ms
+        engine.sample(noise=noises[:1], steps=T)  # warm-up
+        times = {}
+        for cache in (False, True) * 3:
+            t0 = time.perf_counter()
+            out = engine.sample(noise=noises, steps=T, cache=cache)
+            times.setdefault(cache, []).append(time.perf_counter() - t0)
+            if cache:
+                m["ort_dp_dec_k3_psnr"] = round(metrics.psnr(out, reference), 2)
+        m["uncached_ort_seconds"] = round(min(times[False]), 3)
+        m["cached_ort_seconds"] = round(min(times[True]), 3)
+        m["speedup_k3"] = round(min(times[False]) / min(times[True]), 3)
+        m["speedup_k3_of_ideal"] = round(m["speedup_k3"] / m["ideal_speedup_k3"], 3)
+    if args.png:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        rows = [("uncached", "uncached"), ("uniform", f"uniform K=10 ({m['uniform_k3_psnr']} dB)"),
+                ("dp_dec", f"DP + DEC K=10 ({m['dp_dec_k3_psnr']} dB)")]
+        cols = min(8, n)
+        fig, axes = plt.subplots(len(rows), cols, figsize=(cols * 1.1, len(rows) * 1.25))
+        for r, (key, title) in enumerate(rows):
+            for j in range(cols):
+                ax = axes[r][j]
+                ax.imshow(samples[key][j, 0].clamp(-1, 1).numpy(), cmap="gray", vmin=-1, vmax=1)
+                ax.set_xticks([])
+                ax.set_yticks([])
+            axes[r][0].set_ylabel(title, fontsize=6, rotation=0, ha="right", va="center")
+        fig.suptitle(f"tiny-diffusion, DDIM T={T}: cached samples from the same noise", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(args.png, dpi=150)
+    emit(m, args.json)
+
+
+if __name__ == "__main__":
+    main()
