@@ -63,3 +63,80 @@ def test_bad_matrices_are_refused():
         dp_schedule(np.zeros((3, 4)), 1)
     with pytest.raises(GraphoptError, match="NaN/inf"):
         dp_schedule(np.full((3, 3), np.nan), 1)
+
+
+# ---- the pass on the zoo UNet ----------------------------------------------------------------------------------------
+import torch  # noqa: E402
+
+import graphopt  # noqa: E402
+from graphopt.compiler.capture import capture  # noqa: E402
+from graphopt.compiler.pipeline import PassContext, parse_pipeline, run_pipeline  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return capture("zoo:tiny-diffusion")
+
+
+def cached(program, spec):
+    new, reports, _ = run_pipeline(program, parse_pipeline(spec), PassContext())
+    return new, reports[0]
+
+
+def test_pass_splits_the_unet_into_full_and_shallow_graphs(unet):
+    new, report = cached(unet, "cache-schedule{budget=3,steps=6,samples=2}")
+    assert set(new.methods) == {"forward", "shallow"}
+    d = report["details"]
+    assert d["point"] == "up_blocks.2" and d["K"] == 3 and d["schedule"][0] == 0 and len(d["schedule"]) == 3
+    assert report["error_metric"] == 0.0  # the full graph's original output is untouched
+    assert [s.name for s in new.inputs["shallow"]] == ["sample", "timestep", "cached_feature", "dec_scale",
+                                                       "dec_shift"]
+    n_full = sum(1 for n in new.methods["forward"].graph.nodes if n.op == "call_function")
+    n_shallow = sum(1 for n in new.methods["shallow"].graph.nodes if n.op == "call_function")
+    assert n_shallow < n_full / 3
+    assert 0 < d["shallow_flops_fraction"] < 0.4
+    plan = new.plan["cache"]
+    assert plan["schedule"] == d["schedule"] and plan["feature_output"] == 1 and len(plan["dec"]["scale"]) == 6
+    # With the feature of the same step and an identity correction, the shallow graph is the full graph.
+    x, t = unet.example_inputs["forward"]
+    out, feature = new.run("forward", x, t)
+    C = feature.shape[1]
+    (shallow_out,) = new.run("shallow", x, t, feature, torch.ones(C), torch.zeros(C))
+    torch.testing.assert_close(shallow_out, out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, unet.run("forward", x, t)[0])
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_bundle_samples_follow_the_schedule(unet, tmp_path, backend):
+    noise = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(9))
+    every = graphopt.compile("zoo:tiny-diffusion", "cache-schedule{budget=6,steps=6,samples=2}", backend=backend)
+    every.save(tmp_path / "every")
+    e = graphopt.load(tmp_path / "every", backend=backend)
+    full = e.sample(noise=noise, steps=6, cache=False)
+    torch.testing.assert_close(e.sample(noise=noise, steps=6), full)  # K = T: every step recomputes
+    some = graphopt.compile("zoo:tiny-diffusion", "cache-schedule{budget=3,steps=6,samples=2}", backend=backend)
+    some.save(tmp_path / "some")
+    e = graphopt.load(tmp_path / "some", backend=backend)
+    out = e.sample(noise=noise, steps=6)
+    from graphopt.metrics import psnr
+    other = e.sample(noise=torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(10)), steps=6)
+    # Reuse changes the sample, but it stays the same image (at 6 steps each reuse spans a large change).
+    assert not torch.equal(out, full) and psnr(out, full) > max(18.0, psnr(other, full) + 6)
+    with pytest.raises(GraphoptError, match="cache schedule is for steps=6"):
+        e.sample(noise=noise, steps=10)
+    assert e.sample(noise=noise, steps=10, cache=False).shape == noise.shape
+
+
+def test_bad_options_and_models(unet):
+    with pytest.raises(GraphoptError, match=r"K must be in 1..T=6"):
+        cached(unet, "cache-schedule{budget=7,steps=6,samples=1}")
+    with pytest.raises(GraphoptError, match="budget=2.5: give a fraction below 1 or a whole number"):
+        cached(unet, "cache-schedule{budget=2.5,steps=6,samples=1}")
+    with pytest.raises(GraphoptError, match=r"point 'mid_block' does not exist; candidates: up_blocks.1, up_blocks.2"):
+        cached(unet, "cache-schedule{point=mid_block,steps=6,samples=1}")
+    cnn = capture("examples.tiny_cnn:build")
+    from graphopt.compiler.pipeline import validate_tasks
+    with pytest.raises(GraphoptError, match="pass 'cache-schedule' applies to diffusion programs, not 'single'"):
+        validate_tasks(parse_pipeline("cache-schedule"), cnn.plan["kind"])
