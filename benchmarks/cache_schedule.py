@@ -27,14 +27,17 @@ METHODS = {"uniform": "schedule=uniform,dec=false", "dp": "schedule=dp,dec=false
 
 
 def main() -> None:
-    args = parse_args(__doc__.splitlines()[0], lambda ap: ap.add_argument(
-        "--png", type=Path, help="write a picture of samples (uncached / uniform / DP+DEC at k3)"))
+    def options(ap):
+        ap.add_argument("--png", type=Path, help="write a picture of samples (uncached / uniform / DP+DEC at k3)")
+        ap.add_argument("--metric", choices=["l1", "l2", "cos", "out"], help="the DP schedules' metric (default: "
+                        "the pass's)")
+    args = parse_args(__doc__.splitlines()[0], options)
     import graphopt
     from graphopt import metrics, zoo
     torch.set_num_threads(2)
     n = 8 if args.quick else 64
     noises = zoo.diffusion_noises(n, seed=1234)  # held out: the pass calibrates on its own seeded noises
-    m: dict = {"machine": machine(), "T": T, "samples": n}
+    m: dict = {"machine": machine(), "T": T, "samples": n, "dp_metric": args.metric or "pass default"}
     samples = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -45,7 +48,8 @@ def main() -> None:
         m["uncached_classifiable_rate"] = round(metrics.classifiable_rate(reference), 4)
         for suffix, K in BUDGETS.items():
             for method, opts in METHODS.items():
-                spec = f"cache-schedule{{budget={K},steps={T},{opts}}}"
+                metric = f",metric={args.metric}" if args.metric and method != "uniform" else ""
+                spec = f"cache-schedule{{budget={K},steps={T},{opts}{metric}}}"
                 c = graphopt.compile("zoo:tiny-diffusion", spec, backend="torch")
                 details = c.reports[-1]["details"]
                 out_dir = tmp / f"{method}_{suffix}"
@@ -65,7 +69,8 @@ def main() -> None:
         m["dp_dec_minus_uniform_db"] = round(m["dp_dec_k3_psnr"] - m["uniform_k3_psnr"], 2)
 
         # Speed on ONNX Runtime: the same bundle with and without its schedule.
-        c = graphopt.compile("zoo:tiny-diffusion", f"cache-schedule{{budget={BUDGETS['k3']},steps={T}}}")
+        metric = f",metric={args.metric}" if args.metric else ""
+        c = graphopt.compile("zoo:tiny-diffusion", f"cache-schedule{{budget={BUDGETS['k3']},steps={T}{metric}}}")
         c.save(tmp / "ort")
         engine = graphopt.load(tmp / "ort", threads=1)  # one ORT thread: this small model's steps take ~1-3 ms
         engine.sample(noise=noises[:1], steps=T)  # warm-up
