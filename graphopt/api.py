@@ -216,7 +216,8 @@ def _lower(program: Program, staging: Path, backend: str, opset: int, calibratio
                 if (staging / f"{name}.onnx.data").exists():
                     files[name]["onnx_data"] = f"{name}.onnx.data"
             elif backend == "tensorrt":
-                tensorrt_lower.lower_method(ep, program.example_inputs[name], staging / f"{name}.engine")
+                tensorrt_lower.lower_method(ep, program.inputs[name], program.dims, program.example_inputs[name],
+                                            staging / f"{name}.engine")
                 files[name]["engine"] = f"{name}.engine"
     timings["lowering_s"] = time.perf_counter() - t0
     if backend != "onnxruntime":

@@ -86,7 +86,7 @@ def cached(program, spec):
 
 
 def test_pass_splits_the_unet_into_full_and_shallow_graphs(unet):
-    new, report = cached(unet, "cache-schedule{budget=3,steps=6,samples=2}")
+    new, report = cached(unet, "cache-schedule{budget=3,steps=6,samples=2,dec=true}")
     assert set(new.methods) == {"forward", "shallow"}
     d = report["details"]
     assert d["point"] == "up_blocks.2" and d["K"] == 3 and d["schedule"][0] == 0 and len(d["schedule"]) == 3
@@ -140,3 +140,19 @@ def test_bad_options_and_models(unet):
     from graphopt.compiler.pipeline import validate_tasks
     with pytest.raises(GraphoptError, match="pass 'cache-schedule' applies to diffusion programs, not 'single'"):
         validate_tasks(parse_pipeline("cache-schedule"), cnn.plan["kind"])
+
+
+def test_later_passes_compare_the_original_outputs(unet):
+    new, reports, _ = run_pipeline(unet, parse_pipeline("cache-schedule{budget=3,steps=6,samples=1},dce,remove-noops"),
+                                   PassContext())
+    assert [r["status"] for r in reports] == ["ok", "ok", "ok"] and set(new.methods) == {"forward", "shallow"}
+
+
+def test_auto_task_makes_only_timestep_models_diffusion_programs():
+    from diffusers import AutoencoderKL
+
+    from graphopt.compiler.capture import Loaded, resolve_task
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=2)
+    assert resolve_task("auto", Loaded("module", "vae", model=vae)) == "single"
+    from graphopt import zoo
+    assert resolve_task("auto", Loaded("module", "unet", model=zoo.load_unet())) == "diffusion"

@@ -110,3 +110,24 @@ def test_tensorrt_engine_with_dq_linear_plugin_matches_torch(tmp_path):
     engine = graphopt.load(tmp_path / "trt", backend="tensorrt")
     ref = c.program.run("forward", x)[0]
     torch.testing.assert_close(engine(x).cpu().float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_plugin_inputs_get_an_explicit_zero_bias():
+    """The TensorRT plugin always takes a bias: bias-free dq_linear nodes get a zero constant, same numerics."""
+    from graphopt.compiler.tensorrt_lower import with_explicit_bias
+    model = nn.Sequential(nn.Linear(64, 64, bias=False), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 8)).eval()  # the last one is the output layer: kept in float
+    g = torch.Generator().manual_seed(0)
+    calib = [(torch.randn(4, 64, generator=g),) for _ in range(8)]
+    q = capture(model, example_inputs=(torch.randn(4, 64),))
+    q, _, _ = run_pipeline(q, parse_pipeline("rtn{bits=4,group=32}"), PassContext(calibration=calib))
+    ep = q.methods["forward"]
+    dq = [n for n in ep.graph.nodes if n.target is torch.ops.graphopt.dq_linear.default]
+    assert [n.args[4] is None for n in dq] == [True, False]
+    new = with_explicit_bias(ep)
+    dq = [n for n in new.graph.nodes if n.target is torch.ops.graphopt.dq_linear.default]
+    assert all(n.args[4] is not None for n in dq)
+    x = torch.randn(4, 64)
+    q2 = q.copy()
+    q2.methods = {"forward": new}
+    torch.testing.assert_close(q2.run("forward", x)[0], q.run("forward", x)[0])

@@ -5,7 +5,8 @@ order. Its input comes from the program with every earlier block already quantiz
 same block in full precision on that input. The integer codes stay fixed; the scales, zeros and the block's 1-D
 parameters (norm weights, biases) are tuned by Adam on the mean squared error, parametrised relative to their
 layer-wise values (s = s0·(1 + a), z = z0 + s0·b, p = p0·(1 + c)) so one learning rate suits every layer. A block's
-update is kept only if its loss on held-out calibration sequences (a quarter of them) falls.
+update is kept only if its loss on held-out calibration sequences (a quarter of them) falls; with fewer than 4
+sequences there is no held-out set and the check is on the tuning sequences themselves (the report says so).
 
 The graph is run by an fx Interpreter that starts from the block's cached inputs (every value that does not depend
 on the block's parameters) and stops at the block's last node, so each step costs one block, not the whole prefix.
@@ -92,7 +93,7 @@ def tune_blocks(ep, sites: list[LinearSite], results: dict[str, QuantResult], ca
     tuned_params: dict[str, torch.Tensor] = {}
     # Weights the prefix runs with: quantized (and tuned) so far; the rest in full precision.
     current: dict[str, torch.Tensor] = {}
-    report: dict = {"blocks": {}, "steps": steps}
+    report: dict = {"blocks": {}, "steps": steps, "held_out_sequences": len(held_out) if len(calibration) >= 4 else 0}
     items = list(blocks.items())
     iterator = progress.track(items, f"{label}: blocks") if progress is not None else items
     for key, members in iterator:

@@ -18,8 +18,16 @@ DEFAULT_STEPS = 50
 
 
 def is_denoiser_model(model) -> bool:
-    """A diffusers model class (UNet2DModel, DiTTransformer2DModel, ...): `auto` makes it a diffusion program."""
-    return model is not None and type(model).__module__.startswith("diffusers.")
+    """A diffusers model whose forward takes a timestep (UNet2DModel, DiTTransformer2DModel, ...; not a VAE):
+    `auto` makes it a diffusion program."""
+    if model is None or not type(model).__module__.startswith("diffusers."):
+        return False
+    import inspect
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return any(name in params for name in TIMESTEP_NAMES)
 
 
 def input_roles(specs) -> dict:

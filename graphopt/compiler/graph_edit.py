@@ -27,6 +27,12 @@ class GraphEditor:
         self.graph: torch.fx.Graph = self.gm.graph
         self.input_specs: list[InputSpec] = copy.deepcopy(list(ep.graph_signature.input_specs))
         self.output_specs = copy.deepcopy(list(ep.graph_signature.output_specs))
+        # Copying a graph renames nodes that shadow Python builtins (a user input called `input` becomes `input_1`):
+        # keep the signature pointing at the copied placeholders, which are in input-spec order.
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        for spec, ph in zip(self.input_specs, placeholders):
+            if isinstance(spec.arg, TensorArgument) and spec.arg.name != ph.name:
+                spec.arg = TensorArgument(ph.name)
         self.state_dict = dict(ep.state_dict)
         self.constants = dict(ep.constants)
         self._counter = itertools.count()

@@ -127,6 +127,7 @@ def run_pipeline(program, steps: list[PassStep], ctx: PassContext, on_error: str
     inputs = guard.guard_inputs(program, ctx.calibration, ctx.guard_samples)
     reference = guard.reference_outputs(program, inputs)
     reports, guard_seconds = [], 0.0
+    extra_outputs = False  # once a pass appends outputs (cache-schedule), later guards compare the original ones
     for step in steps:
         instance = step.cls(**step.config)
         tolerance = instance.tolerance  # a pass may set it per instance (e.g. by bit width)
@@ -152,7 +153,7 @@ def run_pipeline(program, steps: list[PassStep], ctx: PassContext, on_error: str
             g0 = time.perf_counter()
             with ctx.progress.stage("guard", step.name):
                 value = guard.check(candidate, reference, inputs, step.cls.metric,
-                                    extra_outputs=getattr(step.cls, "adds_outputs", False))
+                                    extra_outputs=extra_outputs or step.cls.adds_outputs)
             report["guard_seconds"] = round(time.perf_counter() - g0, 4)
             guard_seconds += report["guard_seconds"]
             report["error_metric"] = value if math.isfinite(value) else "inf"
@@ -172,6 +173,7 @@ def run_pipeline(program, steps: list[PassStep], ctx: PassContext, on_error: str
             ctx.progress.info(f"{msg}; rolled back (--on-error=skip)")
             continue
         program = candidate
+        extra_outputs = extra_outputs or step.cls.adds_outputs
         report["status"] = "ok"
         report["nodes_after"] = program.node_count()
         report["param_bytes_after"] = program.parameter_bytes()

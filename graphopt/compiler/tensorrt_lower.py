@@ -48,8 +48,34 @@ def check_plugins(methods: dict) -> None:
                                 f"TensorRT plugin; use --backend onnxruntime or torch")
 
 
-def lower_method(ep, example_inputs: tuple, path: Path) -> None:
-    """Build and serialize one method's engine to `path`."""
+def with_explicit_bias(ep):
+    """dq_linear nodes without a bias get a zero bias constant: the plugin always takes five tensor inputs."""
+    from .graph_edit import GraphEditor
+    ed = GraphEditor(ep)
+    changed = False
+    for n in list(ed.graph.nodes):
+        if n.op == "call_function" and n.target is torch.ops.graphopt.dq_linear.default and n.args[4] is None:
+            x_val = n.args[0].meta["val"]
+            with ed.graph.inserting_before(n):
+                bias = ed.add_constant(torch.zeros(n.args[1].meta["val"].shape[0], dtype=x_val.dtype), "dq_bias")
+            n.args = (*n.args[:4], bias, *n.args[5:])
+            changed = True
+    return ed.build() if changed else ep
+
+
+def tensorrt_inputs(specs, dims: dict, example_inputs: tuple) -> list:
+    """torch_tensorrt.Input per user input: min/opt/max shapes from the manifest's dim ranges (opt = the example)."""
+    import torch_tensorrt
+    out = []
+    for spec, ex in zip(specs, example_inputs):
+        lo = [d if isinstance(d, int) else dims[d][0] for d in spec.shape]
+        hi = [d if isinstance(d, int) else dims[d][1] for d in spec.shape]
+        out.append(torch_tensorrt.Input(min_shape=lo, opt_shape=list(ex.shape), max_shape=hi, dtype=ex.dtype))
+    return out
+
+
+def lower_method(ep, specs, dims: dict, example_inputs: tuple, path: Path) -> None:
+    """Build and serialize one method's engine (dynamic over the manifest's dim ranges) to `path`."""
     import importlib
 
     _, torch_tensorrt = require_tensorrt()
@@ -57,6 +83,7 @@ def lower_method(ep, example_inputs: tuple, path: Path) -> None:
     for op in custom_ops(ep):
         plugin_id = importlib.import_module(PLUGINS[op]).register()
         generate_plugin_converter(plugin_id, use_aot_if_available=True)
-    inputs = [t.cuda() if isinstance(t, torch.Tensor) else t for t in example_inputs]
-    engine = torch_tensorrt.dynamo.convert_exported_program_to_serialized_trt_engine(ep, arg_inputs=inputs)
+    ep = with_explicit_bias(ep)
+    engine = torch_tensorrt.dynamo.convert_exported_program_to_serialized_trt_engine(
+        ep, arg_inputs=tensorrt_inputs(specs, dims, example_inputs))
     path.write_bytes(bytes(engine))

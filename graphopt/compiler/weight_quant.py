@@ -244,6 +244,7 @@ class WeightQuantPass:
         stats: dict = {}
         results = calibrate_and_quantize(ep, usable, inputs, self.quantize, ctx.progress, self.name, stats, pad_to)
         param_updates, blockwise = {}, None
+        losses = {k: r.loss for k, r in results.items() if r.loss is not None}  # layer-wise, before any tuning
         if self.config.get("blockwise"):
             from .blockwise import tune_blocks
             results, param_updates, blockwise = tune_blocks(
@@ -262,7 +263,6 @@ class WeightQuantPass:
         level = int(self.config.get("ort_accuracy", 0))
         program.plan = {**program.plan, "onnx": {"matmulnbits_accuracy_level": level,
                                                  "check_tolerance": 1e-4 if level == 0 else 5e-2}}
-        losses = {k: r.loss for k, r in results.items() if r.loss is not None}
         return program, {
             "quantized_layers": len(results), "rewritten_nodes": rewritten,
             "skipped": skipped, "padded": {k: f"in_features padded by {v} to a multiple of group {group}"

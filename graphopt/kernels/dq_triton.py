@@ -357,7 +357,8 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
         # Defaults from the H100 sweep of benchmarks/dq_kernels.py (2026-11-27, M = 1: "dequant", 16 columns,
         # 512-wide K steps were fastest for W4g128 and W2g64); the K step halves for 4 rows to stay in registers.
         bn = block_n or 16
-        bk = block_k or (512 if bm <= 2 else 256)
+        # Per channel a whole K step is one sub-block ([BLOCK_M, 16, BLOCK_K / P] accumulator): halve it there.
+        bk = block_k or ((512 if bm <= 2 else 256) // (2 if g == 0 else 1))
         min_k = 16
         default_warps, num_stages = 4, 2
     else:

@@ -13,7 +13,8 @@ from __future__ import annotations
 from functools import lru_cache
 
 PLUGIN_ID = "graphopt::dq_linear"
-_TRT_DTYPES = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32", "float": "fp32"}
+_TRT_DTYPES = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "bf16": "bf16", "float32": "fp32",
+               "float": "fp32"}
 
 
 @lru_cache(maxsize=None)

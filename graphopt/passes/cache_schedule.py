@@ -4,6 +4,7 @@ import numpy as np
 import torch
 
 from ..compiler import cache_schedule as cs
+from ..metrics import psnr
 from ..compiler import feature_cache as fc
 from ..compiler.program import TensorSpec
 from ..errors import GraphoptError
@@ -14,12 +15,6 @@ _DIST = {
     "l2": lambda a, b: ((a - b) ** 2).mean(),
     "cos": lambda a, b: 1 - torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0),
 }
-
-
-def _psnr(ref: torch.Tensor, out: torch.Tensor) -> float:
-    """PSNR in dB over the reference's dynamic range (samples live in [-1, 1]: peak-to-peak 2)."""
-    mse = float(((ref - out) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)
 
 
 def _error_weights(scheduler_config: dict, T: int, kind: str) -> np.ndarray:
@@ -57,11 +52,11 @@ class CacheSchedule(Pass):
                          min=0.0, max=1000.0),
         "steps": Option(int, 0, "sampler steps T the schedule is for; 0 = the plan's", min=0, max=1000),
         "point": Option(str, "auto", "cache point: auto (the input of the last up block) or up_blocks.K"),
-        "metric": Option(str, "l1", "what the schedule minimises: a feature distance (l1, l2, cos), or out: the "
+        "metric": Option(str, "out", "what the schedule minimises: a feature distance (l1, l2, cos), or out: the "
                                     "shallow graph's noise-prediction error from reusing each cached feature, "
                                     "weighted by how much the sampler passes that step's error to the sample",
                          choices=("l1", "l2", "cos", "out")),
-        "dec": Option(bool, True, "decoupled error correction: per step and channel a·F + b, least squares"),
+        "dec": Option(bool, False, "decoupled error correction: per step and channel a·F + b, least squares"),
         "schedule": Option(str, "dp", "dp, or uniform (DeepCache's fixed interval, for comparison)",
                            choices=("dp", "uniform")),
         "samples": Option(int, 8, "calibration noises the full sampler runs on", min=1, max=256),
@@ -99,8 +94,13 @@ class CacheSchedule(Pass):
 
         t_dtype = next(s.dtype for s in specs if s.name == roles["timestep"])
         shape = plan["sample_shape"]
+        if any(not isinstance(d, int) for d in shape) or any(
+                not isinstance(d, int) for d in feature.meta["val"].shape):
+            raise GraphoptError(f"cache-schedule needs static shapes (the shallow graph takes the cached feature as "
+                                f"an input); the sample is {shape}: capture without --dynamic")
         g = torch.Generator().manual_seed(ctx.seed)
-        noises = [torch.randn(1, *shape[1:], generator=g) for _ in range(c["samples"])]
+        s_dtype = getattr(torch, next(s.dtype for s in specs if s.name == roles["sample"]))
+        noises = [torch.randn(1, *shape[1:], generator=g, dtype=s_dtype) for _ in range(c["samples"])]
         feats: list[list[torch.Tensor]] = []
         trajectories: list[list[tuple]] = []  # (x, t, eps) per step: the inputs and outputs of the full graph
         finals = []
@@ -118,7 +118,7 @@ class CacheSchedule(Pass):
             feats.append(seq)
             trajectories.append(traj)
         shallow_plain = fc.shallow_graph(ep, feature, False, tuple(program.example_inputs[entry]) + (
-            torch.zeros(tuple(feature.meta["val"].shape)),)).module()
+            torch.zeros(tuple(feature.meta["val"].shape), dtype=feature.meta["val"].dtype),)).module()
         D = np.zeros((T, T))
         if c["metric"] == "out":
             w = _error_weights(plan["scheduler_config"], T, plan.get("sampler", "ddim"))
@@ -159,7 +159,7 @@ class CacheSchedule(Pass):
         x, t = (program.example_inputs[entry][order.index(roles[k])] for k in ("sample", "timestep"))
         f_val = feature.meta["val"]
         example_feat = torch.zeros(tuple(f_val.shape), dtype=f_val.dtype)
-        extra = (torch.ones(C), torch.zeros(C)) if c["dec"] else ()
+        extra = (torch.ones(C, dtype=f_val.dtype), torch.zeros(C, dtype=f_val.dtype)) if c["dec"] else ()
         shallow_inputs = tuple(program.example_inputs[entry]) + (example_feat,) + extra
         shallow = fc.shallow_graph(ep, feature, c["dec"], shallow_inputs)
 
@@ -177,16 +177,16 @@ class CacheSchedule(Pass):
                     out = call(full_mod, x, t)
                     state["F"] = out[n_out]
                     return out[0]
-                dec = (torch.tensor(scale[i], dtype=torch.float32), torch.tensor(shift[i], dtype=torch.float32))
+                dec = (torch.tensor(scale[i], dtype=f_val.dtype), torch.tensor(shift[i], dtype=f_val.dtype))
                 return call(shallow_mod, x, t, state["F"], *(dec if c["dec"] else ()))[0]
             out = sample(cached_denoise, noise, plan["scheduler_config"], T, kind=plan.get("sampler", "ddim"))
-            psnrs.append(_psnr(ref, out))
+            psnrs.append(psnr(out, ref))
         flops_full = fc.flops(ep, tuple(program.example_inputs[entry]))
         flops_shallow = fc.flops(shallow, shallow_inputs)
         frac = flops_shallow / flops_full
 
         program.methods = {**program.methods, entry: full, "shallow": shallow}
-        dtype = specs[order.index(roles["sample"])].dtype
+        dtype = str(f_val.dtype).replace("torch.", "")
         program.inputs = {**program.inputs, "shallow": list(specs) + [
             TensorSpec("cached_feature", dtype, list(f_val.shape))] + (
             [TensorSpec("dec_scale", dtype, [C]), TensorSpec("dec_shift", dtype, [C])] if c["dec"] else [])}

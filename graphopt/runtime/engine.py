@@ -164,7 +164,8 @@ class Engine:
         state = {"step": 0, "cached": [None] * rows, "checked": set()}
         dec = None
         if cache_plan is not None and cache_plan.get("dec"):  # per-step tensors, made once
-            dec = [(torch.tensor(a, dtype=torch.float32), torch.tensor(b, dtype=torch.float32))
+            dec_dtype = DTYPES[next(s for s in shallow.inputs if s["name"] == "dec_scale")["dtype"]]
+            dec = [(torch.tensor(a, dtype=dec_dtype), torch.tensor(b, dtype=dec_dtype))
                    for a, b in zip(cache_plan["dec"]["scale"], cache_plan["dec"]["shift"])]
 
         def run(m: "Method", x, t, i, *extra):
@@ -197,11 +198,13 @@ class Engine:
                     eps = run(shallow, xi, ti, i, *extra)[0]
                 # Models with a learned variance (DiT) emit [noise, variance] along channels: the sampler takes the
                 # noise.
+                eps = eps.to(xi.device)  # torch-on-GPU and TensorRT runners return device tensors
                 parts.append(eps[:, :xi.shape[1]] if eps.shape[1] == 2 * xi.shape[1] else eps)
             return torch.cat(parts) if batch1 else parts[0]
 
+        # DDPM's per-step noise must not repeat the starting noise: its generator gets a seed of its own.
         return run_sampler(denoise, noise, plan["scheduler_config"], steps, kind=sampler,
-                           seed=0 if seed is None else seed, on_step=on_step)
+                           seed=(0 if seed is None else seed) + 1_000_003, on_step=on_step)
 
     def __repr__(self) -> str:
         return f"Engine({str(self.path)!r}, backend={self.backend!r}, methods={self.methods})"
@@ -245,7 +248,7 @@ def _torch_runner(path: Path, device: str | None):
         from torch.export.passes import move_to_device_pass
         try:
             ep = move_to_device_pass(ep, device)
-        except (RuntimeError, ValueError) as e:
+        except (RuntimeError, ValueError, AssertionError) as e:  # AssertionError: torch built without CUDA
             raise GraphoptError(f"cannot move '{path}' to device '{device}': {str(e).splitlines()[0]}")
     module = ep.module()
     from torch.utils import _pytree as pytree
@@ -280,7 +283,9 @@ def _trt_runner(path: Path):
     def run(tensors: list[torch.Tensor]):
         tensors = [t.cuda().contiguous() for t in tensors]
         for n, t in zip(inputs, tensors):
-            context.set_input_shape(n, tuple(t.shape))
+            if not context.set_input_shape(n, tuple(t.shape)):
+                raise GraphoptError(f"TensorRT engine '{path}' refuses shape {list(t.shape)} for input '{n}' "
+                                    f"(outside the range it was built for)")
             context.set_tensor_address(n, t.data_ptr())
         results = []
         for n in outputs:
