@@ -28,7 +28,7 @@ METHODS = {"uniform": "schedule=uniform,dec=false", "dp": "schedule=dp,dec=false
 
 def main() -> None:
     def options(ap):
-        ap.add_argument("--png", type=Path, help="write a picture of samples (uncached / uniform / DP+DEC at k3)")
+        ap.add_argument("--png", type=Path, help="write a picture of samples (uncached / uniform / DP / DP+DEC at k3)")
         ap.add_argument("--metric", choices=["l1", "l2", "cos", "out"], help="the DP schedules' metric (default: "
                         "the pass's)")
     args = parse_args(__doc__.splitlines()[0], options)
@@ -63,6 +63,8 @@ def main() -> None:
                     if method == "dp_dec":
                         m["dp_dec_k3_classifiable_rate"] = round(metrics.classifiable_rate(out), 4)
                         m["dp_k3_schedule"] = details["schedule"]
+                    if method == "dp":
+                        m["dp_k3_classifiable_rate"] = round(metrics.classifiable_rate(out), 4)
                 print(f"{method}_{suffix}: {m[f'{method}_{suffix}_psnr']} dB (schedule {details['schedule']})",
                       flush=True)
         m["dp_minus_uniform_db"] = round(m["dp_k3_psnr"] - m["uniform_k3_psnr"], 2)
@@ -90,7 +92,7 @@ def main() -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         rows = [("uncached", "uncached"), ("uniform", f"uniform K=10 ({m['uniform_k3_psnr']} dB)"),
-                ("dp_dec", f"DP + DEC K=10 ({m['dp_dec_k3_psnr']} dB)")]
+                ("dp", f"DP K=10 ({m['dp_k3_psnr']} dB)"), ("dp_dec", f"DP + DEC K=10 ({m['dp_dec_k3_psnr']} dB)")]
         cols = min(8, n)
         fig, axes = plt.subplots(len(rows), cols, figsize=(cols * 1.1, len(rows) * 1.25))
         for r, (key, title) in enumerate(rows):
