@@ -156,3 +156,32 @@ def test_auto_task_makes_only_timestep_models_diffusion_programs():
     assert resolve_task("auto", Loaded("module", "vae", model=vae)) == "single"
     from graphopt import zoo
     assert resolve_task("auto", Loaded("module", "unet", model=zoo.load_unet())) == "diffusion"
+
+
+def test_transformer_blocks_reuse_the_change_across_the_middle_blocks(tmp_path):
+    from diffusers import DiTTransformer2DModel
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                num_layers=3, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
+                                norm_type="ada_norm_zero").eval()
+    example = {"hidden_states": torch.randn(1, 4, 8, 8), "timestep": torch.tensor([10]),
+               "class_labels": torch.tensor([3])}
+    c = graphopt.compile(dit, "cache-schedule{budget=2,steps=4,samples=1,dec=true}", example_inputs=example,
+                         backend="torch")
+    d = c.reports[-1]["details"]
+    assert d["point"] == "transformer_blocks.1-2" and 0 < d["shallow_flops_fraction"] < 1
+    p = c.program
+    x, t, y = example.values()
+    out, delta = p.run("forward", x, t, y)
+    C = delta.shape[-1]
+    assert delta.shape == (1, 16, 16) and p.plan["cache"]["feature_output"] == 1
+    (shallow_out,) = p.run("shallow", x, t, y, delta, torch.ones(C), torch.zeros(C))
+    torch.testing.assert_close(shallow_out, out, rtol=1e-4, atol=1e-5)  # fresh change: the same function
+    full_nodes = sum(1 for n in p.methods["forward"].graph.nodes if n.op == "call_function")
+    assert sum(1 for n in p.methods["shallow"].graph.nodes if n.op == "call_function") < full_nodes
+    c.save(tmp_path / "dit")
+    e = graphopt.load(tmp_path / "dit", backend="torch")
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    a = e.sample(noise=noise, steps=4, class_labels=y)
+    b = e.sample(noise=noise, steps=4, class_labels=y, cache=False)
+    assert a.shape == b.shape == noise.shape and torch.isfinite(a).all() and not torch.equal(a, b)

@@ -9,6 +9,7 @@ decoupled error correction (DEC) the shallow graph takes a per-channel scale and
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 from torch.export.graph_signature import InputKind, InputSpec, OutputKind, OutputSpec, TensorArgument
@@ -19,44 +20,68 @@ from .graph_edit import GraphEditor, _fake_like
 
 aten = torch.ops.aten
 _UP = re.compile(r"(?:^|\.)up_blocks\.(\d+)$")
+_BLOCK = re.compile(r"(?:^|\.)transformer_blocks\.(\d+)$")
 
 
-def _paths(node: torch.fx.Node) -> list[str]:
-    return [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+@dataclass
+class CachePoint:
+    """What the shallow graph reuses. kind "replace": the value of `out` (a UNet up block's input) is cached and
+    substituted. kind "residual": the change `out - inp` across a run of transformer blocks is cached, and the
+    shallow graph adds it to its own fresh `inp` (the blocks in between drop out)."""
+    name: str
+    kind: str
+    out: torch.fx.Node
+    inp: torch.fx.Node | None = None
+    channel_axis: int = 1  # the axis DEC's per-channel scale and shift run along
 
 
-def _up_index(node: torch.fx.Node) -> int | None:
-    for p in _paths(node):
-        m = _UP.search(p)
+def _index(node: torch.fx.Node, pattern: re.Pattern) -> int | None:
+    for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+        m = pattern.search(path)
         if m:
             return int(m.group(1))
     return None
 
 
-def candidates(ep) -> dict[str, torch.fx.Node]:
-    """Cache points 'up_blocks.K' (K >= 1) -> the node whose value enters up block K from up block K-1."""
-    found: dict[str, torch.fx.Node] = {}
+def _edges(ep, pattern: re.Pattern) -> dict[int, torch.fx.Node]:
+    """k -> the node of block k-1 whose value enters block k (the stream between consecutive blocks)."""
+    found: dict[int, torch.fx.Node] = {}
     for n in ep.graph.nodes:
-        k = _up_index(n)
-        if k is None:
-            continue
-        for user in n.users:
-            if _up_index(user) == k + 1:
-                found.setdefault(f"up_blocks.{k + 1}", n)
+        k = _index(n, pattern)
+        if k is not None and any(_index(u, pattern) == k + 1 for u in n.users):
+            found.setdefault(k + 1, n)
     return found
 
 
-def find_point(ep, point: str) -> tuple[str, torch.fx.Node]:
+def candidates(ep) -> dict[str, CachePoint]:
+    """UNet: 'up_blocks.K' (the input of up block K). Transformer: 'transformer_blocks.A-B' (reuse the change
+    across blocks A..B-1, recomputing the blocks before A and from B on), 1 <= A < B <= last block."""
+    cands = {f"up_blocks.{k}": CachePoint(f"up_blocks.{k}", "replace", n) for k, n in _edges(ep, _UP).items()}
+    edges = _edges(ep, _BLOCK)
+    for a in edges:
+        for b in edges:
+            if a < b:
+                name = f"transformer_blocks.{a}-{b}"
+                cands[name] = CachePoint(name, "residual", edges[b], edges[a], channel_axis=-1)
+    return cands
+
+
+def find_point(ep, point: str) -> CachePoint:
     cands = candidates(ep)
     if not cands:
-        raise GraphoptError("cache-schedule: found no cache point: it looks for a UNet's up blocks (modules named "
-                            "up_blocks.K) in the graph's module metadata")
+        raise GraphoptError("cache-schedule: found no cache point: it looks for a UNet's up blocks (up_blocks.K) or "
+                            "a transformer's blocks (transformer_blocks.K) in the graph's module metadata")
     if point == "auto":
-        name = max(cands, key=lambda c: int(c.rsplit(".", 1)[1]))  # the last up block: the cheapest shallow graph
-        return name, cands[name]
+        ups = [c for c in cands.values() if c.kind == "replace"]
+        if ups:  # the last up block: the cheapest shallow graph
+            return max(ups, key=lambda c: int(c.name.rsplit(".", 1)[1]))
+        # the widest run of blocks: keep the first and the last block fresh
+        return max(cands.values(), key=lambda c: (lambda a, b: b - a)(*map(int, c.name.rsplit(".", 1)[1].split("-"))))
     if point not in cands:
-        raise GraphoptError(f"cache-schedule: point '{point}' does not exist; candidates: {', '.join(sorted(cands))}")
-    return point, cands[point]
+        shown = sorted(cands)
+        raise GraphoptError(f"cache-schedule: point '{point}' does not exist; candidates: {', '.join(shown[:12])}"
+                            + (f" (and {len(shown) - 12} more)" if len(shown) > 12 else ""))
+    return cands[point]
 
 
 def _set_call_spec(ep, n_in: int, n_out: int) -> None:
@@ -86,10 +111,26 @@ def _keep_only_output_slice(graph: torch.fx.Graph) -> None:
             graph.erase_node(n)
 
 
-def full_with_feature(ep, feature: torch.fx.Node):
-    """The same graph, returning the feature as one more output."""
+def _node(ed: GraphEditor, like: torch.fx.Node) -> torch.fx.Node:
+    return next(n for n in ed.graph.nodes if n.name == like.name)
+
+
+def feature_value(point: CachePoint):
+    """Fake value (shape, dtype) of what is cached."""
+    return point.out.meta["val"]
+
+
+def full_with_feature(ep, point: CachePoint):
+    """The same graph, returning what is cached as one more output (the value, or the change across the blocks)."""
     ed = GraphEditor(ep)
-    node = next(n for n in ed.graph.nodes if n.name == feature.name)
+    node = _node(ed, point.out)
+    if point.kind == "residual":
+        inp = _node(ed, point.inp)
+        with ed.graph.inserting_after(node):
+            delta = ed.graph.call_function(aten.sub.Tensor, (node, inp))
+        with node.meta["val"].fake_mode:
+            delta.meta["val"] = node.meta["val"] - inp.meta["val"]
+        node = delta
     out = next(n for n in ed.graph.nodes if n.op == "output")
     outs = list(out.args[0])
     out.args = (tuple(outs + [node]),)
@@ -100,11 +141,11 @@ def full_with_feature(ep, feature: torch.fx.Node):
     return new
 
 
-def shallow_graph(ep, feature: torch.fx.Node, dec: bool, example_inputs: tuple):
+def shallow_graph(ep, point: CachePoint, dec: bool, example_inputs: tuple):
     """The output computed from a cached feature (an input named cached_feature; with dec also dec_scale and
     dec_shift, [C]), with everything only the feature needed removed. example_inputs: the new user inputs."""
     ed = GraphEditor(ep)
-    node = next(n for n in ed.graph.nodes if n.name == feature.name)
+    node = _node(ed, point.out)
     val = node.meta["val"]
     last_ph = [n for n in ed.graph.nodes if n.op == "placeholder"][-1]
 
@@ -120,10 +161,12 @@ def shallow_graph(ep, feature: torch.fx.Node, dec: bool, example_inputs: tuple):
     cached = add_input("cached_feature", val)
     replacement = cached
     if dec:
-        C = val.shape[1]
+        C = val.shape[point.channel_axis]
         scale = add_input("dec_scale", _fake_like(torch.empty(C, dtype=val.dtype), ep))
         shift = add_input("dec_shift", _fake_like(torch.empty(C, dtype=val.dtype), ep))
-        shape = [1, C] + [1] * (val.dim() - 2)
+        C = val.shape[point.channel_axis]
+        shape = [1] * val.dim()
+        shape[point.channel_axis] = C
         with ed.graph.inserting_before(node):
             s4 = ed.graph.call_function(aten.view.default, (scale, shape))
             b4 = ed.graph.call_function(aten.view.default, (shift, shape))
@@ -135,6 +178,13 @@ def shallow_graph(ep, feature: torch.fx.Node, dec: bool, example_inputs: tuple):
             mul.meta["val"] = val * s4.meta["val"]
             add.meta["val"] = mul.meta["val"] + b4.meta["val"]
         replacement = add
+    if point.kind == "residual":  # the stream after the skipped blocks = fresh input + cached change
+        inp = _node(ed, point.inp)
+        with ed.graph.inserting_before(node):
+            restored = ed.graph.call_function(aten.add.Tensor, (inp, replacement))
+        with val.fake_mode:
+            restored.meta["val"] = inp.meta["val"] + replacement.meta["val"]
+        replacement = restored
     node.replace_all_uses_with(replacement)
     _keep_only_output_slice(ed.graph)
     ed.remove_unused_inputs()

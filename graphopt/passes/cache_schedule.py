@@ -36,6 +36,11 @@ def _error_weights(scheduler_config: dict, T: int, kind: str) -> np.ndarray:
     return w
 
 
+def _noise(eps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The noise prediction of models that also emit a learned variance (DiT: 2·C channels)."""
+    return eps[:, :x.shape[1]] if eps.shape[1] == 2 * x.shape[1] else eps
+
+
 @register
 class CacheSchedule(Pass):
     """Diffusion feature caching: a shallow graph reuses a deep feature; recompute steps chosen by DP."""
@@ -74,19 +79,19 @@ class CacheSchedule(Pass):
         cs.check_budget(T, K)
         entry = plan["entry"]
         ep = program.methods[entry]
-        point, feature = fc.find_point(ep, c["point"])
-        full = fc.full_with_feature(ep, feature)
+        cp = fc.find_point(ep, c["point"])
+        point, f_val, axis = cp.name, fc.feature_value(cp), cp.channel_axis
+        full = fc.full_with_feature(ep, cp)
         n_out = len(ep.graph_signature.user_outputs)
         roles = plan["inputs"]
         specs = program.inputs[entry]
         order = [s.name for s in specs]
-        if roles["conditioning"]:
-            raise GraphoptError("cache-schedule: calibration of conditioned denoisers (class labels, ...) is not "
-                                "supported yet; the zoo UNet and unconditional diffusers UNets are")
+        # Conditioning inputs (class labels, ...) take the example inputs' values during calibration.
+        cond = {n: program.example_inputs[entry][order.index(n)] for n in roles["conditioning"]}
         full_mod = full.module()
 
         def call(mod, x, t, *extra):
-            named = {roles["sample"]: x, roles["timestep"]: t}
+            named = {roles["sample"]: x, roles["timestep"]: t, **cond}
             args = [named[n] for n in order] + list(extra)
             with torch.no_grad():
                 out = mod(*args)
@@ -94,8 +99,7 @@ class CacheSchedule(Pass):
 
         t_dtype = next(s.dtype for s in specs if s.name == roles["timestep"])
         shape = plan["sample_shape"]
-        if any(not isinstance(d, int) for d in shape) or any(
-                not isinstance(d, int) for d in feature.meta["val"].shape):
+        if any(not isinstance(d, int) for d in shape) or any(not isinstance(d, int) for d in f_val.shape):
             raise GraphoptError(f"cache-schedule needs static shapes (the shallow graph takes the cached feature as "
                                 f"an input); the sample is {shape}: capture without --dynamic")
         g = torch.Generator().manual_seed(ctx.seed)
@@ -112,19 +116,19 @@ class CacheSchedule(Pass):
                 t = t.to(getattr(torch, t_dtype))
                 out = call(full_mod, x, t)
                 seq.append(out[n_out])
-                traj.append((x, t, out[0]))
-                return out[0]
+                traj.append((x, t, _noise(out[0], x)))
+                return _noise(out[0], x)
             finals.append(sample(denoise, noise, plan["scheduler_config"], T, kind=plan.get("sampler", "ddim")))
             feats.append(seq)
             trajectories.append(traj)
-        shallow_plain = fc.shallow_graph(ep, feature, False, tuple(program.example_inputs[entry]) + (
-            torch.zeros(tuple(feature.meta["val"].shape), dtype=feature.meta["val"].dtype),)).module()
+        shallow_plain = fc.shallow_graph(ep, cp, False, tuple(program.example_inputs[entry]) + (
+            torch.zeros(tuple(f_val.shape), dtype=f_val.dtype),)).module()
         D = np.zeros((T, T))
         if c["metric"] == "out":
             w = _error_weights(plan["scheduler_config"], T, plan.get("sampler", "ddim"))
             for s in range(T):
                 for i in range(s + 1, T):
-                    errs = [float(((call(shallow_plain, x, t, f[s])[0] - eps) ** 2).mean())
+                    errs = [float(((_noise(call(shallow_plain, x, t, f[s])[0], x) - eps) ** 2).mean())
                             for f, (x, t, eps) in ((f, traj[i]) for f, traj in zip(feats, trajectories))]
                     D[s, i] = w[i] ** 2 * float(np.mean(errs))
         else:
@@ -137,7 +141,7 @@ class CacheSchedule(Pass):
         else:
             steps = cs.uniform_schedule(T, K)
             cost = cs.schedule_cost(D, steps)
-        C = feats[0][0].shape[1]
+        C = feats[0][0].shape[axis]
         scale = np.ones((T, C))
         shift = np.zeros((T, C))
         start = {}
@@ -148,20 +152,18 @@ class CacheSchedule(Pass):
                 s = start[i]
                 if s == i:
                     continue
-                Fs = torch.cat([f[s] for f in feats]).transpose(0, 1).reshape(C, -1).double()
-                Fi = torch.cat([f[i] for f in feats]).transpose(0, 1).reshape(C, -1).double()
+                Fs = torch.cat([f[s] for f in feats]).movedim(axis, 0).reshape(C, -1).double()
+                Fi = torch.cat([f[i] for f in feats]).movedim(axis, 0).reshape(C, -1).double()
                 ms, mi = Fs.mean(1), Fi.mean(1)
                 var = ((Fs - ms[:, None]) ** 2).mean(1)
                 cov = ((Fs - ms[:, None]) * (Fi - mi[:, None])).mean(1)
                 a = torch.where(var > 1e-12, cov / var.clamp_min(1e-12), torch.ones_like(var))
                 scale[i] = a.numpy()
                 shift[i] = (mi - a * ms).numpy()
-        x, t = (program.example_inputs[entry][order.index(roles[k])] for k in ("sample", "timestep"))
-        f_val = feature.meta["val"]
         example_feat = torch.zeros(tuple(f_val.shape), dtype=f_val.dtype)
         extra = (torch.ones(C, dtype=f_val.dtype), torch.zeros(C, dtype=f_val.dtype)) if c["dec"] else ()
         shallow_inputs = tuple(program.example_inputs[entry]) + (example_feat,) + extra
-        shallow = fc.shallow_graph(ep, feature, c["dec"], shallow_inputs)
+        shallow = fc.shallow_graph(ep, cp, c["dec"], shallow_inputs)
 
         # Quality on the calibration noises: the cached sampler against the uncached one.
         shallow_mod = shallow.module()
@@ -176,9 +178,9 @@ class CacheSchedule(Pass):
                 if i in steps:
                     out = call(full_mod, x, t)
                     state["F"] = out[n_out]
-                    return out[0]
+                    return _noise(out[0], x)
                 dec = (torch.tensor(scale[i], dtype=f_val.dtype), torch.tensor(shift[i], dtype=f_val.dtype))
-                return call(shallow_mod, x, t, state["F"], *(dec if c["dec"] else ()))[0]
+                return _noise(call(shallow_mod, x, t, state["F"], *(dec if c["dec"] else ()))[0], x)
             out = sample(cached_denoise, noise, plan["scheduler_config"], T, kind=plan.get("sampler", "ddim"))
             psnrs.append(psnr(out, ref))
         flops_full = fc.flops(ep, tuple(program.example_inputs[entry]))
