@@ -89,7 +89,7 @@ def test_torch_backend_writes_no_onnx(cli, tmp_path):
 # ---- bad input: one line, nonzero exit, no traceback, nothing written ---------------------------------------------
 @pytest.mark.parametrize("argv, fragments", [
     (["nowhere/model.pt2"], ["'nowhere/model.pt2' not found", "Hugging Face model directory"]),
-    (["examples.tiny_cnn:build", "--passes", "nosuch"], ["unknown pass 'nosuch'", "available: dce"]),
+    (["examples.tiny_cnn:build", "--passes", "nosuch"], ["unknown pass 'nosuch'", "available: cache-schedule, dce"]),
     (["examples.tiny_cnn:build", "--passes", "dce{x=1}"], ["has no option 'x'"]),
     (["examples.tiny_cnn:build", "--passes", "fold-constants{max_growth=big}"], ["not a valid float"]),
     (["examples.tiny_cnn:build", "--input", "image:1x3"], ["--input 'image:1x3'", "NAME:SHAPE:DTYPE"]),
