@@ -128,7 +128,7 @@ def build_graphopt_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="graphopt", description="graphopt: optimize models and run bundles.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("optimize", help="same as the optimize command (graphopt optimize --help)", add_help=False)
-    r = sub.add_parser("run", help="generate text with a causal-lm bundle")
+    r = sub.add_parser("run", help="generate text with a causal-lm bundle, or sample with a diffusion bundle")
     r.add_argument("bundle", metavar="OUT", help="bundle directory written by optimize")
     r.add_argument("--prompt", help="prompt text")
     r.add_argument("--prompt-ids", metavar="IDS", help="prompt as comma-separated token ids (no tokenizer needed)")
@@ -141,6 +141,14 @@ def build_graphopt_parser() -> argparse.ArgumentParser:
     r.add_argument("--top-p", type=float, default=None)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--eos-id", type=int, default=None, help="stop at this token id (default: the model's)")
+    d = r.add_argument_group("diffusion bundles")
+    d.add_argument("--steps", type=int, default=None, help="sampler steps (default: the plan's)")
+    d.add_argument("--batch", type=int, default=4, help="samples to draw")
+    d.add_argument("--sampler", choices=["ddim", "ddpm"], default=None, help="default: the plan's")
+    d.add_argument("--no-cache", action="store_true", help="ignore the bundle's cache schedule (cache-schedule pass)")
+    d.add_argument("--class-label", type=int, default=None, help="class label for class-conditioned models")
+    d.add_argument("--save", metavar="FILE", help="write the samples: FILE.pt (tensor) or FILE.png (grid, needs "
+                                                 "matplotlib)")
     r.add_argument("--verbose", action="store_true")
     return p
 
@@ -188,14 +196,65 @@ def _load_tokenizer(engine, directory):
     return None
 
 
+def _sample_command(engine, args) -> int:
+    """graphopt run OUT on a diffusion bundle: draw --batch samples, report the time, optionally save them."""
+    import time
+
+    import torch
+    if args.batch < 1:
+        raise GraphoptError(f"--batch must be >= 1, got {args.batch}")
+    save = Path(args.save) if args.save else None
+    if save is not None and save.suffix not in (".pt", ".png"):
+        raise GraphoptError(f"--save '{save}': use a .pt (tensor) or .png (picture) file name")
+    if save is not None and save.suffix == ".png":
+        try:
+            import matplotlib
+        except ImportError:
+            raise GraphoptError("--save FILE.png needs matplotlib: pip install 'graphopt[pictures]', or save a .pt")
+    conditioning = {}
+    for name in engine.plan["inputs"]["conditioning"]:
+        if args.class_label is None:
+            raise GraphoptError(f"this model is conditioned on '{name}': pass --class-label N")
+        conditioning[name] = torch.full((args.batch,), args.class_label, dtype=torch.int64)
+    cache = engine.plan.get("cache") is not None and not args.no_cache
+    if cache and args.steps is not None and args.steps != engine.plan["cache"]["steps"]:
+        raise GraphoptError(f"--steps {args.steps}: this bundle's cache schedule is for {engine.plan['cache']['steps']}"
+                            f" steps; pass --steps {engine.plan['cache']['steps']}, or --no-cache")
+    t0 = time.perf_counter()
+    samples = engine.sample(seed=args.seed, steps=args.steps, sampler=args.sampler, batch=args.batch,
+                            cache=not args.no_cache, **conditioning)
+    took = time.perf_counter() - t0
+    steps = args.steps or engine.plan["steps"]
+    print(f"[graphopt] {args.batch} samples of {list(samples.shape[1:])}, {steps} steps "
+          f"({'cache schedule: ' + str(len(engine.plan['cache']['schedule'])) + ' full steps' if cache else 'no cache'}"
+          f"), {args.backend}: {took:.2f} s")
+    if save is not None:
+        if save.suffix == ".pt":
+            torch.save(samples, save)
+        else:
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+            img = samples.float().clamp(-1, 1)
+            fig, axes = plt.subplots(1, args.batch, figsize=(1.2 * args.batch, 1.3), squeeze=False)
+            for ax, x in zip(axes[0], img):
+                ax.imshow(x[0].numpy() if x.shape[0] != 3 else (x.permute(1, 2, 0).numpy() + 1) / 2,
+                          cmap="gray", vmin=-1, vmax=1)
+                ax.axis("off")
+            fig.savefig(save, dpi=120, bbox_inches="tight")
+        print(f"[graphopt] wrote {save}")
+    return 0
+
+
 def run_command(args) -> int:
     import time
 
     import graphopt
     engine = graphopt.load(args.bundle, backend=args.backend)
+    if engine.plan.get("kind") == "diffusion":
+        return _sample_command(engine, args)
     if engine.plan.get("kind") != "causal-lm":
-        raise GraphoptError(f"'{args.bundle}' is a {engine.plan.get('kind')} bundle; graphopt run generates with "
-                            f"causal-lm bundles (optimize --task causal-lm)")
+        raise GraphoptError(f"'{args.bundle}' is a {engine.plan.get('kind')} bundle; graphopt run works with "
+                            f"causal-lm and diffusion bundles (optimize --task causal-lm / diffusion)")
     tokenizer = _load_tokenizer(engine, args.tokenizer)
     if args.prompt_ids is not None:
         try:

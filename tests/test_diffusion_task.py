@@ -82,3 +82,16 @@ def test_task_diffusion_on_a_model_without_a_timestep_names_what_was_looked_for(
     code, _, err = cli("examples.tiny_cnn:build", "-o", tmp_path / "x", "--task", "diffusion")
     assert code != 0 and "Traceback" not in err
     assert "--task diffusion needs a denoiser with a timestep input" in err and "timestep/timesteps/t" in err
+
+
+def test_run_command_samples_and_saves(unet_bundle, tmp_path, capsys):
+    from graphopt.cli import graphopt_main
+    assert graphopt_main(["run", str(unet_bundle), "--batch", "2", "--steps", "3", "--save",
+                          str(tmp_path / "s.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "2 samples of [1, 16, 16], 3 steps (no cache)" in out
+    saved = torch.load(tmp_path / "s.pt")
+    engine = graphopt.load(unet_bundle)
+    torch.testing.assert_close(saved, engine.sample(seed=0, steps=3, batch=2))
+    assert graphopt_main(["run", str(unet_bundle), "--save", str(tmp_path / "s.txt")]) == 2
+    assert "--save" in capsys.readouterr().err
