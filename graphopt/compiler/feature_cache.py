@@ -16,7 +16,7 @@ from torch.export.graph_signature import InputKind, InputSpec, OutputKind, Outpu
 from torch.utils import _pytree as pytree
 
 from ..errors import GraphoptError
-from .graph_edit import GraphEditor, _fake_like
+from .graph_edit import GraphEditor, _fake_like, keep_only_output_slice
 
 aten = torch.ops.aten
 _UP = re.compile(r"(?:^|\.)up_blocks\.(\d+)$")
@@ -96,21 +96,6 @@ def _set_call_spec(ep, n_in: int, n_out: int) -> None:
         sig.forward_arg_names = [s.arg.name for s in gs.input_specs if s.kind == InputKind.USER_INPUT]
 
 
-def _keep_only_output_slice(graph: torch.fx.Graph) -> None:
-    """Erase every computation the outputs do not need. Not graph.eliminate_dead_code(): it keeps eval-mode dropout,
-    attention and metadata asserts as impure, and with them the whole deep part."""
-    out = next(n for n in graph.nodes if n.op == "output")
-    needed, frontier = {out}, [out]
-    while frontier:
-        for a in frontier.pop().all_input_nodes:
-            if a not in needed:
-                needed.add(a)
-                frontier.append(a)
-    for n in reversed(list(graph.nodes)):
-        if n.op == "call_function" and n not in needed:
-            graph.erase_node(n)
-
-
 def _node(ed: GraphEditor, like: torch.fx.Node) -> torch.fx.Node:
     return next(n for n in ed.graph.nodes if n.name == like.name)
 
@@ -186,7 +171,7 @@ def shallow_graph(ep, point: CachePoint, dec: bool, example_inputs: tuple):
             restored.meta["val"] = inp.meta["val"] + replacement.meta["val"]
         replacement = restored
     node.replace_all_uses_with(replacement)
-    _keep_only_output_slice(ed.graph)
+    keep_only_output_slice(ed.graph)
     ed.remove_unused_inputs()
     new = ed.build()
     n_user_in = sum(s.kind == InputKind.USER_INPUT for s in new.graph_signature.input_specs)

@@ -125,6 +125,21 @@ class GraphEditor:
         )
 
 
+def keep_only_output_slice(graph: torch.fx.Graph) -> None:
+    """Erase every computation the outputs do not need. Not graph.eliminate_dead_code(): it keeps eval-mode dropout,
+    attention and metadata asserts as impure, and with them the whole deep part."""
+    out = next(n for n in graph.nodes if n.op == "output")
+    needed, frontier = {out}, [out]
+    while frontier:
+        for a in frontier.pop().all_input_nodes:
+            if a not in needed:
+                needed.add(a)
+                frontier.append(a)
+    for n in reversed(list(graph.nodes)):
+        if n.op == "call_function" and n not in needed:
+            graph.erase_node(n)
+
+
 def _fake_like(value: torch.Tensor, ep: ExportedProgram):
     """A fake tensor in the graph's fake mode (metadata for later passes and the ONNX exporter)."""
     for node in ep.graph.nodes:

@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import torch
+
+from ..compiler.blocks import find_blocks
+from ..compiler.graph_edit import GraphEditor, keep_only_output_slice
+from ..errors import GraphoptError
+from .base import Option, Pass, register
+
+
+class _Record(torch.fx.Interpreter):
+    """Runs the graph, keeping the values of `watch` nodes."""
+
+    def __init__(self, gm, watch: set[str]):
+        super().__init__(gm)
+        self.extra_traceback = False
+        self.watch, self.values = watch, {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n.name in self.watch:
+            self.values[n.name] = out
+        return out
+
+
+def block_influence(ep, blocks, inputs: list[tuple]) -> list[float]:
+    """ShortGPT's block influence, 1 − cos(x_in, x_out) averaged over tokens and calibration inputs: how much a block
+    turns the residual stream. Low influence = a candidate for skipping."""
+    from torch.export.graph_signature import InputKind
+    watch = {b.input.name for b in blocks} | {b.output.name for b in blocks}
+    sums = [0.0] * len(blocks)
+    for x in inputs:
+        args, it = [], iter(x)
+        for spec in ep.graph_signature.input_specs:
+            if spec.kind == InputKind.USER_INPUT:
+                args.append(next(it))
+            elif spec.target in ep.state_dict:
+                args.append(ep.state_dict[spec.target])
+            else:
+                args.append(ep.constants[spec.target])
+        rec = _Record(ep.graph_module, watch)
+        with torch.no_grad():
+            rec.run(*args)
+        for k, b in enumerate(blocks):
+            a, o = rec.values[b.input.name].float(), rec.values[b.output.name].float()
+            cos = torch.nn.functional.cosine_similarity(a.reshape(-1, a.shape[-1]), o.reshape(-1, o.shape[-1]), dim=-1)
+            sums[k] += float((1 - cos).mean())
+    return [s / len(inputs) for s in sums]
+
+
+def skip_blocks(ep, paths: set[str]):
+    """The graph with the blocks at `paths` cut out of the residual stream: later nodes read the block's input
+    instead of its output. Whatever else reads the block (a KV-cache output) is kept, so method signatures and the
+    runtime are unchanged."""
+    ed = GraphEditor(ep)
+    for b in find_blocks(ep):
+        if b.path not in paths:
+            continue
+        inside = {n.name for n in b.nodes}
+        names = {n.name: n for n in ed.graph.nodes}
+        out, inp = names[b.output.name], names[b.input.name]
+        out.replace_all_uses_with(inp, delete_user_cb=lambda user: user.name not in inside)
+    keep_only_output_slice(ed.graph)
+    ed.remove_unused_inputs()
+    return ed.build()
+
+
+@register
+class LayerSkip(Pass):
+    """Static layer skipping: cut the least influential repeated blocks (ShortGPT influence) out of the graph."""
+    name = "layer-skip"
+    exact = False
+    metric = "rel_l2"
+    tolerance = 1.0  # skipping blocks changes outputs by design; quality is measured by bits/byte in benchmarks
+    needs = frozenset({"calibration"})
+    options = {
+        "skip": Option(int, 0, "number of blocks to skip (or give speedup)", min=0, max=1000),
+        "speedup": Option(float, 0.0, "target speed-up from skipping: skip round(N·(1 − 1/speedup)) blocks",
+                          min=0.0, max=100.0),
+        "keep_ends": Option(bool, True, "never skip the first and the last block"),
+    }
+
+    def run(self, program, ctx):
+        c = self.config
+        if bool(c["skip"]) == bool(c["speedup"]):
+            raise GraphoptError("layer-skip: give exactly one of skip=N or speedup=X (> 1)")
+        method, inputs = program.calibration_inputs(ctx.calibration, 16)
+        ep = program.methods[method]
+        blocks = find_blocks(ep)
+        if len(blocks) < 2:
+            raise GraphoptError("layer-skip: found no repeated blocks (it looks for numbered modules of one class, "
+                                "such as model.layers.N, in the graph's module metadata)")
+        n = len(blocks)
+        if c["speedup"]:
+            if c["speedup"] <= 1:
+                raise GraphoptError(f"layer-skip: speedup must be > 1, got {c['speedup']}")
+            k = round(n * (1 - 1 / c["speedup"]))
+        else:
+            k = c["skip"]
+        candidates = list(range(1, n - 1)) if c["keep_ends"] else list(range(n))
+        if not 1 <= k <= len(candidates):
+            raise GraphoptError(f"layer-skip: can skip 1..{len(candidates)} of the {n} blocks "
+                                f"({'first and last kept' if c['keep_ends'] else 'all candidates'}), asked for {k}")
+        influence = block_influence(ep, blocks, inputs)
+        chosen = sorted(sorted(candidates, key=lambda i: influence[i])[:k])
+        paths = {blocks[i].path for i in chosen}
+        for name, m_ep in program.methods.items():
+            found = {b.path for b in find_blocks(m_ep)}
+            if not paths <= found:
+                raise GraphoptError(f"layer-skip: method '{name}' lacks blocks {sorted(paths - found)}")
+        program.methods = {name: skip_blocks(m_ep, paths) for name, m_ep in program.methods.items()}
+        return program, {"blocks": n, "skipped": [blocks[i].path for i in chosen],
+                         "influence": {b.path: round(v, 5) for b, v in zip(blocks, influence)}}

@@ -1,0 +1,86 @@
+"""layer-skip (static): block influence, the chosen blocks cut out of every method, numerics and bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import graphopt
+from graphopt.compiler.capture import capture
+from graphopt.compiler.pipeline import PassContext, parse_pipeline, run_pipeline
+from graphopt.errors import GraphoptError, PassFailure
+
+torch.set_num_threads(1)
+
+
+def stack_model():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_blocks import Stack
+    return Stack
+
+
+def test_least_influential_middle_block_is_cut_and_the_rest_is_the_model_without_it():
+    Stack = stack_model()
+    model = Stack().eval()
+    with torch.no_grad():  # make block 2 nearly an identity: the one to skip
+        model.blocks[2].ff.weight.mul_(1e-3)
+        model.blocks[2].ff.bias.zero_()
+    p = capture(model, example_inputs=(torch.randn(2, 16),))
+    calib = [(torch.randn(2, 16, generator=torch.Generator().manual_seed(i)),) for i in range(4)]
+    new, reports, _ = run_pipeline(p, parse_pipeline("layer-skip{skip=1}"), PassContext(calibration=calib))
+    d = reports[0]["details"]
+    assert d["skipped"] == ["model.blocks.2"] and d["blocks"] == 4
+    by_speedup, reports2, _ = run_pipeline(p, parse_pipeline("layer-skip{speedup=1.5}"), PassContext(calibration=calib))
+    assert reports2[0]["details"]["skipped"] == ["model.blocks.2"]  # round(4 · (1 − 1/1.5)) = 1 block
+    assert min(d["influence"], key=d["influence"].get) == "model.blocks.2"
+    linears = [n for n in new.methods["forward"].graph.nodes if n.target is torch.ops.aten.linear.default]
+    assert len(linears) == 3 + 2  # 4 blocks - 1 skipped, + 2 heads
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        h = x
+        for k, b in enumerate(model.blocks):
+            if k != 2:
+                h = b(h)
+        h = model.blocks[0].norm(h)
+        ref = (model.heads[0](h), model.heads[1](h))
+    got = new.run("forward", x)
+    torch.testing.assert_close(got[0], ref[0])
+    torch.testing.assert_close(got[1], ref[1])
+
+
+def test_causal_lm_skips_in_prefill_and_decode_and_still_generates(llama_dir, tmp_path):
+    calib = [(torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(i)),) for i in range(4)]
+    import shutil
+    src = tmp_path / "llama4"
+    shutil.copytree(llama_dir, src)
+    # 2 layers in the fixture: keep_ends leaves nothing to skip
+    with pytest.raises(GraphoptError, match=r"can skip 1..0 of the 2 blocks"):
+        graphopt.compile(str(src), "layer-skip{skip=1}", calibration=calib)
+    c = graphopt.compile(str(src), "layer-skip{skip=1,keep_ends=false}", calibration=calib)
+    d = c.reports[-1]["details"]
+    assert len(d["skipped"]) == 1
+    for m in ("prefill", "decode"):
+        blocks = [n for n in c.program.methods[m].graph.nodes if n.target is torch.ops.aten.linear.default]
+        assert len(blocks) < 2 * 7 + 1  # fewer than all the layers' linears + LM head
+    c.save(tmp_path / "skipped")
+    engine = graphopt.load(tmp_path / "skipped")
+    ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(0))
+    out = engine.generate(ids, 8, eos_token_id=[])
+    torch_out = graphopt.load(tmp_path / "skipped", backend="torch").generate(ids, 8, eos_token_id=[])
+    assert out.shape == (1, 8) and torch.equal(out, torch_out)
+
+
+def test_bad_options():
+    Stack = stack_model()
+    p = capture(Stack().eval(), example_inputs=(torch.randn(2, 16),))
+    calib = [(torch.randn(2, 16),)]
+    for spec, msg in [("layer-skip", "exactly one of skip=N or speedup=X"),
+                      ("layer-skip{skip=1,speedup=2}", "exactly one of"),
+                      ("layer-skip{skip=3}", r"can skip 1..2 of the 4 blocks"),
+                      ("layer-skip{speedup=0.5}", "speedup must be > 1")]:
+        with pytest.raises(PassFailure, match=msg):
+            run_pipeline(p, parse_pipeline(spec), PassContext(calibration=calib))
+    cnn = capture("examples.tiny_cnn:build")
+    with pytest.raises(PassFailure, match="found no repeated blocks"):
+        run_pipeline(cnn, parse_pipeline("layer-skip{skip=1}"), PassContext(calibration=[cnn.example_inputs["forward"]]))
