@@ -26,21 +26,13 @@ class _Record(torch.fx.Interpreter):
 def block_influence(ep, blocks, inputs: list[tuple]) -> list[float]:
     """ShortGPT's block influence, 1 − cos(x_in, x_out) averaged over tokens and calibration inputs: how much a block
     turns the residual stream. Low influence = a candidate for skipping."""
-    from torch.export.graph_signature import InputKind
+    from ..compiler.weight_quant import _flat_args
     watch = {b.input.name for b in blocks} | {b.output.name for b in blocks}
     sums = [0.0] * len(blocks)
     for x in inputs:
-        args, it = [], iter(x)
-        for spec in ep.graph_signature.input_specs:
-            if spec.kind == InputKind.USER_INPUT:
-                args.append(next(it))
-            elif spec.target in ep.state_dict:
-                args.append(ep.state_dict[spec.target])
-            else:
-                args.append(ep.constants[spec.target])
         rec = _Record(ep.graph_module, watch)
         with torch.no_grad():
-            rec.run(*args)
+            rec.run(*_flat_args(ep, {}, x))
         for k, b in enumerate(blocks):
             a, o = rec.values[b.input.name].float(), rec.values[b.output.name].float()
             cos = torch.nn.functional.cosine_similarity(a.reshape(-1, a.shape[-1]), o.reshape(-1, o.shape[-1]), dim=-1)
