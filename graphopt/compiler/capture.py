@@ -334,8 +334,10 @@ def resolve_task(task: str, loaded: Loaded) -> str:
 
 def capture(source: Any, *, task: str = "auto", inputs: list[str] | None = None, dynamic: list[str] | None = None,
             example_inputs: Any = None, unsafe_load: bool = False, seed: int = 0,
-            loaded: Loaded | None = None) -> Program:
-    """Export a model source into a single-method Program (method 'forward')."""
+            loaded: Loaded | None = None, extra_methods: frozenset = frozenset()) -> Program:
+    """Export a model source into a Program (method 'forward', or a task's methods).
+
+    extra_methods: optional methods the pipeline's passes need (causal-lm: "verify")."""
     specs = [parse_input(s) if isinstance(s, str) else s for s in (inputs or [])]
     dims = parse_dynamic_all(dynamic or [])
     loaded = loaded or load_source(source, unsafe_load)
@@ -348,7 +350,8 @@ def capture(source: Any, *, task: str = "auto", inputs: list[str] | None = None,
         from .causal_lm import capture_causal_lm
         if source_info["sha256"] is None:
             source_info["sha256"] = hash_state(loaded.model)
-        return capture_causal_lm(loaded.model, source_info, loaded.plan_extra, seed)
+        return capture_causal_lm(loaded.model, source_info, loaded.plan_extra, seed,
+                                 verify="verify" in extra_methods)
     if loaded.exported is not None:
         if specs or dims:
             raise GraphoptError(f"'{loaded.description}' is already exported: its inputs and dynamic shapes come "

@@ -49,13 +49,14 @@ def _cache_layout(model) -> tuple[int, list[tuple[int, int]]]:
 class _KVStep(torch.nn.Module):
     """One forward over new tokens with the cache passed in and out as flat tensors."""
 
-    def __init__(self, model, n_layers: int, with_past: bool):
+    def __init__(self, model, n_layers: int, with_past: bool, tree: bool = False):
         super().__init__()
         self.model = model
         self.n_layers = n_layers
         self.with_past = with_past
+        self.tree = tree
         self.cache_kwarg = _cache_kwarg(model)
-        names = ["input_ids", "attention_mask", "position_ids"]
+        names = ["input_ids", "tree_mask" if tree else "attention_mask", "position_ids"]
         if with_past:
             names += [f"past_{kv}_{i}" for i in range(n_layers) for kv in ("key", "value")]
         self.input_names = names
@@ -72,8 +73,14 @@ class _KVStep(torch.nn.Module):
         cache = DynamicCache(config=self.model.config)
         for i in range(len(past) // 2):
             cache.update(past[2 * i], past[2 * i + 1], i)
+        if self.tree:
+            # A 4-D mask [B,1,T,P+T] (1 = may attend) is passed to transformers as an additive float mask, which
+            # every attention implementation takes as given (no causal mask is built on top of it).
+            attention_mask = torch.zeros(attention_mask.shape, dtype=torch.float32).masked_fill(
+                attention_mask == 0, torch.finfo(torch.float32).min)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=True, logits_to_keep=1, return_dict=True, **{self.cache_kwarg: cache})
+                         use_cache=True, logits_to_keep=0 if self.tree else 1, return_dict=True,
+                         **{self.cache_kwarg: cache})
         presents = []
         cache = out["cache"] if "cache" in out else out["past_key_values"]
         for layer in cache.layers:
@@ -107,7 +114,9 @@ def _export(step: _KVStep, examples: tuple, dynamic: list[dict], name: str):
 
 
 def capture_causal_lm(model, source_info: dict, plan_extra: dict | None = None, seed: int = 0,
-                      max_batch: int = 64) -> Program:
+                      max_batch: int = 64, verify: bool = False) -> Program:
+    """prefill + decode; with verify=True also `verify`, a decode over T tokens at once under a 4-D mask (a token
+    tree for speculative decoding: each token attends to the cache and its ancestors)."""
     if not is_causal_lm(model):
         raise GraphoptError(f"--task causal-lm needs a transformers decoder model that can generate, not "
                             f"{type(model).__name__}")
@@ -136,6 +145,19 @@ def capture_causal_lm(model, source_info: dict, plan_extra: dict | None = None, 
     ep_decode = _export(decode, decode_ex, [{0: dyn}, {0: dyn, 1: dyn}, {0: dyn}] + [{0: dyn, 2: dyn}] * len(past),
                         "decode")
 
+    methods = {"prefill": ep_prefill, "decode": ep_decode}
+    examples = {"prefill": prefill_ex, "decode": decode_ex}
+    if verify:
+        T = 4
+        step = _KVStep(model, n_layers, with_past=True, tree=True)
+        tree = torch.ones(B, 1, T, P + T, dtype=torch.int64)
+        tree[:, :, :, P:] = torch.tril(torch.ones(T, T, dtype=torch.int64))
+        verify_ex = (torch.randint(0, vocab, (B, T), generator=g), tree,
+                     (P + torch.arange(T)).expand(B, T).contiguous(), *past)
+        methods["verify"] = _export(step, verify_ex, [{0: dyn, 1: dyn}, {0: dyn, 2: dyn, 3: dyn}, {0: dyn, 1: dyn}]
+                                    + [{0: dyn, 2: dyn}] * len(past), "verify")
+        examples["verify"] = verify_ex
+
     kv_specs_in, kv_out_names = [], []
     for i, (heads, dim) in enumerate(layout):
         for kv in ("key", "value"):
@@ -151,18 +173,24 @@ def capture_causal_lm(model, source_info: dict, plan_extra: dict | None = None, 
         "bos_token_id": getattr(cfg, "bos_token_id", None),
         **(plan_extra or {}),
     }
-    return Program(
-        methods={"prefill": ep_prefill, "decode": ep_decode}, plan=plan,
-        inputs={
+    inputs = {
             "prefill": [TensorSpec("input_ids", "int64", ["B", "S"]), TensorSpec("attention_mask", "int64", ["B", "S"]),
                         TensorSpec("position_ids", "int64", ["B", "S"])],
             "decode": [TensorSpec("input_ids", "int64", ["B", 1]), TensorSpec("attention_mask", "int64", ["B", "M"]),
                        TensorSpec("position_ids", "int64", ["B", 1])] + kv_specs_in,
-        },
-        example_inputs={"prefill": prefill_ex, "decode": decode_ex},
-        dims={"B": [1, max_batch], "S": [1, max_len], "P": [1, max_len - 1], "M": [2, max_len]},
-        source=source_info,
-        output_names={"prefill": ["logits"] + kv_out_names, "decode": ["logits"] + kv_out_names},
+    }
+    output_names = {"prefill": ["logits"] + kv_out_names, "decode": ["logits"] + kv_out_names}
+    if verify:
+        plan["verify"] = "verify"
+        inputs["verify"] = [TensorSpec("input_ids", "int64", ["B", "T"]),
+                            TensorSpec("tree_mask", "int64", ["B", 1, "T", "M"]),
+                            TensorSpec("position_ids", "int64", ["B", "T"])] + kv_specs_in
+        output_names["verify"] = ["logits"] + kv_out_names
+    return Program(
+        methods=methods, plan=plan, inputs=inputs, example_inputs=examples,
+        dims={"B": [1, max_batch], "S": [1, max_len], "P": [1, max_len - 1], "M": [2, max_len],
+              "T": [1, max_len - 1]},
+        source=source_info, output_names=output_names,
     )
 
 

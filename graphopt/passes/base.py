@@ -71,6 +71,7 @@ class Pass:
     metric: ClassVar[str] = "max_rel"                   # see compiler.guard.METRICS
     tolerance: ClassVar[float] = 1e-5
     adds_outputs: ClassVar[bool] = False               # appends outputs to methods (the guard compares the rest)
+    needs_methods: ClassVar[frozenset[str]] = frozenset()  # optional methods capture must export (e.g. {"verify"})
 
     def __init__(self, **config: Any):
         self.config = config

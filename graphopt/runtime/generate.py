@@ -68,11 +68,8 @@ def check_request(plan: dict, dims: dict, input_ids, attention_mask, max_new_tok
     return ids, mask
 
 
-def select_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_k, top_p,
-                  generator: torch.Generator | None) -> torch.Tensor:
-    """Greedy argmax, or sampling after temperature, top-k and top-p (applied in that order, as transformers)."""
-    if not do_sample:
-        return logits.argmax(-1)
+def warped_probs(logits: torch.Tensor, temperature: float, top_k, top_p) -> torch.Tensor:
+    """The sampling distribution after temperature, then top-k, then top-p (in that order, as transformers)."""
     logits = logits.float() / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
@@ -83,7 +80,15 @@ def select_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top
         remove = cum <= (1 - top_p)
         remove[..., -1] = False  # always keep the most likely token
         logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
-    probs = logits.softmax(-1)
+    return logits.softmax(-1)
+
+
+def select_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_k, top_p,
+                  generator: torch.Generator | None) -> torch.Tensor:
+    """Greedy argmax, or a sample from warped_probs."""
+    if not do_sample:
+        return logits.argmax(-1)
+    probs = warped_probs(logits, temperature, top_k, top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -110,7 +115,8 @@ def generate(engine, input_ids, max_new_tokens: int, eos_token_id=None, do_sampl
     if streamer is not None:
         streamer.put(ids)
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    logits, *past = prefill([ids, mask, positions])
+    n_kv = 2 * plan["num_layers"]  # methods may carry more outputs after the cache (draft-heads: hidden_states)
+    logits, *past = prefill([ids, mask, positions])[:1 + n_kv]
     B = ids.shape[0]
     unfinished = torch.ones(B, dtype=torch.bool)
     eos_t = torch.tensor(eos, dtype=torch.int64)
@@ -127,7 +133,7 @@ def generate(engine, input_ids, max_new_tokens: int, eos_token_id=None, do_sampl
         if not unfinished.any() or step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.int64)], dim=1)
-        logits, *past = decode([tok.unsqueeze(1), mask, next_pos, *past])
+        logits, *past = decode([tok.unsqueeze(1), mask, next_pos, *past])[:1 + n_kv]
         next_pos = next_pos + 1
     if streamer is not None:
         streamer.end()

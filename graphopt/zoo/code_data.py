@@ -79,9 +79,14 @@ def calibration_set(n: int = 32, length: int = 128, seed: int = 1234) -> list[tu
 
 def heldout_prompts(n: int = 64, max_context: int = 96, seed: int = 0) -> list[str]:
     """Code prompts from held-out files: some context, then a `def name(` line cut after the parenthesis."""
+    return split_prompts("heldout", n, max_context, seed)
+
+
+def split_prompts(split: str, n: int, max_context: int = 96, seed: int = 0) -> list[str]:
+    """Prompts shaped like heldout_prompts from one split's files (train: draft-head training data)."""
     root = stdlib_root()
     candidates = []
-    for rel in split_files()["heldout"]:
+    for rel in split_files()[split]:
         text = (root / rel).read_text("utf-8", errors="replace")
         pos = 0
         while True:

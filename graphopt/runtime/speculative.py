@@ -1,0 +1,281 @@
+"""Speculative decoding over a causal-lm bundle: a drafter proposes a token tree, the bundle's `verify` method scores
+every node in one forward (each node attends to the cache and its ancestors; position = cache length + depth), the
+longest path the base model agrees with is kept (its KV entries only), and the base model's own next token is added.
+
+Drafters: `HeadDrafter` (the draft-heads pass: Medusa/Hydra heads and a static sparse tree) and `SkipDrafter` (the
+layer-skip pass with self_speculative=true: the skipped program drafts a chain). Greedy acceptance is lossless by
+construction. Sampling uses exact speculative rejection sampling on a drafted chain (accept a draft x with probability
+min(1, p(x)/q(x)), else sample from max(p - q, 0) renormalised), so tokens follow the base model's warped
+distribution exactly; Medusa's typical acceptance is faster but not lossless, so it is not offered.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..errors import GraphoptError
+from .generate import check_request, warped_probs
+
+
+class TreeShape:
+    """A static tree. Node 0 is the root (the token the base model already chose); node i > 0 is paths[i-1], a
+    path of ranks [r_1, ..., r_k] (r_j: rank in draft step j's candidates). Parents precede children."""
+
+    def __init__(self, paths):
+        self.paths = [tuple(p) for p in sorted((list(p) for p in paths), key=lambda p: (len(p), p))]
+        index = {(): 0}
+        self.parents, depth = [-1], [0]
+        for i, p in enumerate(self.paths, 1):
+            index[p] = i
+            self.parents.append(index[p[:-1]])
+            depth.append(len(p))
+        self.size = len(self.parents)
+        self.depth_list = depth
+        self.depth = torch.tensor(depth, dtype=torch.int64)
+        self.max_depth = max(depth)
+        anc = torch.zeros(self.size, self.size, dtype=torch.int64)
+        for i in range(self.size):
+            j = i
+            while j >= 0:
+                anc[i, j] = 1
+                j = self.parents[j]
+        self.ancestors = anc
+        self.children = [[] for _ in range(self.size)]
+        for i in range(1, self.size):
+            self.children[self.parents[i]].append(i)
+
+    @classmethod
+    def chain(cls, n: int) -> "TreeShape":
+        return cls([[0] * k for k in range(1, n + 1)])
+
+    def truncated(self, max_depth: int) -> "TreeShape":
+        return TreeShape([p for p in self.paths if len(p) <= max_depth])
+
+    def path_to(self, node: int) -> list[int]:
+        path = []
+        while node >= 0:
+            path.append(node)
+            node = self.parents[node]
+        return path[::-1]
+
+
+class Verifier:
+    """One forward of the base model over a token tree (the bundle's `verify` method), shared by all drafters."""
+
+    def __init__(self, engine):
+        plan = engine.plan
+        name = plan.get("verify")
+        if name is None or name not in engine.methods:
+            raise GraphoptError("this bundle has no 'verify' method; compile it with a pass that needs one "
+                                "(draft-heads, or layer-skip{self_speculative=true})")
+        self.run = engine.method(name)._run
+        self.n_kv = 2 * plan["num_layers"]
+
+    def __call__(self, tokens: torch.Tensor, tree: TreeShape, past: list[torch.Tensor], position: int):
+        P = past[0].shape[2]
+        T = tree.size
+        mask = torch.cat([torch.ones(T, P, dtype=torch.int64), tree.ancestors], dim=1)[None, None]
+        outs = self.run([tokens[None], mask, (position + tree.depth)[None], *past])
+        return outs[0][0], list(outs[1:1 + self.n_kv]), [o[0] for o in outs[1 + self.n_kv:]]
+
+    @staticmethod
+    def keep(presents: list[torch.Tensor], P: int, nodes: list[int]) -> list[torch.Tensor]:
+        """The cache with the past and the accepted nodes' entries only."""
+        if nodes == list(range(len(nodes))):
+            return [x[:, :, :P + len(nodes)] for x in presents]
+        idx = torch.cat([torch.arange(P), P + torch.tensor(nodes)])
+        return [x.index_select(2, idx) for x in presents]
+
+
+def accept_greedy(tokens: list[int], tree: TreeShape, logits: torch.Tensor) -> tuple[list[int], int]:
+    """(accepted node path from the root, the base model's next token after it)."""
+    pred = logits.argmax(-1).tolist()
+    ok = [True] + [False] * (tree.size - 1)
+    best = 0
+    for i in range(1, tree.size):
+        par = tree.parents[i]
+        if ok[par] and tokens[i] == pred[par]:
+            ok[i] = True
+            if tree.depth_list[i] > tree.depth_list[best]:
+                best = i
+    return tree.path_to(best), pred[best]
+
+
+def accept_sampled(tokens: list[int], p: torch.Tensor, q: torch.Tensor, generator) -> tuple[list[int], int]:
+    """Rejection sampling along a chain. p [T, V]: the base model's warped distribution after each node; q [T-1, V]:
+    the distribution node i (i >= 1) was drawn from. Returns (accepted chain nodes, the next token)."""
+    for i in range(1, len(tokens)):
+        x = tokens[i]
+        u = torch.rand((), generator=generator)
+        if float(u) * float(q[i - 1, x]) < float(p[i - 1, x]):  # u < p/q without dividing by q
+            continue
+        residual = (p[i - 1] - q[i - 1]).clamp_min(0)
+        if float(residual.sum()) <= 0:
+            residual = p[i - 1]
+        return list(range(i)), int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
+    return list(range(len(tokens))), int(torch.multinomial(p[-1], 1, generator=generator))
+
+
+class HeadDrafter:
+    """Candidates from the draft heads' top-k (greedy: the plan's tree; sampling: one token sampled per head)."""
+
+    def __init__(self, engine, sampling):
+        dplan = engine.plan.get("draft_heads")
+        if not dplan:
+            raise GraphoptError("this bundle has no draft heads: compile it with --passes draft-heads, then run "
+                                "graphopt train-heads")
+        if not dplan.get("trained") or not dplan.get("tree"):
+            raise GraphoptError(f"the draft heads of {engine.path} are untrained: run graphopt train-heads "
+                                f"{engine.path} first")
+        self.run = engine.method(dplan["method"])._run
+        self.kind, self.K = dplan["kind"], dplan["heads"]
+        self.tree = TreeShape(dplan["tree"])
+        self.sampling = sampling  # None for greedy, else (temperature, top_k, top_p, generator)
+        self.needs_hidden = True
+
+    def start(self, prompt: torch.Tensor) -> None:
+        pass
+
+    def _heads(self, hidden: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
+        return self.run([hidden, paths])[0]  # [N, K, V]
+
+    def propose(self, root: int, hidden: torch.Tensor, tree: TreeShape):
+        """(tokens [T], tree, q [T-1, V] or None)."""
+        if self.sampling is None:
+            return self._propose_greedy(root, hidden, tree), tree, None
+        temperature, top_k, top_p, gen = self.sampling
+        chain = TreeShape.chain(min(self.K, tree.max_depth))
+        tokens, qs = [root], []
+        logits = self._heads(hidden[None], torch.zeros(1, self.K, dtype=torch.int64))[0] \
+            if self.kind == "medusa" else None
+        for k in range(chain.size - 1):
+            if self.kind == "hydra":
+                path = torch.tensor([tokens + [0] * (self.K - len(tokens))])
+                logits = self._heads(hidden[None], path)[0]
+            q = warped_probs(logits[k], temperature, top_k, top_p)
+            tokens.append(int(torch.multinomial(q, 1, generator=gen)))
+            qs.append(q)
+        return torch.tensor(tokens), chain, torch.stack(qs) if qs else None
+
+    def _propose_greedy(self, root: int, hidden: torch.Tensor, tree: TreeShape) -> torch.Tensor:
+        topk = 1 + max(max(p) for p in tree.paths)
+        tokens = [root] + [0] * (tree.size - 1)
+        if self.kind == "medusa":
+            logits = self._heads(hidden[None], torch.zeros(1, self.K, dtype=torch.int64))[0]
+            top = logits.topk(topk, dim=-1).indices.tolist()
+            for i, p in enumerate(tree.paths, 1):
+                tokens[i] = top[len(p) - 1][p[-1]]
+            return torch.tensor(tokens)
+        # Hydra: depth by depth, each head sees the path drafted so far (one batched call per depth).
+        for d in range(tree.max_depth):
+            nodes = [n for n in range(tree.size) if tree.depth_list[n] == d and tree.children[n]]
+            if not nodes:
+                break
+            paths = torch.zeros(len(nodes), self.K, dtype=torch.int64)
+            for r, n in enumerate(nodes):
+                toks = [tokens[j] for j in tree.path_to(n)]
+                paths[r, :len(toks)] = torch.tensor(toks)
+            logits = self._heads(hidden.expand(len(nodes), -1), paths)[:, d]
+            top = logits.topk(topk, dim=-1).indices.tolist()
+            for r, n in enumerate(nodes):
+                for c in tree.children[n]:
+                    tokens[c] = top[r][tree.paths[c - 1][-1]]
+        return torch.tensor(tokens)
+
+    def accepted(self, tokens: list[int]) -> None:
+        pass
+
+
+def speculative_generate(engine, input_ids, max_new_tokens: int, eos_token_id=None, do_sample: bool = False,
+                         temperature: float = 1.0, top_k=None, top_p=None, seed=None, attention_mask=None,
+                         streamer=None, drafter: str = "heads"):
+    """New token ids [B, N] like generate(), plus stats {steps, mean_accepted_length, ...}.
+
+    Batch > 1 runs the rows one after another (each row's accepted length differs, so the caches would diverge);
+    left padding is removed per row.
+    """
+    plan = engine.plan
+    ids, mask = check_request(plan, engine.manifest.get("dims", {}), input_ids, attention_mask, max_new_tokens,
+                              do_sample, temperature, top_k, top_p)
+    if streamer is not None and ids.shape[0] > 1:
+        raise GraphoptError("speculative generation streams batch 1 only; drop the streamer or give one prompt")
+    if eos_token_id is None:
+        eos_token_id = plan.get("eos_token_id")
+    eos = set() if eos_token_id is None else ({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id))
+    pad = plan.get("pad_token_id")
+    pad = pad if pad is not None else (min(eos) if eos else 0)
+    generator = torch.Generator().manual_seed(seed if seed is not None else 0) if do_sample else None
+    sampling = (temperature, top_k, top_p, generator) if do_sample else None
+    verifier = Verifier(engine)
+    if drafter == "heads":
+        draft = HeadDrafter(engine, sampling)
+    elif drafter == "layer-skip":
+        from .self_speculative import SkipDrafter
+        draft = SkipDrafter(engine, sampling)
+    else:
+        raise GraphoptError(f"unknown drafter '{drafter}': choose heads or layer-skip")
+    prefill = engine.method(plan["prefill"])._run
+    n_kv = 2 * plan["num_layers"]
+    max_len = plan["max_length"]
+    stats = {"steps": 0, "verified_tokens": 0, "draft_s": 0.0, "verify_s": 0.0}
+
+    def select(logits):
+        if sampling is None:
+            return int(logits.argmax(-1))
+        return int(torch.multinomial(warped_probs(logits, temperature, top_k, top_p), 1, generator=generator))
+
+    rows = []
+    for b in range(ids.shape[0]):
+        row = ids[b][mask[b] == 1]
+        if streamer is not None:
+            streamer.put(row[None])
+        S = row.shape[0]
+        outs = prefill([row[None], torch.ones(1, S, dtype=torch.int64), torch.arange(S)[None]])
+        past = list(outs[1:1 + n_kv])
+        hidden = outs[1 + n_kv][0, -1] if len(outs) > 1 + n_kv else None
+        draft.start(row)
+        out = [select(outs[0][0, -1])]
+        if streamer is not None:
+            streamer.put(torch.tensor(out[-1:]))
+        while len(out) < max_new_tokens and out[-1] not in eos:
+            P = past[0].shape[2]  # = position of the root token
+            room = min(max_len - P - 1, max_new_tokens - len(out))  # positions left, tokens still wanted
+            tree = draft.tree if draft.tree.max_depth <= room else draft.tree.truncated(room)
+            t0 = time.perf_counter()
+            if tree.size == 1:
+                tokens, q = torch.tensor(out[-1:]), None
+            else:
+                tokens, tree, q = draft.propose(out[-1], hidden, tree)
+            t1 = time.perf_counter()
+            logits, presents, extra = verifier(tokens, tree, past, P)
+            stats["verify_s"] += time.perf_counter() - t1
+            stats["draft_s"] += t1 - t0
+            tok_list = tokens.tolist()
+            if sampling is None:
+                path, nxt = accept_greedy(tok_list, tree, logits)
+            else:
+                p = warped_probs(logits, temperature, top_k, top_p)
+                path, nxt = accept_sampled(tok_list, p, q, generator) if q is not None else \
+                    ([0], int(torch.multinomial(p[0], 1, generator=generator)))
+            past = Verifier.keep(presents, P, path)
+            hidden = extra[0][path[-1]] if extra else None
+            new = [tok_list[i] for i in path[1:]] + [nxt]
+            draft.accepted(new)
+            stats["steps"] += 1
+            stats["verified_tokens"] += len(new)
+            for t in new:
+                if len(out) >= max_new_tokens or out[-1] in eos:
+                    break
+                out.append(t)
+                if streamer is not None:
+                    streamer.put(torch.tensor([t]))
+        rows.append(out)
+    if streamer is not None:
+        streamer.end()
+    width = max(len(r) for r in rows)
+    result = torch.full((len(rows), width), pad, dtype=torch.int64)
+    for b, r in enumerate(rows):
+        result[b, :len(r)] = torch.tensor(r)
+    stats["mean_accepted_length"] = stats["verified_tokens"] / max(stats["steps"], 1)
+    return result, stats
