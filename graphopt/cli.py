@@ -141,6 +141,10 @@ def build_graphopt_parser() -> argparse.ArgumentParser:
     r.add_argument("--top-p", type=float, default=None)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--eos-id", type=int, default=None, help="stop at this token id (default: the model's)")
+    r.add_argument("--speculative", action="store_true",
+                   help="speculative decoding with the bundle's trained draft heads (draft-heads pass)")
+    r.add_argument("--self-speculative", action="store_true",
+                   help="speculative decoding drafted by the bundle's skipped program (layer-skip pass)")
     d = r.add_argument_group("diffusion bundles")
     d.add_argument("--steps", type=int, default=None, help="sampler steps (default: the plan's)")
     d.add_argument("--batch", type=int, default=4, help="samples to draw")
@@ -150,6 +154,19 @@ def build_graphopt_parser() -> argparse.ArgumentParser:
     d.add_argument("--save", metavar="FILE", help="write the samples: FILE.pt (tensor) or FILE.png (grid, needs "
                                                  "matplotlib)")
     r.add_argument("--verbose", action="store_true")
+    t = sub.add_parser("train-heads", help="train a bundle's draft heads by self-distillation (in place)")
+    t.add_argument("bundle", metavar="OUT", help="bundle compiled with --passes draft-heads")
+    t.add_argument("--steps", type=int, default=1500, help="optimizer steps (default 1500)")
+    t.add_argument("--data", metavar="FILE", help="prompts: .txt (byte-tokenizer bundles; paragraphs) or a .pt "
+                                                  "list of 1-D token-id tensors (default for the zoo LM: its "
+                                                  "training split)")
+    t.add_argument("--prompts", type=int, default=512, help="prompts to continue for training data (default 512)")
+    t.add_argument("--new-tokens", type=int, default=128, help="greedy tokens generated per prompt (default 128)")
+    t.add_argument("--tree-size", type=int, default=None,
+                   help="tree nodes (default: the size with the best measured tokens per second)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--quiet", action="store_true")
+    t.add_argument("--verbose", action="store_true")
     return p
 
 
@@ -287,9 +304,12 @@ def run_command(args) -> int:
         def end(self):
             if streamer is not None:
                 streamer.end()
+    if args.speculative and args.self_speculative:
+        raise GraphoptError("choose one of --speculative (draft heads) and --self-speculative (layer skip)")
+    speculative = "heads" if args.speculative else "layer-skip" if args.self_speculative else False
     new = engine.generate(ids, args.max_new_tokens, eos_token_id=args.eos_id, do_sample=args.do_sample,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                          streamer=_Timer())
+                          streamer=_Timer(), speculative=speculative)
     total = time.perf_counter() - t0
     n = new.shape[1]
     if streamer is None:
@@ -299,6 +319,22 @@ def run_command(args) -> int:
     rate = (n - 1) / decode_s if n > 1 and decode_s > 0 else float("nan")
     print(f"[graphopt] {n} tokens in {total:.2f} s ({args.backend}): first token {ttft:.1f} ms, "
           f"decode {rate:.1f} tokens/s", file=sys.stderr)
+    if engine.last_stats:
+        st = engine.last_stats
+        print(f"[graphopt] speculative: {st['steps']} verify steps, mean accepted tokens per step "
+              f"{st['mean_accepted_length']:.2f}", file=sys.stderr)
+    return 0
+
+
+def train_heads_command(args) -> int:
+    from .compiler.train_heads import train_heads
+    from .progress import Progress
+    report = train_heads(args.bundle, steps=args.steps, data=args.data, prompts=args.prompts,
+                         new_tokens=args.new_tokens, seed=args.seed, tree_size=args.tree_size,
+                         progress=Progress(enabled=not args.quiet))
+    print(f"[graphopt] trained {len(report['top1_accuracy'])} heads in {report['seconds']} s: top-1 accuracy "
+          f"{', '.join(f'{a:.2f}' for a in report['top1_accuracy'])}; tree of {report['tree_size']} nodes, "
+          f"expected {report['expected_accepted_length']:.2f} tokens per step")
     return 0
 
 
@@ -312,7 +348,7 @@ def graphopt_main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return run_command(args)
+        return train_heads_command(args) if args.command == "train-heads" else run_command(args)
     except GraphoptError as e:
         if args.verbose:
             raise

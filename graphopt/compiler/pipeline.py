@@ -97,6 +97,7 @@ def parse_pipeline(text: str, where: str = "--passes") -> list[PassStep]:
         config = {k: opt.default for k, opt in cls.options.items()}
         for k, v in raw.items():
             config[k] = cls.options[k].parse(f"{where}: {name}{{{k}}}", v)
+        cls.check_config(config, f"{where}: {name}")
         steps.append(PassStep(cls, config))
     return steps
 

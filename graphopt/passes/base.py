@@ -80,6 +80,10 @@ class Pass:
         raise NotImplementedError
 
     @classmethod
+    def check_config(cls, config: dict[str, Any], where: str) -> None:
+        """Checks across options, run when the pipeline is parsed (before any expensive work)."""
+
+    @classmethod
     def summary(cls) -> str:
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
 

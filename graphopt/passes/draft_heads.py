@@ -53,6 +53,10 @@ class DraftHeads(Pass):
                        "or a list of paths of top-k ranks, e.g. [[0],[1],[0,0]]"),
     }
 
+    @classmethod
+    def check_config(cls, config, where):
+        parse_tree(config["tree"], config["heads"], config["topk"], f"{where}{{tree}}")
+
     def run(self, program, ctx):
         c = self.config
         tree = parse_tree(c["tree"], c["heads"], c["topk"])

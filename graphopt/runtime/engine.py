@@ -86,6 +86,7 @@ class Engine:
         self.backend = backend
         self._methods = methods
         self.plan = manifest.get("plan", {})
+        self.last_stats: dict | None = None  # set by generate(speculative=...)
 
     @property
     def methods(self) -> list[str]:
@@ -104,15 +105,27 @@ class Engine:
         return self.method(entry)(*args, **kwargs)
 
     def generate(self, input_ids, max_new_tokens: int, eos_token_id=None, do_sample: bool = False,
-                 temperature: float = 1.0, top_k=None, top_p=None, seed=None, attention_mask=None, streamer=None):
-        """Generate new token ids [B, N] with a causal-lm bundle (see graphopt.runtime.generate)."""
+                 temperature: float = 1.0, top_k=None, top_p=None, seed=None, attention_mask=None, streamer=None,
+                 speculative: bool | str = False):
+        """Generate new token ids [B, N] with a causal-lm bundle (see graphopt.runtime.generate).
+
+        speculative: False (plain KV-cache decoding), True or "heads" (the bundle's trained draft heads), or
+        "layer-skip" (the bundle's skipped program drafts); greedy output is identical either way, and
+        `self.last_stats` then holds steps and mean_accepted_length.
+        """
         if self.plan.get("kind") != "causal-lm":
             raise GraphoptError(f"generate() needs a causal-lm bundle; this one is '{self.plan.get('kind')}' "
                                 f"(optimize with --task causal-lm)")
+        kwargs = dict(eos_token_id=eos_token_id, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                      top_p=top_p, seed=seed, attention_mask=attention_mask, streamer=streamer)
+        if speculative:
+            from .speculative import speculative_generate
+            out, self.last_stats = speculative_generate(
+                self, input_ids, max_new_tokens, drafter="heads" if speculative is True else speculative, **kwargs)
+            return out
         from .generate import generate
-        return generate(self, input_ids, max_new_tokens, eos_token_id=eos_token_id, do_sample=do_sample,
-                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                        attention_mask=attention_mask, streamer=streamer)
+        self.last_stats = None
+        return generate(self, input_ids, max_new_tokens, **kwargs)
 
     def sample(self, noise=None, seed: int | None = None, steps: int | None = None, sampler: str | None = None,
                batch: int = 1, on_step=None, cache: bool = True, **conditioning) -> torch.Tensor:
