@@ -165,7 +165,7 @@ def compile(model: Any, passes: str | None = None, *, example_inputs: Any = None
         validate_tasks(steps, cap.resolve_task(task, loaded))
         program = cap.capture(model, task=task, inputs=inputs, dynamic=dynamic, example_inputs=example_inputs,
                               unsafe_load=unsafe_load, seed=seed, loaded=loaded,
-                              extra_methods=frozenset().union(*(s.cls.needs_methods for s in steps)))
+                              extra_methods=frozenset().union(*(s.cls.methods_needed(s.config) for s in steps)))
         timings["capture_s"] = time.perf_counter() - t0
     if calibration is not None:
         check_calibration(program, calibration, "calibration")

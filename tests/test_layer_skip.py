@@ -69,3 +69,36 @@ def test_bad_options():
     cnn = capture("examples.tiny_cnn:build")
     with pytest.raises(PassFailure, match="found no repeated blocks"):
         run_pipeline(cnn, parse_pipeline("layer-skip{skip=1}"), PassContext(calibration=[cnn.example_inputs["forward"]]))
+
+
+def test_self_speculative_drafts_with_the_skipped_program_and_stays_lossless(llama_dir, tmp_path):
+    calib = [(torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(i)),) for i in range(4)]
+    c = graphopt.compile(str(llama_dir), "layer-skip{skip=1,keep_ends=false,self_speculative=true,draft_length=3}",
+                         calibration=calib)
+    p = c.program
+    assert set(p.methods) == {"prefill", "decode", "verify", "draft_prefill", "draft_decode"}
+    skipped = int(c.reports[-1]["details"]["skipped"][0].rsplit(".", 1)[1])
+    # the drafter carries only the cache of the layer it runs
+    assert [s.name for s in p.inputs["draft_decode"]][3:] == [f"past_{kv}_{1 - skipped}" for kv in ("key", "value")]
+    assert len(p.output_names["draft_prefill"]) == 3
+    # the full methods are untouched: same outputs as without the pass
+    ref = graphopt.compile(str(llama_dir), "dce", backend="torch").program
+    x = p.example_inputs["decode"]
+    for a, b in zip(p.run("decode", *x), ref.run("decode", *x)):
+        torch.testing.assert_close(a, b)
+    c.save(tmp_path / "self")
+    g = torch.Generator().manual_seed(2)
+    for backend in ("onnxruntime", "torch"):
+        engine = graphopt.load(tmp_path / "self", backend=backend)
+        for n in (1, 6, 17):
+            ids = torch.randint(0, 128, (1, n), generator=g)
+            plain = engine.generate(ids, 24, eos_token_id=[])
+            assert torch.equal(engine.generate(ids, 24, eos_token_id=[], speculative="layer-skip"), plain)
+            assert engine.last_stats["mean_accepted_length"] >= 1
+        a = engine.generate(ids, 12, do_sample=True, seed=4, eos_token_id=[], speculative="layer-skip")
+        assert torch.equal(a, engine.generate(ids, 12, do_sample=True, seed=4, eos_token_id=[],
+                                              speculative="layer-skip"))
+    plain_bundle = tmp_path / "plain"
+    graphopt.compile(str(llama_dir), "dce").save(plain_bundle)
+    with pytest.raises(GraphoptError, match="no 'verify' method"):
+        graphopt.load(plain_bundle).generate(ids, 4, speculative="layer-skip")

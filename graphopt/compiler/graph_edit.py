@@ -169,3 +169,56 @@ def same_shape(a, b) -> bool:
 def is_mutating(node: torch.fx.Node) -> bool:
     schema = getattr(node.target, "_schema", None)
     return bool(schema is not None and schema.is_mutable)
+
+
+def drop_user_io(ep: ExportedProgram, inputs: set[int] = frozenset(), outputs: set[int] = frozenset()):
+    """The graph without the given user outputs (by position) and then without the given user inputs, which must
+    have become unused (e.g. the KV cache of layers a drafter skips)."""
+    from .feature_cache import _set_call_spec
+    ed = GraphEditor(ep)
+    out = next(n for n in ed.graph.nodes if n.op == "output")
+    user_specs = [s for s in ed.output_specs if s.kind == OutputKind.USER_OUTPUT]
+    n_other = len(ed.output_specs) - len(user_specs)  # mutations come first in an export signature
+    args = list(out.args[0])
+    keep = [i for i in range(len(user_specs)) if i not in outputs]
+    out.args = (tuple(args[:n_other] + [args[n_other + i] for i in keep]),)
+    ed.output_specs = ed.output_specs[:n_other] + [user_specs[i] for i in keep]
+    keep_only_output_slice(ed.graph)
+    users = [s for s in ed.input_specs if s.kind == InputKind.USER_INPUT]
+    placeholders = ed.placeholders()
+    dropped = {users[i].arg.name for i in inputs}
+    kept = [placeholders[s.arg.name] for s in users if s.arg.name not in dropped]
+    for i in sorted(inputs):
+        node = placeholders[users[i].arg.name]
+        for user in list(node.users):  # a size read (the cache length) can come from any input with that dim
+            if user.target is torch.ops.aten.sym_size.int:
+                donor = _same_dim(node, user.args[1], kept)
+                if donor is not None:
+                    user.replace_input_with(node, donor[0])
+                    user.args = (donor[0], donor[1])
+        if node.users:
+            raise ValueError(f"user input {users[i].arg.name} is still read")
+        ed.graph.erase_node(node)
+        ed.input_specs.remove(users[i])
+    ed.remove_unused_inputs()
+    new = ed.build()
+    if new.example_inputs is not None:  # re-tracing (run_decompositions) calls the program with these
+        args, kwargs = new.example_inputs
+        new._example_inputs = (tuple(a for i, a in enumerate(args) if i not in inputs), kwargs)
+    # Export's shape guards name inputs by position (L['args'][0][i]); with inputs gone they point at the wrong
+    # ones. Engines check inputs against the manifest instead.
+    new._guards_code = []
+    _set_call_spec(new, len(new.graph_signature.user_inputs), len(new.graph_signature.user_outputs))
+    return new
+
+
+def _same_dim(node, dim: int, candidates):
+    """(placeholder, axis) among candidates whose size is the same symbol as node's axis `dim`."""
+    size = node.meta["val"].shape[dim]
+    if not isinstance(size, torch.SymInt):
+        return None
+    for c in candidates:
+        for axis, other in enumerate(c.meta["val"].shape):
+            if isinstance(other, torch.SymInt) and str(other.node.expr) == str(size.node.expr):
+                return c, axis
+    return None

@@ -193,7 +193,9 @@ def train_heads(path, steps: int = 1500, data=None, prompts: int = 512, new_toke
         seqs = _self_distill(engine, _load_data(engine, data, prompts, seed), new_tokens, progress)
     prefill_ep = torch.export.load(str(path / manifest["methods"][manifest["plan"]["prefill"]]["files"]["pt2"]))
     _, _, weight, bias = find_lm_head(prefill_ep)
-    hs, logits = _hidden_and_logits(engine, seqs, weight.float(), None if bias is None else bias.float(), progress)
+    with torch.no_grad():
+        hs, logits = _hidden_and_logits(engine, seqs, weight.detach().float(),
+                                        None if bias is None else bias.detach().float(), progress)
     K = dplan["heads"]
     n_val = max(1, len(seqs) // 10)
     train = _positions(hs[n_val:], seqs[n_val:], logits[n_val:], K)
@@ -223,7 +225,7 @@ def train_heads(path, steps: int = 1500, data=None, prompts: int = 512, new_toke
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     heads.eval()
     topk = dplan["topk"]
     acc = head_accuracy(heads, *val, topk)

@@ -80,6 +80,11 @@ class Pass:
         raise NotImplementedError
 
     @classmethod
+    def methods_needed(cls, config: dict[str, Any]) -> frozenset[str]:
+        """Optional methods capture must export for this configuration."""
+        return cls.needs_methods
+
+    @classmethod
     def check_config(cls, config: dict[str, Any], where: str) -> None:
         """Checks across options, run when the pipeline is parsed (before any expensive work)."""
 

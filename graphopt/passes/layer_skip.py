@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 
 from ..compiler.blocks import find_blocks
-from ..compiler.graph_edit import GraphEditor, keep_only_output_slice
+from ..compiler.graph_edit import GraphEditor, drop_user_io, keep_only_output_slice
 from ..errors import GraphoptError
 from .base import Option, Pass, register
 
@@ -70,7 +70,16 @@ class LayerSkip(Pass):
         "speedup": Option(float, 0.0, "target speed-up from skipping: skip round(N·(1 − 1/speedup)) blocks",
                           min=0.0, max=100.0),
         "keep_ends": Option(bool, True, "never skip the first and the last block"),
+        "self_speculative": Option(bool, False, "keep the full methods and add the skipped ones as a drafter "
+                                   "(graphopt run --self-speculative)"),
+        "draft_length": Option(int, 4, "self-speculative: most tokens drafted per verify step", min=1, max=32),
+        "confidence": Option(float, 0.5, "self-speculative: stop drafting when the drafter's top probability "
+                             "falls below this", min=0.0, max=1.0),
     }
+
+    @classmethod
+    def methods_needed(cls, config):
+        return frozenset({"verify"}) if config["self_speculative"] else frozenset()
 
     def run(self, program, ctx):
         c = self.config
@@ -100,6 +109,31 @@ class LayerSkip(Pass):
             found = {b.path for b in find_blocks(m_ep)}
             if not paths <= found:
                 raise GraphoptError(f"layer-skip: method '{name}' lacks blocks {sorted(paths - found)}")
-        program.methods = {name: skip_blocks(m_ep, paths) for name, m_ep in program.methods.items()}
+        if c["self_speculative"]:
+            plan = program.plan
+            if plan.get("kind") != "causal-lm" or plan.get("verify") not in program.methods:
+                raise GraphoptError("layer-skip{self_speculative=true} needs a causal-lm program (--task causal-lm)")
+            # The drafter never reads the cache of the layers it skips: drop those inputs/outputs, and with them
+            # the K/V projections that skip_blocks keeps for the full program's signature.
+            n_layers = plan["num_layers"]
+            if len(blocks) != n_layers:
+                raise GraphoptError(f"layer-skip: found {len(blocks)} blocks but the KV cache has {n_layers} layers")
+            kv_drop = {1 + 2 * i + j for i in chosen for j in (0, 1)}
+            kept_out = [o for o in range(1 + 2 * n_layers) if o not in kv_drop]
+            for m in (plan["prefill"], plan["decode"]):
+                name = f"draft_{m}"
+                n_out = len(program.output_names[m])
+                drop_out = kv_drop | set(range(1 + 2 * n_layers, n_out))  # extra outputs (hidden states) too
+                drop_in = {2 + o for o in kv_drop} if m == plan["decode"] else set()
+                program.methods[name] = drop_user_io(skip_blocks(program.methods[m], paths), drop_in, drop_out)
+                program.inputs[name] = [s for i, s in enumerate(program.inputs[m]) if i not in drop_in]
+                ex = program.example_inputs[m]
+                program.example_inputs[name] = tuple(x for i, x in enumerate(ex) if i not in drop_in)
+                program.output_names[name] = [program.output_names[m][o] for o in kept_out]
+            plan["self_speculative"] = {"prefill": f"draft_{plan['prefill']}", "decode": f"draft_{plan['decode']}",
+                                        "skipped": sorted(paths), "kv_outputs": len(kept_out) - 1,
+                                        "draft_length": c["draft_length"], "confidence": c["confidence"]}
+        else:
+            program.methods = {name: skip_blocks(m_ep, paths) for name, m_ep in program.methods.items()}
         return program, {"blocks": n, "skipped": [blocks[i].path for i in chosen],
                          "influence": {b.path: round(v, 5) for b, v in zip(blocks, influence)}}

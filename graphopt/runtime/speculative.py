@@ -82,10 +82,15 @@ class Verifier:
     @staticmethod
     def keep(presents: list[torch.Tensor], P: int, nodes: list[int]) -> list[torch.Tensor]:
         """The cache with the past and the accepted nodes' entries only."""
-        if nodes == list(range(len(nodes))):
-            return [x[:, :, :P + len(nodes)] for x in presents]
-        idx = torch.cat([torch.arange(P), P + torch.tensor(nodes)])
-        return [x.index_select(2, idx) for x in presents]
+        # Path nodes come in increasing order (parents before children), so moving each accepted entry down to its
+        # slot in place never overwrites one still to be moved; only the entries off the prefix are copied.
+        moves = [(j, n) for j, n in enumerate(nodes) if j != n]
+        out = []
+        for x in presents:
+            for j, n in moves:
+                x[:, :, P + j] = x[:, :, P + n]
+            out.append(x[:, :, :P + len(nodes)])
+        return out
 
 
 def accept_greedy(tokens: list[int], tree: TreeShape, logits: torch.Tensor) -> tuple[list[int], int]:
@@ -236,6 +241,7 @@ def speculative_generate(engine, input_ids, max_new_tokens: int, eos_token_id=No
         hidden = outs[1 + n_kv][0, -1] if len(outs) > 1 + n_kv else None
         draft.start(row)
         out = [select(outs[0][0, -1])]
+        draft.accepted(out[:])
         if streamer is not None:
             streamer.put(torch.tensor(out[-1:]))
         while len(out) < max_new_tokens and out[-1] not in eos:
