@@ -1,14 +1,20 @@
-"""Static layer skipping on the zoo LM: quality and decode speed against the fraction of blocks skipped.
+"""Layer skipping on the zoo LM: quality and decode speed against the fraction of blocks skipped, and
+self-speculative decoding.
 
-    python benchmarks/layer_skip.py [--quick] [--json FILE]
+    python benchmarks/layer_skip.py [--quick] [--json FILE] [--png FILE]
 
 Quality: held-out bits per byte of the skipped program (torch, plain forward) on evenly spaced windows of 256 tokens
-(512; quick: 64), relative to the unskipped model: {naive,static}_{25,50}_rel_increase, where 25 / 50 % of the 8
-blocks are skipped, naive = the deepest blocks before the last, static = layer-skip{skip=N} (lowest block influence
-on the zoo calibration set, first and last block kept). No healing yet, so static_25_noheal_rel_increase equals
-static_25_rel_increase. Speed: ONNX Runtime greedy decode tokens/s of causal-lm bundles (batch 1, one intra-op
-thread, 4 prompts x 64 tokens): unskipped_tokens_per_s, static_{25,50}_tokens_per_s (naive skips as many blocks;
-its speed is not measured separately). Routers and self-speculative decoding are not implemented yet (no keys).
+(512; quick: 64), relative to the unskipped model, where 25 / 50 % of the 8 blocks are skipped: naive = the deepest
+blocks before the last; static = layer-skip{skip=N,heal=true} (lowest block influence on the zoo calibration set,
+first and last block kept, then the remaining norm weights tuned to the original's outputs):
+{naive,static}_{25,50}_rel_increase, static_{25,50}_noheal_rel_increase (heal=false) and loss_{25,50}_rel_increase
+(select=loss: greedy by calibration loss, no heal). Speed: ONNX Runtime greedy decode tokens/s of causal-lm bundles
+(batch 1, 4 prompts x 64 tokens): unskipped_tokens_per_s, static_{25,50}_tokens_per_s (naive skips as many blocks,
+so it runs at the same speed). Self-speculative (layer-skip{skip=N,self_speculative=true,heal=true}, the skipped
+program drafts, the full one verifies): on 16 held-out prompts (quick: 4) x 128 tokens, batch 1, ORT:
+self_spec_identical_rate (output equal to plain greedy), self_spec_speedup (tokens/s over plain decoding of the same
+bundle), self_spec_mean_accepted_length, for N = 2 and 4 under self_spec_{25,50}; top-level keys: the faster.
+Input-adaptive routers are not implemented (no router_* keys).
 """
 from __future__ import annotations
 
@@ -25,7 +31,9 @@ FRACTIONS = {"25": 2, "50": 4}
 
 
 def main() -> None:
-    args = parse_args(__doc__.splitlines()[0])
+    def options(ap):
+        ap.add_argument("--png", type=Path, help="write the quality-vs-speed plot here (needs matplotlib)")
+    args = parse_args(__doc__.splitlines()[0], options)
     import graphopt
     from graphopt import metrics, zoo
     from graphopt.compiler.capture import capture
@@ -39,40 +47,101 @@ def main() -> None:
     def bits(program) -> float:
         return metrics.lm_bits_per_byte(lambda ids: program.run("forward", ids)[0], max_windows=windows)
 
+    def skipped(spec: str):
+        new, reports, _ = run_pipeline(base, parse_pipeline(spec), PassContext(calibration=calibration))
+        return new, reports[0]["details"]
+
     m: dict = {"machine": machine(), "heldout_windows": windows, "blocks": N_BLOCKS}
     full = bits(base)
     m["unskipped_bits_per_byte"] = round(full, 4)
     for pct, k in FRACTIONS.items():
-        new, reports, _ = run_pipeline(base, parse_pipeline(f"layer-skip{{skip={k}}}"),
-                                       PassContext(calibration=calibration))
-        m[f"static_{pct}_blocks"] = reports[0]["details"]["skipped"]
+        new, details = skipped(f"layer-skip{{skip={k}}}")
+        m[f"static_{pct}_blocks"] = details["skipped"]
+        m[f"static_{pct}_noheal_rel_increase"] = round(bits(new) / full - 1, 4)
+        new, details = skipped(f"layer-skip{{skip={k},heal=true}}")
         m[f"static_{pct}_rel_increase"] = round(bits(new) / full - 1, 4)
+        m[f"static_{pct}_heal"] = details.get("heal")
+        new, details = skipped(f"layer-skip{{skip={k},select=loss}}")
+        m[f"loss_{pct}_blocks"] = details["skipped"]
+        m[f"loss_{pct}_rel_increase"] = round(bits(new) / full - 1, 4)
         naive = base.copy()
         paths = {f"model.model.layers.{i}" for i in range(N_BLOCKS - 1 - k, N_BLOCKS - 1)}
         naive.methods = {"forward": skip_blocks(base.methods["forward"], paths)}
         m[f"naive_{pct}_blocks"] = sorted(paths)
         m[f"naive_{pct}_rel_increase"] = round(bits(naive) / full - 1, 4)
         print(pct, {key: v for key, v in m.items() if pct in key}, flush=True)
-    m["static_25_noheal_rel_increase"] = m["static_25_rel_increase"]
-    m["block_influence"] = reports[0]["details"]["influence"]
+    m["block_influence"] = details["influence"]
 
     tok = zoo.byte_tokenizer()
-    prompts = [torch.tensor([tok.encode(p)]) for p in zoo.prompts(4)]
+    prompts = [torch.tensor([tok.encode(p)]) for p in zoo.prompts(16)]
     with tempfile.TemporaryDirectory() as tmp:
-        def speed(spec: str | None, name: str) -> float:
+        def build(spec: str | None, name: str):
             c = graphopt.compile("zoo:tiny-code-lm", spec, calibration=calibration if spec else None)
             c.save(Path(tmp) / name)
-            engine = graphopt.load(Path(tmp) / name, threads=1)
+            return graphopt.load(Path(tmp) / name)
+
+        def speed(engine) -> float:
             engine.generate(prompts[0], 4)
             t, n = time.perf_counter(), 0
-            for p in prompts:
+            for p in prompts[:4]:
                 n += engine.generate(p, 64, eos_token_id=[]).shape[1]
             return round(n / (time.perf_counter() - t), 1)
-        m["unskipped_tokens_per_s"] = speed(None, "full")
+        m["unskipped_tokens_per_s"] = speed(build(None, "full"))
         for pct, k in FRACTIONS.items():
-            m[f"static_{pct}_tokens_per_s"] = speed(f"layer-skip{{skip={k}}}", f"s{pct}")
+            m[f"static_{pct}_tokens_per_s"] = speed(build(f"layer-skip{{skip={k}}}", f"s{pct}"))
             print(pct, m[f"static_{pct}_tokens_per_s"], "tok/s", flush=True)
+        for pct, k in FRACTIONS.items():
+            engine = build(f"layer-skip{{skip={k},self_speculative=true,heal=true}}", f"self{pct}")
+            engine.generate(prompts[0], 4)
+            engine.generate(prompts[0], 4, speculative="layer-skip")
+            same, t_plain, t_spec, steps, verified, n = 0, 0.0, 0.0, 0, 0, 0
+            for p in prompts[:4 if args.quick else 16]:
+                t = time.perf_counter()
+                plain = engine.generate(p, 128)
+                t_plain += time.perf_counter() - t
+                t = time.perf_counter()
+                spec = engine.generate(p, 128, speculative="layer-skip")
+                t_spec += time.perf_counter() - t
+                same += int(torch.equal(plain, spec))
+                n += 1
+                steps += engine.last_stats["steps"]
+                verified += engine.last_stats["verified_tokens"]
+            m[f"self_spec_{pct}"] = {"identical_rate": round(same / n, 4), "speedup": round(t_plain / t_spec, 3),
+                                     "mean_accepted_length": round(verified / steps, 3)}
+            print("self-spec", pct, m[f"self_spec_{pct}"], flush=True)
+    best = max(FRACTIONS, key=lambda pct: m[f"self_spec_{pct}"]["speedup"])
+    m["self_spec_skipped_fraction"] = int(best) / 100
+    for key in ("identical_rate", "speedup", "mean_accepted_length"):
+        m[f"self_spec_{key}"] = m[f"self_spec_{best}"][key]
+    if args.png:
+        plot(m, args.png)
     emit(m, args.json)
+
+
+def plot(m: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    base = m["unskipped_tokens_per_s"]
+    ax.scatter([base], [0], c="k", label="unskipped")
+    for name, marker in (("naive", "x"), ("static_{}_noheal", "s"), ("static", "o")):
+        xs, ys = [], []
+        for pct in FRACTIONS:
+            key = name.format(pct) if "{}" in name else f"{name}_{pct}"
+            xs.append(m[f"static_{pct}_tokens_per_s"])
+            ys.append(100 * m[f"{key}_rel_increase"])
+        label = {"naive": "naive (deepest)", "static": "static + heal"}.get(name, "static, no heal")
+        ax.plot(xs, ys, marker=marker, label=label)
+    for pct in FRACTIONS:
+        ax.scatter([base * m[f"self_spec_{pct}"]["speedup"]], [0], marker="*", s=120,
+                   label=f"self-speculative ({pct} % drafter)")
+    ax.set_xlabel("ORT decode tokens/s (batch 1)")
+    ax.set_ylabel("held-out bits/byte increase (%)")
+    ax.set_title("zoo LM layer skipping: quality vs speed")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from common import emit, machine, parse_args
 
 def main() -> None:
     def options(ap):
-        ap.add_argument("--kinds", default="medusa,hydra", help="head kinds to compare (first: top-level keys)")
+        ap.add_argument("--kinds", default="hydra,medusa", help="head kinds to compare (first: top-level keys)")
         ap.add_argument("--steps", type=int, help="training steps (default 1500; quick 300)")
     args = parse_args(__doc__.splitlines()[0], options)
     import graphopt

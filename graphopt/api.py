@@ -213,6 +213,12 @@ def _lower(program: Program, staging: Path, backend: str, opset: int, calibratio
                 in_names = [s.name for s in program.inputs[name]]
                 out_names = [s.name for s in program.output_specs(name)]
                 export_onnx(ep, staging / f"{name}.onnx", in_names, out_names, opset, verbose)
+                routing = program.plan.get("routing")
+                if routing and routing.get("onnx") == "if":
+                    from .compiler.onnx_if import route_blocks
+                    done = route_blocks(staging / f"{name}.onnx", routing["blocks"],
+                                        program.plan.get("kv_heads", []), program.plan.get("head_dim", []))
+                    routing.setdefault("if_blocks", {})[name] = done
                 files[name]["onnx"] = f"{name}.onnx"
                 if (staging / f"{name}.onnx.data").exists():
                     files[name]["onnx_data"] = f"{name}.onnx.data"

@@ -102,3 +102,38 @@ def test_self_speculative_drafts_with_the_skipped_program_and_stays_lossless(lla
     graphopt.compile(str(llama_dir), "dce").save(plain_bundle)
     with pytest.raises(GraphoptError, match="no 'verify' method"):
         graphopt.load(plain_bundle).generate(ids, 4, speculative="layer-skip")
+
+
+def test_loss_search_and_heal_on_a_causal_lm(tmp_path):
+    from graphopt.compiler.heal import mean_ce
+    from graphopt.passes.layer_skip import skip_blocks
+    from graphopt.testing import tiny_hf_lm
+    src = tiny_hf_lm("llama", tmp_path / "llama4", layers=4, seed=3)
+    g = torch.Generator().manual_seed(0)
+    calib = [(torch.randint(0, 128, (1, 32), generator=g),) for _ in range(8)]
+    base = graphopt.compile(str(src), "dce", backend="torch").program
+    prefill = base.methods["prefill"]
+    from graphopt.compiler.blocks import find_blocks
+    blocks = find_blocks(prefill)
+    seqs = [c[0] for c in calib]
+    ce = {i: mean_ce(skip_blocks(prefill, {blocks[i].path}), seqs) for i in (1, 2)}
+    c = graphopt.compile(str(src), "layer-skip{skip=1,select=loss,heal=true,heal_steps=60}", calibration=calib,
+                         backend="torch")
+    d = c.reports[-1]["details"]
+    assert d["skipped"] == [blocks[min(ce, key=ce.get)].path]  # the removal that costs least
+    assert d["loss_search"][0]["ce"] == pytest.approx(min(ce.values()), abs=1e-4)
+    assert d["calib_ce_skipped"] == pytest.approx(min(ce.values()), abs=1e-4) and d["calib_ce_full"] < 10
+    h = d["heal"]
+    assert h["healed"] and h["heldout_kl_after"] < h["heldout_kl_before"]
+    assert d["calib_ce_healed"] < d["calib_ce_skipped"]
+    # healing changed 1-D parameters only, in every method alike
+    p = c.program
+    for name, t in p.methods["decode"].state_dict.items():
+        t0 = base.methods["decode"].state_dict[name]
+        assert t.dim() == 1 or torch.equal(t, t0)
+        assert torch.equal(t, p.methods["prefill"].state_dict[name])
+    assert any(not torch.equal(t, base.methods["decode"].state_dict[n])
+               for n, t in p.methods["decode"].state_dict.items())
+    with pytest.raises(PassFailure, match="need a language model"):
+        run_pipeline(capture(Stack().eval(), example_inputs=(torch.randn(2, 16),)),
+                     parse_pipeline("layer-skip{skip=1,heal=true}"), PassContext(calibration=[(torch.randn(2, 16),)]))

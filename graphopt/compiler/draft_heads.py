@@ -129,8 +129,11 @@ class DraftHeads(torch.nn.Module):
 
     medusa: head k sees h_t only. hydra: head k also sees the embeddings of tokens t+1..t+k (the base's next token
     and the drafts before it), so its guesses follow the path drafted so far.
-    forward(hidden [N, d], path_ids [N, K]) -> logits [N, K, V]; medusa ignores path_ids.
+    forward(hidden [N, d], path_ids [N, K]) -> logits [N, K, V]; medusa ignores path_ids. Training feeds hydra
+    the true path (teacher forcing); the exported method (greedy_path=True) reads only path_ids[:, 0], the base
+    model's next token, and drafts the rest of the path itself by argmax, so one call drafts every depth.
     """
+    greedy_path = False
 
     def __init__(self, kind: str, heads: int, layers: int, lm_weight: torch.Tensor, lm_bias=None,
                  embedding: torch.Tensor | None = None):
@@ -148,11 +151,17 @@ class DraftHeads(torch.nn.Module):
     def forward(self, hidden, path_ids):
         if self.kind == "medusa":
             return torch.stack([h(hidden) for h in self.heads], dim=1)
-        emb = torch.nn.functional.embedding(path_ids, self.embedding)  # [N, K, d]
+        embed = torch.nn.functional.embedding
+        if not self.greedy_path:
+            emb = embed(path_ids, self.embedding)  # [N, K, d]
+            return torch.stack([h(torch.cat([hidden, emb[:, :k + 1].flatten(1)], dim=-1))
+                                for k, h in enumerate(self.heads)], dim=1)
+        path = [embed(path_ids[:, 0], self.embedding)]
         outs = []
-        for k, h in enumerate(self.heads):
-            x = torch.cat([hidden, emb[:, :k + 1].flatten(1)], dim=-1)
-            outs.append(h(x))
+        for h in self.heads:
+            logits = h(torch.cat([hidden] + path, dim=-1))
+            outs.append(logits)
+            path.append(embed(logits.argmax(-1), self.embedding))
         return torch.stack(outs, dim=1)
 
 
@@ -161,8 +170,13 @@ def export_draft(heads: DraftHeads):
     d = heads.heads[0].out.weight.shape[1]
     example = (torch.zeros(2, d), torch.zeros(2, heads.num_heads, dtype=torch.int64))
     n = torch.export.Dim("N", min=1, max=4096)
-    with torch.no_grad():
-        return torch.export.export(heads.eval(), example, dynamic_shapes=({0: n}, {0: n}), strict=False), example
+    heads.greedy_path = heads.kind == "hydra"
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(heads.eval(), example, dynamic_shapes=({0: n}, {0: n}), strict=False)
+    finally:
+        heads.greedy_path = False
+    return ep, example
 
 
 def heads_from_state(kind: str, heads: int, layers: int, state: dict[str, torch.Tensor]) -> DraftHeads:

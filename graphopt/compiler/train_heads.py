@@ -131,9 +131,10 @@ def head_accuracy(heads, H, paths, targets, topk: int) -> torch.Tensor:
     return hits / len(H)
 
 
-def grow_tree(acc: torch.Tensor, size: int) -> list[list[int]]:
+def grow_tree(acc: torch.Tensor, size: int, spine_only: bool = False) -> list[list[int]]:
     """The `size` paths with the largest expected acceptance (product of per-depth rank accuracies), grown from
-    the root; a path is only added after its parent, so the result is a tree."""
+    the root; a path is only added after its parent, so the result is a tree. spine_only: only the greedy path
+    (all ranks 0) has children, as for hydra heads, which draft conditioned on their own greedy path."""
     K, topk = acc.shape
     heap = [(-float(acc[0, r]), (r,)) for r in range(topk)]
     heapq.heapify(heap)
@@ -141,7 +142,7 @@ def grow_tree(acc: torch.Tensor, size: int) -> list[list[int]]:
     while heap and len(paths) < size:
         neg, p = heapq.heappop(heap)
         paths.append(list(p))
-        if len(p) < K:
+        if len(p) < K and (not spine_only or not any(p)):
             for r in range(topk):
                 heapq.heappush(heap, (neg * float(acc[len(p), r]), p + (r,)))
     return sorted(paths, key=lambda p: (len(p), p))
@@ -236,8 +237,9 @@ def train_heads(path, steps: int = 1500, data=None, prompts: int = 512, new_toke
             sizes = [tree_size] if tree_size else list(TREE_SIZES)
             timing = verify_seconds(engine, sizes)
             draft_s = _draft_seconds(engine)
-            best = max(sizes, key=lambda n: expected_tokens(acc, grow_tree(acc, n)) / (timing[n] + draft_s))
-            paths = grow_tree(acc, best)
+            spine = dplan["kind"] == "hydra"
+            best = max(sizes, key=lambda n: expected_tokens(acc, grow_tree(acc, n, spine)) / (timing[n] + draft_s))
+            paths = grow_tree(acc, best, spine)
     report = {
         "steps": steps, "seconds": round(time.perf_counter() - t_start, 1), "sequences": len(seqs),
         "train_positions": len(H), "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
@@ -259,7 +261,7 @@ def _draft_seconds(engine) -> float:
     for _ in range(10):
         run([x, p])
     per_call = (time.perf_counter() - t0) / 10
-    return per_call * (dplan["heads"] if dplan["kind"] == "hydra" else 1)
+    return per_call
 
 
 def _rewrite_bundle(path: Path, manifest: dict, heads, paths, report: dict, progress) -> None:
@@ -281,8 +283,10 @@ def _rewrite_bundle(path: Path, manifest: dict, heads, paths, report: dict, prog
                 export_onnx(ep, staging / files["onnx"], [s["name"] for s in spec["inputs"]],
                             [s["name"] for s in spec["outputs"]], manifest.get("onnx_opset") or 18)
                 x = (torch.randn(3, example[0].shape[1]), torch.randint(0, 2, (3, example[1].shape[1])))
+                heads.greedy_path = heads.kind == "hydra"  # what export_draft traced
                 with torch.no_grad():
                     ref = heads(*x)
+                heads.greedy_path = False
                 got = _ort_runner(staging / files["onnx"], ["CPUExecutionProvider"])(list(x))[0]
                 err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
                 if not err <= ORT_TOLERANCE:

@@ -64,12 +64,24 @@ class LayerSkip(Pass):
     exact = False
     metric = "rel_l2"
     tolerance = 1.0  # skipping blocks changes outputs by design; quality is measured by bits/byte in benchmarks
+    adds_outputs = True  # mode=router: prefill also returns its routing decisions
     needs = frozenset({"calibration"})
     options = {
+        "mode": Option(str, "static", "static: the same blocks for every input; router: per-block routers decide "
+                       "once per sequence at prefill (FiRST)", choices=("static", "router")),
+        "rate": Option(float, 0.25, "router: target average fraction of blocks skipped", min=0.0, max=1.0),
+        "onnx": Option(str, "if", "router: ONNX lowering of a routed block: if (an If node, a skipped block is not "
+                       "computed) or where (the block always runs, its result is selected)", choices=("if", "where")),
         "skip": Option(int, 0, "number of blocks to skip (or give speedup)", min=0, max=1000),
         "speedup": Option(float, 0.0, "target speed-up from skipping: skip round(N·(1 − 1/speedup)) blocks",
                           min=0.0, max=100.0),
         "keep_ends": Option(bool, True, "never skip the first and the last block"),
+        "select": Option(str, "influence", "influence: lowest ShortGPT block influence; loss: greedily the block "
+                         "whose removal raises the calibration LM loss least (causal LMs)",
+                         choices=("influence", "loss")),
+        "heal": Option(bool, False, "tune the remaining norm weights/biases to the original model's outputs on "
+                       "the calibration data (causal LMs)"),
+        "heal_steps": Option(int, 200, "optimizer steps for heal", min=1, max=100000),
         "self_speculative": Option(bool, False, "keep the full methods and add the skipped ones as a drafter "
                                    "(graphopt run --self-speculative)"),
         "draft_length": Option(int, 4, "self-speculative: most tokens drafted per verify step", min=1, max=32),
@@ -83,6 +95,8 @@ class LayerSkip(Pass):
 
     def run(self, program, ctx):
         c = self.config
+        if c["mode"] == "router":
+            return _router_pass(c, program, ctx)
         if bool(c["skip"]) == bool(c["speedup"]):
             raise GraphoptError("layer-skip: give exactly one of skip=N or speedup=X (> 1)")
         method, inputs = program.calibration_inputs(ctx.calibration, 16)
@@ -103,7 +117,21 @@ class LayerSkip(Pass):
             raise GraphoptError(f"layer-skip: can skip 1..{len(candidates)} of the {n} blocks "
                                 f"({'first and last kept' if c['keep_ends'] else 'all candidates'}), asked for {k}")
         influence = block_influence(ep, blocks, inputs)
-        chosen = sorted(sorted(candidates, key=lambda i: influence[i])[:k])
+        from ..compiler.draft_heads import find_lm_head
+        try:
+            find_lm_head(ep)
+            is_lm = True
+        except GraphoptError:
+            is_lm = False
+        if (c["select"] == "loss" or c["heal"]) and not is_lm:
+            raise GraphoptError("layer-skip: select=loss and heal=true need a language model (its first output "
+                                "computed by an LM head from the hidden state)")
+        details: dict = {}
+        sequences = [item[0] for item in ctx.calibration[:16]] if is_lm else []
+        if c["select"] == "loss":
+            chosen, details["loss_search"] = _greedy_by_loss(ep, blocks, candidates, k, sequences[:8], ctx)
+        else:
+            chosen = sorted(sorted(candidates, key=lambda i: influence[i])[:k])
         paths = {blocks[i].path for i in chosen}
         for name, m_ep in program.methods.items():
             found = {b.path for b in find_blocks(m_ep)}
@@ -135,5 +163,75 @@ class LayerSkip(Pass):
                                         "draft_length": c["draft_length"], "confidence": c["confidence"]}
         else:
             program.methods = {name: skip_blocks(m_ep, paths) for name, m_ep in program.methods.items()}
-        return program, {"blocks": n, "skipped": [blocks[i].path for i in chosen],
+        if is_lm:
+            from ..compiler.heal import heal, mean_ce, with_parameters
+            spec = program.plan.get("self_speculative")
+            skipped_name = spec["prefill"] if c["self_speculative"] else method
+            details["calib_ce_full"] = round(mean_ce(ep, sequences), 5)
+            details["calib_ce_skipped"] = round(mean_ce(program.methods[skipped_name], sequences), 5)
+            if c["heal"]:
+                values, details["heal"] = heal(program.methods[skipped_name], ep, sequences, c["heal_steps"],
+                                               seed=ctx.seed, progress=ctx.progress)
+                # self-speculative: only the drafter is healed; the verifier stays the original model
+                targets = [spec["prefill"], spec["decode"]] if c["self_speculative"] else list(program.methods)
+                for m in targets:
+                    program.methods[m] = with_parameters(program.methods[m], values)
+                if values:
+                    details["calib_ce_healed"] = round(mean_ce(program.methods[skipped_name], sequences), 5)
+        return program, {**details, "blocks": n, "skipped": [blocks[i].path for i in chosen],
                          "influence": {b.path: round(v, 5) for b, v in zip(blocks, influence)}}
+
+
+def _greedy_by_loss(ep, blocks, candidates: list[int], k: int, sequences, ctx):
+    """Remove blocks one at a time, each time the one whose removal (with those already chosen) gives the lowest
+    calibration cross-entropy."""
+    from ..compiler.heal import mean_ce
+    chosen, trace = [], []
+    for _ in ctx.progress.track(range(k), "layer-skip loss search", total=k):
+        scores = {}
+        for i in candidates:
+            if i in chosen:
+                continue
+            scores[i] = mean_ce(skip_blocks(ep, {blocks[j].path for j in chosen + [i]}), sequences)
+        best = min(scores, key=scores.get)
+        chosen.append(best)
+        trace.append({"block": blocks[best].path, "ce": round(scores[best], 5)})
+    return sorted(chosen), trace
+
+
+def _router_pass(c: dict, program, ctx):
+    """mode=router: train per-block routers on the calibration sequences and gate the routed blocks."""
+    from ..compiler.program import TensorSpec
+    from ..compiler.routing import add_routing, train_routers
+    if c["self_speculative"] or c["heal"] or c["skip"] or c["speedup"]:
+        raise GraphoptError("layer-skip{mode=router}: give rate=..., not skip/speedup/heal/self_speculative")
+    method, _ = program.calibration_inputs(ctx.calibration, 1)
+    ep = program.methods[method]
+    blocks = find_blocks(ep)
+    if len(blocks) < 3:
+        raise GraphoptError("layer-skip{mode=router}: found fewer than 3 repeated blocks")
+    candidates = list(range(1, len(blocks) - 1)) if c["keep_ends"] else list(range(len(blocks)))
+    sequences = [item[0] for item in ctx.calibration]
+    if len(sequences) < 16:
+        ctx.progress.info(f"layer-skip{{mode=router}}: only {len(sequences)} calibration sequences train the "
+                          f"routers (one decision per sequence); 64 or more give steadier routers")
+    W, b, report = train_routers(ep, blocks, candidates, sequences, c["rate"], ctx.progress)
+    routed = [blocks[i].path for i in candidates]
+    plan = program.plan
+    lm = plan.get("kind") == "causal-lm"
+    kv = {blocks[i].path: (1 + 2 * i, 2 + 2 * i) for i in candidates} if lm else None
+    for name in list(program.methods):
+        m_ep = program.methods[name]
+        if name == method:
+            program.methods[name] = add_routing(m_ep, routed, W, b, "attention_mask" if lm else None, kv)
+            program.output_names.setdefault(name, [s.name for s in program.output_specs(name)][:-1])
+            program.output_names[name] = list(program.output_names[name]) + ["route"]
+        elif lm:
+            program.methods[name] = add_routing(m_ep, routed, None, None, None, kv)
+            program.inputs[name] = list(program.inputs[name]) + [TensorSpec("route", "int64", ["B", len(routed)])]
+            ex = program.example_inputs[name]
+            program.example_inputs[name] = tuple(ex) + (torch.ones(ex[0].shape[0], len(routed), dtype=torch.int64),)
+    plan["routing"] = {"blocks": routed, "output": "route", "input": "route", "rate": c["rate"],
+                       "decided_by": method, "onnx": c["onnx"]}
+    return program, {"mode": "router", "routed": routed, **report}
+

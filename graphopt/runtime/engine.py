@@ -314,12 +314,27 @@ def _trt_runner(path: Path):
     return run
 
 
+SMALL_DECODE_BYTES = 64 << 20
+
+
+def _small_decoder(path: Path, manifest: dict) -> bool:
+    plan = manifest.get("plan", {})
+    if plan.get("kind") != "causal-lm":
+        return False
+    files = manifest["methods"].get(plan.get("decode"), {}).get("files", {})
+    size = sum((path / files[k]).stat().st_size for k in ("onnx", "onnx_data") if k in files
+               and (path / files[k]).is_file())
+    return 0 < size < SMALL_DECODE_BYTES
+
+
 def load(path, backend: str = "onnxruntime", *, providers: list[str] | None = None,
          device: str | None = None, threads: int | None = None) -> Engine:
     """Load a bundle written by `optimize -o` / `CompiledModel.save`.
 
     providers: ONNX Runtime execution providers (default CUDA when available, else CPU); threads: ORT intra-op
-    threads (default: ORT's choice); device: torch backend device.
+    threads (default: 1 for causal LMs whose decode graph is under SMALL_DECODE_BYTES, else ORT's choice: a decode
+    step of a small model is hundreds of tiny kernels, where waking a second thread costs more than it gains);
+    device: torch backend device.
     """
     if backend not in BACKENDS:
         raise GraphoptError(f"backend '{backend}': choose one of {', '.join(BACKENDS)}")
@@ -328,6 +343,8 @@ def load(path, backend: str = "onnxruntime", *, providers: list[str] | None = No
         require_tensorrt()
     path = Path(path)
     manifest = read_manifest(path)
+    if threads is None and backend == "onnxruntime" and _small_decoder(path, manifest):
+        threads = 1
     methods = {}
     for name, spec in manifest["methods"].items():
         files = spec.get("files", {})

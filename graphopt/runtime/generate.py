@@ -116,7 +116,10 @@ def generate(engine, input_ids, max_new_tokens: int, eos_token_id=None, do_sampl
         streamer.put(ids)
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     n_kv = 2 * plan["num_layers"]  # methods may carry more outputs after the cache (draft-heads: hidden_states)
-    logits, *past = prefill([ids, mask, positions])[:1 + n_kv]
+    outs = prefill([ids, mask, positions])
+    logits, *past = outs[:1 + n_kv]
+    # layer-skip routers: prefill decides which blocks run for each sequence; decode applies the same decisions
+    route = [outs[-1]] if plan.get("routing") else []
     B = ids.shape[0]
     unfinished = torch.ones(B, dtype=torch.bool)
     eos_t = torch.tensor(eos, dtype=torch.int64)
@@ -133,7 +136,7 @@ def generate(engine, input_ids, max_new_tokens: int, eos_token_id=None, do_sampl
         if not unfinished.any() or step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.int64)], dim=1)
-        logits, *past = decode([tok.unsqueeze(1), mask, next_pos, *past])[:1 + n_kv]
+        logits, *past = decode([tok.unsqueeze(1), mask, next_pos, *past, *route])[:1 + n_kv]
         next_pos = next_pos + 1
     if streamer is not None:
         streamer.end()

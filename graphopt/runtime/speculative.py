@@ -136,57 +136,26 @@ class HeadDrafter:
         self.run = engine.method(dplan["method"])._run
         self.kind, self.K = dplan["kind"], dplan["heads"]
         self.tree = TreeShape(dplan["tree"])
+        self.topk = 1 + max(max(p) for p in self.tree.paths)
         self.sampling = sampling  # None for greedy, else (temperature, top_k, top_p, generator)
-        self.needs_hidden = True
 
     def start(self, prompt: torch.Tensor) -> None:
         pass
 
-    def _heads(self, hidden: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
-        return self.run([hidden, paths])[0]  # [N, K, V]
-
     def propose(self, root: int, hidden: torch.Tensor, tree: TreeShape):
-        """(tokens [T], tree, q [T-1, V] or None)."""
+        """(tokens [T], tree, q [T-1, V] or None). One call of the draft method gives every head's logits (hydra
+        heads condition on the base model's next token and their own greedy path)."""
+        paths = torch.zeros(1, self.K, dtype=torch.int64)
+        paths[0, 0] = root
+        logits = self.run([hidden[None], paths])[0][0]  # [K, V]
         if self.sampling is None:
-            return self._propose_greedy(root, hidden, tree), tree, None
+            top = logits.topk(self.topk, dim=-1).indices.tolist()
+            return torch.tensor([root] + [top[len(p) - 1][p[-1]] for p in tree.paths]), tree, None
         temperature, top_k, top_p, gen = self.sampling
         chain = TreeShape.chain(min(self.K, tree.max_depth))
-        tokens, qs = [root], []
-        logits = self._heads(hidden[None], torch.zeros(1, self.K, dtype=torch.int64))[0] \
-            if self.kind == "medusa" else None
-        for k in range(chain.size - 1):
-            if self.kind == "hydra":
-                path = torch.tensor([tokens + [0] * (self.K - len(tokens))])
-                logits = self._heads(hidden[None], path)[0]
-            q = warped_probs(logits[k], temperature, top_k, top_p)
-            tokens.append(int(torch.multinomial(q, 1, generator=gen)))
-            qs.append(q)
-        return torch.tensor(tokens), chain, torch.stack(qs) if qs else None
-
-    def _propose_greedy(self, root: int, hidden: torch.Tensor, tree: TreeShape) -> torch.Tensor:
-        topk = 1 + max(max(p) for p in tree.paths)
-        tokens = [root] + [0] * (tree.size - 1)
-        if self.kind == "medusa":
-            logits = self._heads(hidden[None], torch.zeros(1, self.K, dtype=torch.int64))[0]
-            top = logits.topk(topk, dim=-1).indices.tolist()
-            for i, p in enumerate(tree.paths, 1):
-                tokens[i] = top[len(p) - 1][p[-1]]
-            return torch.tensor(tokens)
-        # Hydra: depth by depth, each head sees the path drafted so far (one batched call per depth).
-        for d in range(tree.max_depth):
-            nodes = [n for n in range(tree.size) if tree.depth_list[n] == d and tree.children[n]]
-            if not nodes:
-                break
-            paths = torch.zeros(len(nodes), self.K, dtype=torch.int64)
-            for r, n in enumerate(nodes):
-                toks = [tokens[j] for j in tree.path_to(n)]
-                paths[r, :len(toks)] = torch.tensor(toks)
-            logits = self._heads(hidden.expand(len(nodes), -1), paths)[:, d]
-            top = logits.topk(topk, dim=-1).indices.tolist()
-            for r, n in enumerate(nodes):
-                for c in tree.children[n]:
-                    tokens[c] = top[r][tree.paths[c - 1][-1]]
-        return torch.tensor(tokens)
+        q = warped_probs(logits[:chain.size - 1], temperature, top_k, top_p)
+        drafts = torch.multinomial(q, 1, generator=gen)[:, 0] if len(q) else torch.zeros(0, dtype=torch.int64)
+        return torch.cat([torch.tensor([root]), drafts]), chain, q
 
     def accepted(self, tokens: list[int]) -> None:
         pass
@@ -203,6 +172,9 @@ def speculative_generate(engine, input_ids, max_new_tokens: int, eos_token_id=No
     plan = engine.plan
     ids, mask = check_request(plan, engine.manifest.get("dims", {}), input_ids, attention_mask, max_new_tokens,
                               do_sample, temperature, top_k, top_p)
+    if plan.get("routing"):
+        raise GraphoptError("speculative decoding does not combine with layer-skip routers yet; use generate() "
+                            "without speculative")
     if streamer is not None and ids.shape[0] > 1:
         raise GraphoptError("speculative generation streams batch 1 only; drop the streamer or give one prompt")
     if eos_token_id is None:

@@ -1,0 +1,189 @@
+"""Input-adaptive block routing (FiRST): per-block routers decide once per sequence, at prefill, which blocks run.
+
+Router i reads the mean (over the prompt's real tokens) of the residual stream entering block i and keeps the block
+when w_i . mean + b_i > 0. The prefill graph computes the decisions block by block and returns them as `route`
+[B, R] (int64, 1 = run); decode (and verify) take `route` as an input and apply the same decisions to every new
+token, so a skipped layer is skipped for the whole sequence and its cache is never read. In the graph a routed
+block's output becomes where(keep, block(x), x); lowering to ONNX can then put the block inside an If node
+(compiler/onnx_if.py) so that a skipped block is not computed at all.
+"""
+from __future__ import annotations
+
+import torch
+from torch.export.graph_signature import InputKind, InputSpec, OutputKind, OutputSpec, TensorArgument
+
+from .blocks import find_blocks
+from .graph_edit import GraphEditor
+
+aten = torch.ops.aten
+
+
+def _call(ed: GraphEditor, target, args: tuple, before: torch.fx.Node, **kwargs) -> torch.fx.Node:
+    """Insert target(*args, **kwargs) before `before`, with its fake value computed from the arguments'."""
+    with ed.graph.inserting_before(before):
+        node = ed.graph.call_function(target, args, kwargs)
+    fake = (lambda a: a.meta["val"] if isinstance(a, torch.fx.Node) else
+            [fake(x) for x in a] if isinstance(a, (list, tuple)) else a)
+    mode = next(v.meta["val"].fake_mode for v in _nodes(args))
+    with mode:
+        node.meta["val"] = target(*[fake(a) for a in args], **kwargs)
+    return node
+
+
+def _nodes(args):
+    out = []
+    torch.fx.node.map_arg(args, out.append)
+    return out
+
+
+def add_routing(ep, routed: list[str], weights: torch.Tensor | None, biases: torch.Tensor | None,
+                mask_input: str | None, kv_outputs: dict[str, tuple[int, int]] | None = None):
+    """The graph with routed blocks (paths) gated.
+
+    weights [R, d] / biases [R] given: decisions are computed in the graph (prefill) and returned as a last output
+    `route`; None: decisions are read from a new last input `route` [B, R] (decode, verify). mask_input: the name of
+    the [B, S] attention-mask input whose real tokens the mean runs over (None: every position). kv_outputs: block
+    path -> positions of its layer's present key/value among the user outputs; a skipped layer's are zeroed (never
+    read; and the If lowering then need not compute them).
+    """
+    from .feature_cache import _set_call_spec
+    ed = GraphEditor(ep)
+    names = {n.name: n for n in ed.graph.nodes}
+    blocks = {b.path: b for b in find_blocks(ep)}
+    order = [blocks[p] for p in routed]
+    out_node = next(n for n in ed.graph.nodes if n.op == "output")
+    placeholders = ed.placeholders()
+    first = names[order[0].input.name]
+    route_in = None
+    if weights is None:
+        last_ph = [n for n in ed.graph.nodes if n.op == "placeholder"][-1]
+        ids = placeholders[ed.ep.graph_signature.user_inputs[0]]
+        with ed.graph.inserting_after(last_ph):
+            route_in = ed.graph.placeholder("route")
+        with ids.meta["val"].fake_mode:
+            route_in.meta["val"] = ids.meta["val"].new_empty((ids.meta["val"].shape[0], len(routed)),
+                                                             dtype=torch.int64)
+        ed.input_specs.append(InputSpec(InputKind.USER_INPUT, TensorArgument(route_in.name), None))
+    else:
+        w_node = ed.add_constant(weights.float(), "router_weight")
+        b_node = ed.add_constant(biases.float(), "router_bias")
+        if mask_input is not None:
+            m = placeholders[mask_input]
+            mf = _call(ed, aten._to_copy.default, (m,), first, dtype=torch.float32)
+            m3 = _call(ed, aten.unsqueeze.default, (mf, -1), first)
+            count = _call(ed, aten.sum.dim_IntList, (m3, [1]), first)  # [B, 1]
+    decisions, replaced = [], {}
+    for r, b in enumerate(order):
+        x, out = names[b.input.name], names[b.output.name]
+        x = replaced.get(x.name, x)  # the previous routed block's gated output
+        inside = {n.name for n in b.nodes}
+        anchor = out.next  # after the block's output
+        if route_in is not None:
+            col = _call(ed, aten.select.int, (route_in, 1, r), anchor)
+        else:
+            if mask_input is not None:
+                xs = _call(ed, aten.mul.Tensor, (x, m3), anchor)
+                total = _call(ed, aten.sum.dim_IntList, (xs, [1]), anchor)
+                mean = _call(ed, aten.div.Tensor, (total, count), anchor)
+            else:
+                mean = _call(ed, aten.mean.dim, (x, [1]), anchor)
+            wr = _call(ed, aten.select.int, (w_node, 0, r), anchor)
+            br = _call(ed, aten.select.int, (b_node, 0, r), anchor)
+            score = _call(ed, aten.add.Tensor, (_call(ed, aten.mv.default, (mean, wr), anchor), br), anchor)
+            keep = _call(ed, aten.gt.Scalar, (score, 0.0), anchor)
+            col = _call(ed, aten._to_copy.default, (keep,), anchor, dtype=torch.int64)
+            decisions.append(col)
+        gate = _call(ed, aten.view.default, (col, [-1, 1, 1]), anchor)
+        gate_b = _call(ed, aten.ne.Scalar, (gate, 0), anchor)
+        routed_out = _call(ed, aten.where.self, (gate_b, out, x), anchor)
+        routed_out.meta["graphopt_route"] = {"block": b.path, "index": r}
+        out.replace_all_uses_with(routed_out, delete_user_cb=lambda u: u.name not in inside and u is not routed_out)
+        replaced[out.name] = routed_out
+        if kv_outputs and b.path in kv_outputs:
+            gate4 = _call(ed, aten.view.default, (col, [-1, 1, 1, 1]), out_node)
+            gate_f = _call(ed, aten._to_copy.default, (gate4,), out_node, dtype=torch.float32)
+            outs = list(out_node.args[0])
+            n_other = len(outs) - len([s for s in ed.output_specs if s.kind == OutputKind.USER_OUTPUT])
+            for pos in kv_outputs[b.path]:
+                outs[n_other + pos] = _call(ed, aten.mul.Tensor, (outs[n_other + pos], gate_f), out_node)
+            out_node.args = (tuple(outs),)
+    if decisions:
+        stacked = _call(ed, aten.stack.default, (decisions, 1), out_node)
+        out_node.args = (tuple(list(out_node.args[0]) + [stacked]),)
+        ed.output_specs.append(OutputSpec(OutputKind.USER_OUTPUT, TensorArgument(stacked.name), None))
+    new = ed.build()
+    n_in = sum(s.kind == InputKind.USER_INPUT for s in new.graph_signature.input_specs)
+    _set_call_spec(new, n_in, len(new.graph_signature.user_outputs))
+    if route_in is not None and new.example_inputs is not None:
+        args, kwargs = new.example_inputs
+        B = args[0].shape[0]
+        new._example_inputs = (tuple(args) + (torch.ones(B, len(routed), dtype=torch.int64),), kwargs)
+    new._guards_code = []
+    return new
+
+
+def train_routers(ep, blocks, candidates: list[int], sequences: list[torch.Tensor], rate: float,
+                  progress=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Routers for blocks[candidates] aiming at an average skip rate `rate` (of all blocks) over the sequences.
+
+    For each sequence and candidate block: the mean residual stream entering the block (the feature) and the rise
+    in that sequence's LM loss when the block alone is removed (the cost). A ridge regression per block predicts
+    the cost from the feature; one threshold over all (sequence, block) pairs skips the cheapest predicted pairs
+    until the target rate is reached. Returns (weights [R, d], biases [R], report): keep when w.x + b > 0.
+    """
+    from ..passes.layer_skip import _Record, skip_blocks
+    from .heal import SequenceLogits
+    watch = {blocks[i].input.name for i in candidates}
+    from .causal_lm import prefill_inputs
+    from .weight_quant import _flat_args
+    n_inputs = len(ep.graph_signature.user_inputs)
+    feats = {i: [] for i in candidates}
+    for ids in sequences:
+        rec = _Record(ep.graph_module, watch)
+        with torch.no_grad():
+            rec.run(*_flat_args(ep, {}, prefill_inputs(ids) if n_inputs == 3 else (ids,)))
+        for i in candidates:
+            feats[i].append(rec.values[blocks[i].input.name].float().mean(dim=1)[0])
+
+    def seq_ce(fn, ids):
+        with torch.no_grad():
+            return torch.nn.functional.cross_entropy(fn(ids)[0, :-1], ids[0, 1:]).item()
+    full = SequenceLogits(ep)
+    base = [seq_ce(full, s) for s in sequences]
+    cost = {}
+    it = candidates if progress is None else progress.track(candidates, "router costs", total=len(candidates))
+    for i in it:
+        fn = SequenceLogits(skip_blocks(ep, {blocks[i].path}))
+        cost[i] = torch.tensor([seq_ce(fn, s) - b for s, b in zip(sequences, base)])
+    W, B, preds = [], [], []
+    for i in candidates:
+        X = torch.stack(feats[i]).double()
+        mu = X.mean(0)
+        Xc = X - mu
+        y = cost[i].double()
+        lam = 1.0 * float((Xc * Xc).sum()) / X.shape[1] + 1e-9  # strong ridge: few sequences, d features
+        w = torch.linalg.solve(Xc.T @ Xc + lam * torch.eye(X.shape[1], dtype=torch.float64), Xc.T @ (y - y.mean()))
+        b = y.mean() - mu @ w
+        W.append(w)
+        B.append(b)
+        preds.append(X @ w + b)
+    P = torch.stack(preds)  # [R, n]
+    n_skip = round(rate * len(blocks) * len(sequences))
+    flat = P.flatten().sort().values
+    if n_skip <= 0:
+        tau = float(flat[0]) - 1.0
+    elif n_skip >= flat.numel():
+        tau = float(flat[-1]) + 1.0
+    else:
+        tau = float(flat[n_skip - 1] + flat[n_skip]) / 2
+    # keep <=> predicted cost > tau
+    weights = torch.stack(W).float()
+    biases = (torch.stack(B) - tau).float()
+    skipped = P < tau
+    C = torch.stack([cost[i] for i in candidates])
+    report = {"calib_skip_rate": round(float(skipped.sum()) / (len(blocks) * len(sequences)), 4),
+              "per_block_skip_rate": {blocks[i].path: round(float(skipped[r].float().mean()), 3)
+                                      for r, i in enumerate(candidates)},
+              "calib_mean_cost_router": round(float((C * skipped).sum() / len(sequences)), 5),
+              "sequences": len(sequences)}
+    return weights, biases, report
