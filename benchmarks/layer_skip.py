@@ -14,7 +14,10 @@ so it runs at the same speed). Self-speculative (layer-skip{skip=N,self_speculat
 program drafts, the full one verifies): on 16 held-out prompts (quick: 4) x 128 tokens, batch 1, ORT:
 self_spec_identical_rate (output equal to plain greedy), self_spec_speedup (tokens/s over plain decoding of the same
 bundle), self_spec_mean_accepted_length, for N = 2 and 4 under self_spec_{25,50}; top-level keys: the faster.
-Input-adaptive routers are not implemented (no router_* keys).
+Routers (layer-skip{mode=router,rate=r}, r = 0.25 / 0.5, trained on 128 calibration sequences; quick: 32):
+router_{25,50}_rel_increase (each held-out window's decision from its first 64 tokens, then the whole window
+scored with those blocks skipped), router_{25,50}_heldout_skip_rate (the average fraction of blocks it skipped),
+router_{25,50}_tokens_per_s (ONNX If lowering) and router_{25,50}_where_tokens_per_s (gated Where lowering).
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from common import emit, machine, parse_args
 
 N_BLOCKS = 8
 FRACTIONS = {"25": 2, "50": 4}
+PROMPT = 64  # router decisions on held-out windows come from their first PROMPT tokens
 
 
 def main() -> None:
@@ -52,6 +56,8 @@ def main() -> None:
         return new, reports[0]["details"]
 
     m: dict = {"machine": machine(), "heldout_windows": windows, "blocks": N_BLOCKS}
+    router_calibration = zoo.lm_calibration(n=32 if args.quick else 128)
+    static_cache: dict = {}
     full = bits(base)
     m["unskipped_bits_per_byte"] = round(full, 4)
     for pct, k in FRACTIONS.items():
@@ -69,8 +75,28 @@ def main() -> None:
         naive.methods = {"forward": skip_blocks(base.methods["forward"], paths)}
         m[f"naive_{pct}_blocks"] = sorted(paths)
         m[f"naive_{pct}_rel_increase"] = round(bits(naive) / full - 1, 4)
+        # routers: trained on more sequences (one decision per sequence); on each held-out window the decision is
+        # taken from its first 64 tokens (the "prompt"), then the whole window is scored with those blocks skipped
+        routed, details = run_pipeline(base, parse_pipeline(f"layer-skip{{mode=router,rate={k / N_BLOCKS}}}"),
+                                       PassContext(calibration=router_calibration))[:2]
+        details = details[0]["details"]
+        m[f"router_{pct}_train"] = {key: details[key] for key in ("calib_skip_rate", "per_block_skip_rate")}
+        decisions = []
+
+        def routed_logits(ids, routed=routed):
+            keep = routed.run("forward", ids[:, :PROMPT])[-1][0].tolist()
+            off = frozenset(p for p, kk in zip(details["routed"], keep) if not kk)
+            decisions.append(len(off))
+            if off not in static_cache:
+                prog = base.copy()
+                prog.methods = {"forward": skip_blocks(base.methods["forward"], set(off))} if off else base.methods
+                static_cache[off] = prog
+            return static_cache[off].run("forward", ids)[0]
+        m[f"router_{pct}_rel_increase"] = round(
+            metrics.lm_bits_per_byte(routed_logits, max_windows=windows) / full - 1, 4)
+        m[f"router_{pct}_heldout_skip_rate"] = round(sum(decisions) / (N_BLOCKS * len(decisions)), 4)
         print(pct, {key: v for key, v in m.items() if pct in key}, flush=True)
-    m["block_influence"] = details["influence"]
+    m["block_influence"] = details.get("influence")
 
     tok = zoo.byte_tokenizer()
     prompts = [torch.tensor([tok.encode(p)]) for p in zoo.prompts(16)]
@@ -89,7 +115,18 @@ def main() -> None:
         m["unskipped_tokens_per_s"] = speed(build(None, "full"))
         for pct, k in FRACTIONS.items():
             m[f"static_{pct}_tokens_per_s"] = speed(build(f"layer-skip{{skip={k}}}", f"s{pct}"))
-            print(pct, m[f"static_{pct}_tokens_per_s"], "tok/s", flush=True)
+            for lowering in ("if", "where"):
+                c = graphopt.compile("zoo:tiny-code-lm", f"layer-skip{{mode=router,rate={k / N_BLOCKS},"
+                                     f"onnx={lowering}}}", calibration=router_calibration)
+                c.save(Path(tmp) / f"r{pct}{lowering}")
+                engine = graphopt.load(Path(tmp) / f"r{pct}{lowering}")
+                key = f"router_{pct}_tokens_per_s" if lowering == "if" else f"router_{pct}_where_tokens_per_s"
+                m[key] = speed(engine)
+            kept = [engine.method("prefill")(p, torch.ones_like(p), torch.arange(p.shape[1])[None])[-1]
+                    for p in prompts[:4]]
+            m[f"router_{pct}_speed_prompts_skip_rate"] = round(
+                float(sum((1 - r).sum() for r in kept)) / (N_BLOCKS * 4), 4)
+            print(pct, {key: v for key, v in m.items() if "tokens_per_s" in key}, flush=True)
         for pct, k in FRACTIONS.items():
             engine = build(f"layer-skip{{skip={k},self_speculative=true,heal=true}}", f"self{pct}")
             engine.generate(prompts[0], 4)

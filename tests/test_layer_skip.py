@@ -35,6 +35,23 @@ def test_least_influential_middle_block_is_cut_and_the_rest_is_the_model_without
     torch.testing.assert_close(got[1], ref[1])
 
 
+def test_consecutive_skipped_blocks_are_all_cut():
+    from graphopt.passes.layer_skip import skip_blocks
+    model = Stack().eval()
+    p = capture(model, example_inputs=(torch.randn(2, 16),))
+    ep = skip_blocks(p.methods["forward"], {"model.blocks.1", "model.blocks.2"})
+    linears = [n for n in ep.graph.nodes if n.target is torch.ops.aten.linear.default]
+    assert len(linears) == 2 + 2
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        h = model.blocks[3](model.blocks[0](x))
+        h = model.blocks[0].norm(h)
+        ref = (model.heads[0](h), model.heads[1](h))
+    got = ep.module()(x)
+    torch.testing.assert_close(got[0], ref[0])
+    torch.testing.assert_close(got[1], ref[1])
+
+
 def test_causal_lm_skips_in_prefill_and_decode_and_still_generates(llama_dir, tmp_path):
     calib = [(torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(i)),) for i in range(4)]
     import shutil
@@ -137,3 +154,50 @@ def test_loss_search_and_heal_on_a_causal_lm(tmp_path):
     with pytest.raises(PassFailure, match="need a language model"):
         run_pipeline(capture(Stack().eval(), example_inputs=(torch.randn(2, 16),)),
                      parse_pipeline("layer-skip{skip=1,heal=true}"), PassContext(calibration=[(torch.randn(2, 16),)]))
+
+
+def test_routers_decide_at_prefill_and_skipped_blocks_are_not_computed(tmp_path):
+    import onnx
+    from graphopt.compiler.causal_lm import prefill_inputs
+    from graphopt.testing import tiny_hf_lm
+    src = tiny_hf_lm("llama", tmp_path / "llama4", layers=4, seed=3)
+    g = torch.Generator().manual_seed(0)
+    calib = [(torch.randint(0, 128, (1, 24), generator=g),) for _ in range(24)]
+    outs = {}
+    for mode in ("if", "where"):
+        c = graphopt.compile(str(src), f"layer-skip{{mode=router,rate=0.25,onnx={mode}}}", calibration=calib)
+        d = c.reports[-1]["details"]
+        assert d["routed"] == ["model.model.layers.1", "model.model.layers.2"] and d["calib_skip_rate"] == 0.25
+        p = c.program
+        assert p.output_names["prefill"][-1] == "route" and p.inputs["decode"][-1].name == "route"
+        c.save(tmp_path / mode)
+        n_if = sum(n.op_type == "If" for n in onnx.load(str(tmp_path / mode / "decode.onnx")).graph.node)
+        assert n_if == (2 if mode == "if" else 0)
+        outs[mode] = graphopt.load(tmp_path / mode)
+    torch_engine = graphopt.load(tmp_path / "if", backend="torch")
+    static = {}
+    seen = set()
+    for ids in [c[0][:, :n] for c, n in zip(calib, (5, 9, 13, 17, 21, 24, 7, 11))]:
+        route = outs["if"].method("prefill")(*prefill_inputs(ids))[-1]
+        keep = tuple(int(v) for v in route[0])
+        seen.add(keep)
+        got = outs["if"].generate(ids, 10, eos_token_id=[])
+        assert torch.equal(got, outs["where"].generate(ids, 10, eos_token_id=[]))
+        assert torch.equal(got, torch_engine.generate(ids, 10, eos_token_id=[]))
+        # the same as statically skipping exactly the blocks the router switched off for this prompt
+        off = [1 + i for i, k in enumerate(keep) if not k]
+        if off:
+            key = tuple(off)
+            if key not in static:
+                from graphopt.passes.layer_skip import skip_blocks
+                prog = graphopt.compile(str(src), "dce", backend="torch").program
+                paths = {f"model.model.layers.{i}" for i in off}
+                prog.methods = {m: skip_blocks(ep, paths) for m, ep in prog.methods.items()}
+                static[key] = prog
+            prog = static[key]
+            logits = prog.run("prefill", *prefill_inputs(ids))[0]
+            ref = outs["if"].method("prefill")(*prefill_inputs(ids))[0]
+            torch.testing.assert_close(ref, logits, rtol=1e-4, atol=1e-4)
+    assert len(seen) >= 2  # input-adaptive: different prompts, different blocks
+    with pytest.raises(GraphoptError, match="does not combine with layer-skip routers"):
+        outs["if"].generate(calib[0][0], 4, speculative="layer-skip")

@@ -45,13 +45,17 @@ def skip_blocks(ep, paths: set[str]):
     instead of its output. Whatever else reads the block (a KV-cache output) is kept, so method signatures and the
     runtime are unchanged."""
     ed = GraphEditor(ep)
+    names = {n.name: n for n in ed.graph.nodes}
+    replaced: dict[str, torch.fx.Node] = {}
     for b in find_blocks(ep):
         if b.path not in paths:
             continue
         inside = {n.name for n in b.nodes}
-        names = {n.name: n for n in ed.graph.nodes}
-        out, inp = names[b.output.name], names[b.input.name]
+        out = names[b.output.name]
+        # consecutive skipped blocks: this block's input is the previous one's output, itself replaced by its input
+        inp = replaced.get(b.input.name, names[b.input.name])
         out.replace_all_uses_with(inp, delete_user_cb=lambda user: user.name not in inside)
+        replaced[out.name] = inp
     keep_only_output_slice(ed.graph)
     ed.remove_unused_inputs()
     return ed.build()
