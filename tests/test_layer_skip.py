@@ -201,3 +201,17 @@ def test_routers_decide_at_prefill_and_skipped_blocks_are_not_computed(tmp_path)
     assert len(seen) >= 2  # input-adaptive: different prompts, different blocks
     with pytest.raises(GraphoptError, match="does not combine with layer-skip routers"):
         outs["if"].generate(calib[0][0], 4, speculative="layer-skip")
+
+
+def test_heal_leaves_the_input_program_untouched(tmp_path):
+    from graphopt.testing import tiny_hf_lm
+    src = tiny_hf_lm("llama", tmp_path / "llama4", layers=4, seed=3)
+    calib = [(torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(i)),) for i in range(8)]
+    p = capture(str(src), task="single")  # input_ids 1x16
+    before = {n: t.clone() for n, t in p.methods["forward"].state_dict.items()}
+    new, reports, _ = run_pipeline(p, parse_pipeline("layer-skip{skip=1,heal=true,heal_steps=20}"),
+                                   PassContext(calibration=calib))
+    assert reports[0]["details"]["heal"]["healed"]
+    for n, t in p.methods["forward"].state_dict.items():
+        assert torch.equal(t, before[n]), n  # rollback needs the original weights
+    assert any(not torch.equal(t, before[n]) for n, t in new.methods["forward"].state_dict.items())

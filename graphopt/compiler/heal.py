@@ -49,8 +49,11 @@ def heal(prefill_ep, reference_ep, calibration: list[torch.Tensor], steps: int, 
     Returns ({state-dict name: tensor}, report); empty if the held-out KL did not improve."""
     torch.manual_seed(seed)
     teacher = SequenceLogits(reference_ep)
-    student = SequenceLogits(prefill_ep)
     names = {n for n, t in prefill_ep.state_dict.items() if t.dim() == 1 and t.dtype.is_floating_point}
+    # ep.module() trains the state dict's own tensors, which programs share with the ones they were copied from:
+    # train fresh copies.
+    student = SequenceLogits(with_parameters(prefill_ep, {n: prefill_ep.state_dict[n].detach().clone()
+                                                          for n in names}))
     params = {n: p for n, p in student.module.named_parameters() if n in names}
     if not params:
         return {}, {"healed": False, "reason": "no 1-D parameters"}
