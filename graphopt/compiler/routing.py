@@ -187,3 +187,35 @@ def train_routers(ep, blocks, candidates: list[int], sequences: list[torch.Tenso
               "calib_mean_cost_router": round(float((C * skipped).sum() / len(sequences)), 5),
               "sequences": len(sequences)}
     return weights, biases, report
+
+
+def calibrate_offset(ep, routed: list[str], weights, biases, mask_input, sequences, target: float,
+                     n_blocks: int, steps: int = 14) -> tuple[torch.Tensor, float, float]:
+    """Biases shifted so the routed graph itself skips `target` of all blocks on the calibration sequences.
+
+    The routers were fitted on the unskipped model's features, but in the graph block i sees the stream after the
+    earlier routing decisions, so the skip rate drifts; bisect one offset on the real decisions."""
+    from .causal_lm import prefill_inputs
+    n_inputs = len(ep.graph_signature.user_inputs)
+
+    def rate(delta: float) -> float:
+        module = add_routing(ep, routed, weights, biases + delta, mask_input).module()
+        skipped = 0
+        with torch.no_grad():
+            for ids in sequences:
+                route = module(*(prefill_inputs(ids) if n_inputs == 3 else (ids,)))[-1]
+                skipped += int((route == 0).sum())
+        return skipped / (n_blocks * sum(s.shape[0] for s in sequences))
+    scale = float(biases.abs().max()) + float(weights.abs().sum(1).max()) + 1.0
+    lo, hi = -scale, scale  # rate(lo) high (everything skipped), rate(hi) low
+    r0 = rate(0.0)
+    best = (abs(r0 - target), 0.0, r0)
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        r = rate(mid)
+        best = min(best, (abs(r - target), mid, r))
+        if r > target:
+            lo = mid
+        else:
+            hi = mid
+    return biases + best[1], best[1], best[2]

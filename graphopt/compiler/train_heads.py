@@ -268,7 +268,7 @@ def _rewrite_bundle(path: Path, manifest: dict, heads, paths, report: dict, prog
     """Replace the draft method's files and the plan, atomically (staging copy, then publish)."""
     from ..api import ORT_TOLERANCE
     from ..runtime.engine import _ort_runner
-    from .onnx_lower import export_onnx
+    from .onnx_lower import DEFAULT_OPSET, export_onnx
     dplan = manifest["plan"]["draft_heads"]
     name = dplan["method"]
     files = manifest["methods"][name]["files"]
@@ -281,7 +281,7 @@ def _rewrite_bundle(path: Path, manifest: dict, heads, paths, report: dict, prog
             if "onnx" in files:
                 spec = manifest["methods"][name]
                 export_onnx(ep, staging / files["onnx"], [s["name"] for s in spec["inputs"]],
-                            [s["name"] for s in spec["outputs"]], manifest.get("onnx_opset") or 18)
+                            [s["name"] for s in spec["outputs"]], manifest.get("onnx_opset") or DEFAULT_OPSET)
                 x = (torch.randn(3, example[0].shape[1]), torch.randint(0, 2, (3, example[1].shape[1])))
                 heads.greedy_path = heads.kind == "hydra"  # what export_draft traced
                 with torch.no_grad():

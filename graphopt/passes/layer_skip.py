@@ -206,7 +206,7 @@ def _greedy_by_loss(ep, blocks, candidates: list[int], k: int, sequences, ctx):
 def _router_pass(c: dict, program, ctx):
     """mode=router: train per-block routers on the calibration sequences and gate the routed blocks."""
     from ..compiler.program import TensorSpec
-    from ..compiler.routing import add_routing, train_routers
+    from ..compiler.routing import add_routing, calibrate_offset, train_routers
     if c["self_speculative"] or c["heal"] or c["skip"] or c["speedup"]:
         raise GraphoptError("layer-skip{mode=router}: give rate=..., not skip/speedup/heal/self_speculative")
     method, _ = program.calibration_inputs(ctx.calibration, 1)
@@ -223,6 +223,10 @@ def _router_pass(c: dict, program, ctx):
     routed = [blocks[i].path for i in candidates]
     plan = program.plan
     lm = plan.get("kind") == "causal-lm"
+    with ctx.progress.stage("router threshold"):
+        b, offset, achieved = calibrate_offset(ep, routed, W, b, "attention_mask" if lm else None, sequences, c["rate"],
+                                     len(blocks))
+    report.update(threshold_offset=round(offset, 5), calib_skip_rate_in_graph=round(achieved, 4))
     kv = {blocks[i].path: (1 + 2 * i, 2 + 2 * i) for i in candidates} if lm else None
     for name in list(program.methods):
         m_ep = program.methods[name]

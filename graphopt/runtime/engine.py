@@ -252,7 +252,14 @@ def _torch_runner(path: Path, device: str | None):
     if not path.is_file():
         raise GraphoptError(f"bundle file '{path}' is missing; re-run optimize")
     try:
-        ep = torch.export.load(str(path))
+        import logging
+        serde_log = logging.getLogger("torch._export.serde.serialize")
+        level = serde_log.level
+        serde_log.setLevel(logging.ERROR)  # "Symbol sN did not appear in the graph": edited graphs drop symbols
+        try:
+            ep = torch.export.load(str(path))
+        finally:
+            serde_log.setLevel(level)
     except Exception as e:
         raise GraphoptError(f"cannot load '{path}' ({type(e).__name__}); the file is corrupt: re-run optimize")
     if device:
