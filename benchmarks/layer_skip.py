@@ -80,7 +80,9 @@ def main() -> None:
         routed, details = run_pipeline(base, parse_pipeline(f"layer-skip{{mode=router,rate={k / N_BLOCKS}}}"),
                                        PassContext(calibration=router_calibration))[:2]
         details = details[0]["details"]
-        m[f"router_{pct}_train"] = {key: details[key] for key in ("calib_skip_rate", "per_block_skip_rate")}
+        m[f"router_{pct}_train"] = {key: details.get(key) for key in (
+            "calib_skip_rate_in_graph", "oracle_mean_depth", "oracle_mean_cost", "static_mean_cost", "train_r2",
+            "order")}
         decisions = []
 
         def routed_logits(ids, routed=routed):

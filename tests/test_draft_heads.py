@@ -168,3 +168,21 @@ def test_cli_train_heads_and_run_speculative(heads_bundle, tmp_path, capsys):
     assert "--data" in capsys.readouterr().err
     assert graphopt_main(["train-heads", str(out), "--steps", "0", "--data", str(data)]) == 2
     assert "--steps must be a positive integer" in capsys.readouterr().err
+
+
+def test_medusa_with_an_explicit_branching_tree_is_lossless(llama_dir, tmp_path):
+    from graphopt.compiler.train_heads import train_heads
+    out = tmp_path / "medusa"
+    graphopt.compile(str(llama_dir), "draft-heads{kind=medusa,heads=2,topk=3,tree=[[0],[1],[2],[0,0],[1,0],[0,1]]}",
+                     backend="torch").save(out)
+    data = tmp_path / "p.pt"
+    g = torch.Generator().manual_seed(5)
+    torch.save([torch.randint(0, 128, (6,), generator=g) for _ in range(10)], data)
+    report = train_heads(out, steps=20, data=data, prompts=10, new_tokens=16, batch=64)
+    assert report["tree_size"] == 6  # an explicit tree is kept
+    engine = graphopt.load(out, backend="torch")
+    assert engine.plan["draft_heads"]["tree"] == [[0], [1], [2], [0, 0], [0, 1], [1, 0]]
+    for n in (2, 7, 15):
+        ids = torch.randint(0, 128, (1, n), generator=g)
+        assert torch.equal(engine.generate(ids, 30, eos_token_id=[], speculative=True),
+                           engine.generate(ids, 30, eos_token_id=[]))

@@ -1,7 +1,7 @@
 """Input-adaptive block routing (FiRST): per-block routers decide once per sequence, at prefill, which blocks run.
 
-Router i reads the mean (over the prompt's real tokens) of the residual stream entering block i and keeps the block
-when w_i . mean + b_i > 0. The prefill graph computes the decisions block by block and returns them as `route`
+Every router reads the mean (over the prompt's real tokens) of the residual stream entering the first routed block
+(a feature no routing decision changes) and router i keeps its block when w_i . mean + b_i > 0. The prefill graph computes the decisions block by block and returns them as `route`
 [B, R] (int64, 1 = run); decode (and verify) take `route` as an input and apply the same decisions to every new
 token, so a skipped layer is skipped for the whole sequence and its cache is never read. In the graph a routed
 block's output becomes where(keep, block(x), x); lowering to ONNX can then put the block inside an If node
@@ -81,12 +81,13 @@ def add_routing(ep, routed: list[str], weights: torch.Tensor | None, biases: tor
         if route_in is not None:
             col = _call(ed, aten.select.int, (route_in, 1, r), anchor)
         else:
-            if mask_input is not None:
-                xs = _call(ed, aten.mul.Tensor, (x, m3), anchor)
-                total = _call(ed, aten.sum.dim_IntList, (xs, [1]), anchor)
-                mean = _call(ed, aten.div.Tensor, (total, count), anchor)
-            else:
-                mean = _call(ed, aten.mean.dim, (x, [1]), anchor)
+            if r == 0:  # every router reads the stream entering the first routed block: no decision changes it
+                if mask_input is not None:
+                    xs = _call(ed, aten.mul.Tensor, (x, m3), anchor)
+                    total = _call(ed, aten.sum.dim_IntList, (xs, [1]), anchor)
+                    mean = _call(ed, aten.div.Tensor, (total, count), anchor)
+                else:
+                    mean = _call(ed, aten.mean.dim, (x, [1]), anchor)
             wr = _call(ed, aten.select.int, (w_node, 0, r), anchor)
             br = _call(ed, aten.select.int, (b_node, 0, r), anchor)
             score = _call(ed, aten.add.Tensor, (_call(ed, aten.mv.default, (mean, wr), anchor), br), anchor)
@@ -122,71 +123,84 @@ def add_routing(ep, routed: list[str], weights: torch.Tensor | None, biases: tor
     return new
 
 
-def train_routers(ep, blocks, candidates: list[int], sequences: list[torch.Tensor], rate: float,
+def train_routers(ep, blocks, candidates: list[int], order: list[int], sequences: list[torch.Tensor], rate: float,
                   progress=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Routers for blocks[candidates] aiming at an average skip rate `rate` (of all blocks) over the sequences.
 
-    For each sequence and candidate block: the mean residual stream entering the block (the feature) and the rise
-    in that sequence's LM loss when the block alone is removed (the cost). A ridge regression per block predicts
-    the cost from the feature; one threshold over all (sequence, block) pairs skips the cheapest predicted pairs
-    until the target rate is reached. Returns (weights [R, d], biases [R], report): keep when w.x + b > 0.
+    Adaptive depth: blocks are skipped in a fixed order (`order`, least important first), and each sequence gets
+    its own number of skipped blocks. Per calibration sequence and k, the rise in its LM loss when the first k
+    blocks of the order are removed together; the oracle gives each next skip to the sequence where it costs
+    least until the target total; a ridge regression predicts the oracle's k from the feature (the mean stream
+    entering the first routed block), and per-block thresholds on that prediction reproduce the oracle's share of
+    sequences skipping each block. Returns (weights [R, d], biases [R], report), routers in graph order: keep
+    block when w.x + b > 0.
     """
+    import heapq
+
     from ..passes.layer_skip import _Record, skip_blocks
-    from .heal import SequenceLogits
-    watch = {blocks[i].input.name for i in candidates}
     from .causal_lm import prefill_inputs
+    from .heal import SequenceLogits
     from .weight_quant import _flat_args
+    first = blocks[min(candidates)]
     n_inputs = len(ep.graph_signature.user_inputs)
-    feats = {i: [] for i in candidates}
+    feats = []
     for ids in sequences:
-        rec = _Record(ep.graph_module, watch)
+        rec = _Record(ep.graph_module, {first.input.name})
         with torch.no_grad():
             rec.run(*_flat_args(ep, {}, prefill_inputs(ids) if n_inputs == 3 else (ids,)))
-        for i in candidates:
-            feats[i].append(rec.values[blocks[i].input.name].float().mean(dim=1)[0])
+        feats.append(rec.values[first.input.name].float().mean(dim=1)[0])
 
     def seq_ce(fn, ids):
         with torch.no_grad():
             return torch.nn.functional.cross_entropy(fn(ids)[0, :-1], ids[0, 1:]).item()
+    K = len(order)
+    cost = torch.zeros(len(sequences), K + 1)
     full = SequenceLogits(ep)
     base = [seq_ce(full, s) for s in sequences]
-    cost = {}
-    it = candidates if progress is None else progress.track(candidates, "router costs", total=len(candidates))
-    for i in it:
-        fn = SequenceLogits(skip_blocks(ep, {blocks[i].path}))
-        cost[i] = torch.tensor([seq_ce(fn, s) - b for s, b in zip(sequences, base)])
-    W, B, preds = [], [], []
-    for i in candidates:
-        X = torch.stack(feats[i]).double()
-        mu = X.mean(0)
-        Xc = X - mu
-        y = cost[i].double()
-        lam = 1.0 * float((Xc * Xc).sum()) / X.shape[1] + 1e-9  # strong ridge: few sequences, d features
-        w = torch.linalg.solve(Xc.T @ Xc + lam * torch.eye(X.shape[1], dtype=torch.float64), Xc.T @ (y - y.mean()))
-        b = y.mean() - mu @ w
-        W.append(w)
-        B.append(b)
-        preds.append(X @ w + b)
-    P = torch.stack(preds)  # [R, n]
-    n_skip = round(rate * len(blocks) * len(sequences))
-    flat = P.flatten().sort().values
-    if n_skip <= 0:
-        tau = float(flat[0]) - 1.0
-    elif n_skip >= flat.numel():
-        tau = float(flat[-1]) + 1.0
-    else:
-        tau = float(flat[n_skip - 1] + flat[n_skip]) / 2
-    # keep <=> predicted cost > tau
-    weights = torch.stack(W).float()
-    biases = (torch.stack(B) - tau).float()
-    skipped = P < tau
-    C = torch.stack([cost[i] for i in candidates])
-    report = {"calib_skip_rate": round(float(skipped.sum()) / (len(blocks) * len(sequences)), 4),
-              "per_block_skip_rate": {blocks[i].path: round(float(skipped[r].float().mean()), 3)
-                                      for r, i in enumerate(candidates)},
-              "calib_mean_cost_router": round(float((C * skipped).sum() / len(sequences)), 5),
-              "sequences": len(sequences)}
-    return weights, biases, report
+    ks = range(1, K + 1) if progress is None else progress.track(range(1, K + 1), "router costs", total=K)
+    for k in ks:
+        fn = SequenceLogits(skip_blocks(ep, {blocks[i].path for i in order[:k]}))
+        cost[:, k] = torch.tensor([seq_ce(fn, s) - b for s, b in zip(sequences, base)])
+    n = len(sequences)
+    total = min(round(rate * len(blocks) * n), K * n)
+    depth = [0] * n
+    heap = [(float(cost[s, 1] - cost[s, 0]), s) for s in range(n)]
+    heapq.heapify(heap)
+    for _ in range(total):
+        _, s = heapq.heappop(heap)
+        depth[s] += 1
+        if depth[s] < K:
+            heapq.heappush(heap, (float(cost[s, depth[s] + 1] - cost[s, depth[s]]), s))
+    X = torch.stack(feats).double()
+    mu = X.mean(0)
+    Xc = X - mu
+    y = torch.tensor(depth, dtype=torch.float64)
+    lam = float((Xc * Xc).sum()) / X.shape[1] + 1e-9  # strong ridge: few sequences, d features
+    w = torch.linalg.solve(Xc.T @ Xc + lam * torch.eye(X.shape[1], dtype=torch.float64), Xc.T @ (y - y.mean()))
+    pred = Xc @ w + y.mean()
+    ranked = pred.sort(descending=True).values
+    W, B = [], []
+    for i in sorted(candidates):  # graph order
+        j = order.index(i)  # skipped when the predicted depth reaches j + 1
+        share = sum(d > j for d in depth)
+        if share == 0:
+            tau = float(ranked[0]) + 1.0
+        elif share >= n:
+            tau = float(ranked[-1]) - 1.0
+        else:
+            tau = float(ranked[share - 1] + ranked[share]) / 2
+        # skip when pred > tau  <=>  keep when tau - pred >= 0: weights -w, bias tau - (y.mean - mu.w)
+        W.append(-w)
+        B.append(tau - (float(y.mean()) - float(mu @ w)))
+    oracle = float(sum(cost[s, depth[s]] for s in range(n)) / n)
+    static_k = round(total / n)
+    report = {"order": [blocks[i].path for i in order], "oracle_mean_depth": round(sum(depth) / n, 3),
+              "oracle_mean_cost": round(oracle, 5),
+              "static_mean_cost": round(float(cost[:, static_k].mean()), 5),
+              "train_r2": round(1 - float(((pred - y) ** 2).sum() / ((y - y.mean()) ** 2).sum().clamp_min(1e-12)),
+                                3),
+              "sequences": n}
+    return torch.stack(W).float(), torch.tensor(B, dtype=torch.float32), report
 
 
 def calibrate_offset(ep, routed: list[str], weights, biases, mask_input, sequences, target: float,

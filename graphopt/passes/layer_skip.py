@@ -219,7 +219,10 @@ def _router_pass(c: dict, program, ctx):
     if len(sequences) < 16:
         ctx.progress.info(f"layer-skip{{mode=router}}: only {len(sequences)} calibration sequences train the "
                           f"routers (one decision per sequence); 64 or more give steadier routers")
-    W, b, report = train_routers(ep, blocks, candidates, sequences, c["rate"], ctx.progress)
+    # skip order: least influential first (the static choice), then adaptive depth per sequence
+    influence = block_influence(ep, blocks, [prefill_like(ep, s) for s in sequences[:16]])
+    order = sorted(candidates, key=lambda i: influence[i])
+    W, b, report = train_routers(ep, blocks, candidates, order, sequences, c["rate"], ctx.progress)
     routed = [blocks[i].path for i in candidates]
     plan = program.plan
     lm = plan.get("kind") == "causal-lm"
@@ -243,3 +246,9 @@ def _router_pass(c: dict, program, ctx):
                        "decided_by": method, "onnx": c["onnx"]}
     return program, {"mode": "router", "routed": routed, **report}
 
+
+
+def prefill_like(ep, ids):
+    """The method's inputs for a token sequence: (ids, mask, positions) for prefill graphs, (ids,) for forward."""
+    from ..compiler.causal_lm import prefill_inputs
+    return prefill_inputs(ids) if len(ep.graph_signature.user_inputs) == 3 else (ids,)
