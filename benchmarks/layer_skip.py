@@ -21,6 +21,7 @@ router_{25,50}_tokens_per_s (ONNX If lowering) and router_{25,50}_where_tokens_p
 """
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +38,8 @@ PROMPT = 64  # router decisions on held-out windows come from their first PROMPT
 def main() -> None:
     def options(ap):
         ap.add_argument("--png", type=Path, help="write the quality-vs-speed plot here (needs matplotlib)")
+        ap.add_argument("--parts", default="quality,speed,self_spec", help="which parts to run")
+        ap.add_argument("--merge", type=Path, help="start from this earlier result (e.g. to rerun one part)")
     args = parse_args(__doc__.splitlines()[0], options)
     import graphopt
     from graphopt import metrics, zoo
@@ -55,12 +58,15 @@ def main() -> None:
         new, reports, _ = run_pipeline(base, parse_pipeline(spec), PassContext(calibration=calibration))
         return new, reports[0]["details"]
 
-    m: dict = {"machine": machine(), "heldout_windows": windows, "blocks": N_BLOCKS}
+    parts = set(args.parts.split(","))
+    m: dict = json.loads(args.merge.read_text()) if args.merge else {}
+    m.update({"machine": machine(), "heldout_windows": windows, "blocks": N_BLOCKS})
     router_calibration = zoo.lm_calibration(n=32 if args.quick else 128)
     static_cache: dict = {}
-    full = bits(base)
-    m["unskipped_bits_per_byte"] = round(full, 4)
-    for pct, k in FRACTIONS.items():
+    full = bits(base) if "quality" in parts else None
+    if full is not None:
+        m["unskipped_bits_per_byte"] = round(full, 4)
+    for pct, k in FRACTIONS.items() if "quality" in parts else ():
         new, details = skipped(f"layer-skip{{skip={k}}}")
         m[f"static_{pct}_blocks"] = details["skipped"]
         m[f"static_{pct}_noheal_rel_increase"] = round(bits(new) / full - 1, 4)
@@ -98,7 +104,8 @@ def main() -> None:
             metrics.lm_bits_per_byte(routed_logits, max_windows=windows) / full - 1, 4)
         m[f"router_{pct}_heldout_skip_rate"] = round(sum(decisions) / (N_BLOCKS * len(decisions)), 4)
         print(pct, {key: v for key, v in m.items() if pct in key}, flush=True)
-    m["block_influence"] = details.get("influence")
+    if "quality" in parts:
+        m["block_influence"] = details.get("influence")
 
     tok = zoo.byte_tokenizer()
     prompts = [torch.tensor([tok.encode(p)]) for p in zoo.prompts(16)]
@@ -114,8 +121,9 @@ def main() -> None:
             for p in prompts[:4]:
                 n += engine.generate(p, 64, eos_token_id=[]).shape[1]
             return round(n / (time.perf_counter() - t), 1)
-        m["unskipped_tokens_per_s"] = speed(build(None, "full"))
-        for pct, k in FRACTIONS.items():
+        if "speed" in parts:
+            m["unskipped_tokens_per_s"] = speed(build(None, "full"))
+        for pct, k in FRACTIONS.items() if "speed" in parts else ():
             m[f"static_{pct}_tokens_per_s"] = speed(build(f"layer-skip{{skip={k}}}", f"s{pct}"))
             for lowering in ("if", "where"):
                 c = graphopt.compile("zoo:tiny-code-lm", f"layer-skip{{mode=router,rate={k / N_BLOCKS},"
@@ -129,7 +137,7 @@ def main() -> None:
             m[f"router_{pct}_speed_prompts_skip_rate"] = round(
                 float(sum((1 - r).sum() for r in kept)) / (N_BLOCKS * 4), 4)
             print(pct, {key: v for key, v in m.items() if "tokens_per_s" in key}, flush=True)
-        for pct, k in FRACTIONS.items():
+        for pct, k in FRACTIONS.items() if "self_spec" in parts else ():
             engine = build(f"layer-skip{{skip={k},self_speculative=true,heal=true}}", f"self{pct}")
             engine.generate(prompts[0], 4)
             engine.generate(prompts[0], 4, speculative="layer-skip")
@@ -148,7 +156,7 @@ def main() -> None:
             m[f"self_spec_{pct}"] = {"identical_rate": round(same / n, 4), "speedup": round(t_plain / t_spec, 3),
                                      "mean_accepted_length": round(verified / steps, 3)}
             print("self-spec", pct, m[f"self_spec_{pct}"], flush=True)
-    best = max(FRACTIONS, key=lambda pct: m[f"self_spec_{pct}"]["speedup"])
+    best = max(FRACTIONS, key=lambda pct: m.get(f"self_spec_{pct}", {}).get("speedup", 0))
     m["self_spec_skipped_fraction"] = int(best) / 100
     for key in ("identical_rate", "speedup", "mean_accepted_length"):
         m[f"self_spec_{key}"] = m[f"self_spec_{best}"][key]

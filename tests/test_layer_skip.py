@@ -90,8 +90,8 @@ def test_bad_options():
 
 def test_self_speculative_drafts_with_the_skipped_program_and_stays_lossless(llama_dir, tmp_path):
     calib = [(torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(i)),) for i in range(4)]
-    c = graphopt.compile(str(llama_dir), "layer-skip{skip=1,keep_ends=false,self_speculative=true,draft_length=3}",
-                         calibration=calib)
+    c = graphopt.compile(str(llama_dir), "layer-skip{skip=1,keep_ends=false,self_speculative=true,draft_length=3,"
+                                         "heal=true,heal_steps=10}", calibration=calib)
     p = c.program
     assert set(p.methods) == {"prefill", "decode", "verify", "draft_prefill", "draft_decode"}
     skipped = int(c.reports[-1]["details"]["skipped"][0].rsplit(".", 1)[1])

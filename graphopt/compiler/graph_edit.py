@@ -115,7 +115,7 @@ class GraphEditor:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             module_call_graph = copy.deepcopy(self.ep.module_call_graph)
-        return ExportedProgram(
+        new = ExportedProgram(
             root=self.gm, graph=self.graph,
             graph_signature=ExportGraphSignature(self.input_specs, self.output_specs),
             state_dict=self.state_dict,
@@ -123,6 +123,10 @@ class GraphEditor:
             module_call_graph=module_call_graph, example_inputs=self.ep.example_inputs,
             constants=self.constants, verifiers=list(self.ep.verifiers),
         )
+        if getattr(self.ep, "_graphopt_no_guards", False):  # see drop_user_io: the construction recomputes them
+            new._guards_code = []
+            new._graphopt_no_guards = True
+        return new
 
 
 def keep_only_output_slice(graph: torch.fx.Graph) -> None:
@@ -206,8 +210,9 @@ def drop_user_io(ep: ExportedProgram, inputs: set[int] = frozenset(), outputs: s
         args, kwargs = new.example_inputs
         new._example_inputs = (tuple(a for i, a in enumerate(args) if i not in inputs), kwargs)
     # Export's shape guards name inputs by position (L['args'][0][i]); with inputs gone they point at the wrong
-    # ones. Engines check inputs against the manifest instead.
+    # ones. Engines check inputs against the manifest instead. (Later edits of this program keep them off.)
     new._guards_code = []
+    new._graphopt_no_guards = True
     _set_call_spec(new, len(new.graph_signature.user_inputs), len(new.graph_signature.user_outputs))
     return new
 

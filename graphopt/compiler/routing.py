@@ -120,6 +120,7 @@ def add_routing(ep, routed: list[str], weights: torch.Tensor | None, biases: tor
         B = args[0].shape[0]
         new._example_inputs = (tuple(args) + (torch.ones(B, len(routed), dtype=torch.int64),), kwargs)
     new._guards_code = []
+    new._graphopt_no_guards = True
     return new
 
 
