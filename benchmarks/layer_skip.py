@@ -180,7 +180,14 @@ def plot(m: dict, path: Path) -> None:
             ys.append(100 * m[f"{key}_rel_increase"])
         label = {"naive": "naive (deepest)", "static": "static + heal"}.get(name, "static, no heal")
         ax.plot(xs, ys, marker=marker, label=label)
+    if all(f"router_{pct}_tokens_per_s" in m for pct in FRACTIONS):
+        ax.plot([m[f"router_{pct}_tokens_per_s"] for pct in FRACTIONS],
+                [100 * m[f"router_{pct}_rel_increase"] for pct in FRACTIONS], marker="^",
+                label="router (If lowering; held-out skip " + " / ".join(
+                    f"{100 * m[f'router_{pct}_heldout_skip_rate']:.0f} %" for pct in FRACTIONS) + ")")
     for pct in FRACTIONS:
+        if f"self_spec_{pct}" not in m:
+            continue
         ax.scatter([base * m[f"self_spec_{pct}"]["speedup"]], [0], marker="*", s=120,
                    label=f"self-speculative ({pct} % drafter)")
     ax.set_xlabel("ORT decode tokens/s (batch 1)")
