@@ -20,7 +20,7 @@ def test_options_resolve_with_defaults_and_types():
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("nosuch", "unknown pass 'nosuch'; available: cache-schedule, dce, decoupleq, fold-constants, gptq, layer-skip, remove-noops, rtn"),
+    ("nosuch", "unknown pass 'nosuch'; available: cache-schedule, dce, decoupleq, draft-heads, fold-constants, gptq, layer-skip, remove-noops, rtn"),
     ("dce{foo=1}", "pass 'dce' has no option 'foo'; options: none"),
     ("fold-constants{bar=1}", "has no option 'bar'; options: max_growth (float in [0.0, 1000000.0], default 1.0)"),
     ("fold-constants{max_growth=abc}", "'abc' is not a valid float"),
