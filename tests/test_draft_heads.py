@@ -186,3 +186,11 @@ def test_medusa_with_an_explicit_branching_tree_is_lossless(llama_dir, tmp_path)
         ids = torch.randint(0, 128, (1, n), generator=g)
         assert torch.equal(engine.generate(ids, 30, eos_token_id=[], speculative=True),
                            engine.generate(ids, 30, eos_token_id=[]))
+
+
+def test_layer_skip_after_draft_heads_leaves_the_heads_alone(llama_dir):
+    c = graphopt.compile(str(llama_dir), "draft-heads{heads=2},layer-skip{skip=1,keep_ends=false}",
+                         calibration=[(torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(i)),)
+                                      for i in range(4)], backend="torch")
+    assert c.reports[-1]["status"] == "ok" and len(c.reports[-1]["details"]["skipped"]) == 1
+    assert "draft" in c.program.methods and c.program.output_names["prefill"][-1] == "hidden_states"

@@ -137,10 +137,13 @@ class LayerSkip(Pass):
         else:
             chosen = sorted(sorted(candidates, key=lambda i: influence[i])[:k])
         paths = {blocks[i].path for i in chosen}
+        with_blocks = set()  # methods without any blocks (draft heads) are left as they are
         for name, m_ep in program.methods.items():
             found = {b.path for b in find_blocks(m_ep)}
-            if not paths <= found:
+            if found and not paths <= found:
                 raise GraphoptError(f"layer-skip: method '{name}' lacks blocks {sorted(paths - found)}")
+            if found:
+                with_blocks.add(name)
         if c["self_speculative"]:
             plan = program.plan
             if plan.get("kind") != "causal-lm" or plan.get("verify") not in program.methods:
@@ -166,7 +169,8 @@ class LayerSkip(Pass):
                                         "skipped": sorted(paths), "kv_outputs": len(kept_out) - 1,
                                         "draft_length": c["draft_length"], "confidence": c["confidence"]}
         else:
-            program.methods = {name: skip_blocks(m_ep, paths) for name, m_ep in program.methods.items()}
+            program.methods = {name: skip_blocks(m_ep, paths) if name in with_blocks else m_ep
+                               for name, m_ep in program.methods.items()}
         if is_lm:
             from ..compiler.heal import heal, mean_ce, with_parameters
             spec = program.plan.get("self_speculative")
