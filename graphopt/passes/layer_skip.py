@@ -137,9 +137,10 @@ class LayerSkip(Pass):
         else:
             chosen = sorted(sorted(candidates, key=lambda i: influence[i])[:k])
         paths = {blocks[i].path for i in chosen}
-        with_blocks = set()  # methods without any blocks (draft heads) are left as they are
+        with_blocks = set()  # methods without the model's blocks (draft heads) are left as they are
+        all_paths = {b.path for b in blocks}
         for name, m_ep in program.methods.items():
-            found = {b.path for b in find_blocks(m_ep)}
+            found = {b.path for b in find_blocks(m_ep)} & all_paths
             if found and not paths <= found:
                 raise GraphoptError(f"layer-skip: method '{name}' lacks blocks {sorted(paths - found)}")
             if found:
