@@ -242,7 +242,7 @@ def _router_pass(c: dict, program, ctx):
             program.methods[name] = add_routing(m_ep, routed, W, b, "attention_mask" if lm else None, kv)
             program.output_names.setdefault(name, [s.name for s in program.output_specs(name)][:-1])
             program.output_names[name] = list(program.output_names[name]) + ["route"]
-        elif lm:
+        elif lm and set(routed) <= {blk.path for blk in find_blocks(m_ep)}:  # not the draft heads
             program.methods[name] = add_routing(m_ep, routed, None, None, None, kv)
             program.inputs[name] = list(program.inputs[name]) + [TensorSpec("route", "int64", ["B", len(routed)])]
             ex = program.example_inputs[name]
