@@ -286,6 +286,12 @@ def run_command(args) -> int:
             ids = ids.input_ids
     else:
         raise GraphoptError("give --prompt TEXT or --prompt-ids 1,2,3")
+    if args.speculative and args.self_speculative:
+        raise GraphoptError("choose one of --speculative (draft heads) and --self-speculative (layer skip)")
+    speculative = "heads" if args.speculative else "layer-skip" if args.self_speculative else False
+    if speculative:
+        from .runtime.speculative import check_ready
+        check_ready(engine, speculative)  # before the prompt is echoed
     if tokenizer is not None and args.prompt is not None:
         sys.stdout.write(args.prompt)
         streamer = _TextStreamer(tokenizer, sys.stdout)
@@ -304,9 +310,6 @@ def run_command(args) -> int:
         def end(self):
             if streamer is not None:
                 streamer.end()
-    if args.speculative and args.self_speculative:
-        raise GraphoptError("choose one of --speculative (draft heads) and --self-speculative (layer skip)")
-    speculative = "heads" if args.speculative else "layer-skip" if args.self_speculative else False
     new = engine.generate(ids, args.max_new_tokens, eos_token_id=args.eos_id, do_sample=args.do_sample,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                           streamer=_Timer(), speculative=speculative)

@@ -161,6 +161,21 @@ class HeadDrafter:
         pass
 
 
+def check_ready(engine, drafter: str = "heads") -> None:
+    """Raise the one-line error speculative_generate would raise for this bundle, before any work."""
+    if engine.plan.get("routing"):
+        raise GraphoptError("speculative decoding does not combine with layer-skip routers yet; use generate() "
+                            "without speculative")
+    Verifier(engine)
+    if drafter == "heads":
+        HeadDrafter(engine, None)
+    elif drafter == "layer-skip":
+        from .self_speculative import SkipDrafter
+        SkipDrafter(engine, None)
+    else:
+        raise GraphoptError(f"unknown drafter '{drafter}': choose heads or layer-skip")
+
+
 def speculative_generate(engine, input_ids, max_new_tokens: int, eos_token_id=None, do_sample: bool = False,
                          temperature: float = 1.0, top_k=None, top_p=None, seed=None, attention_mask=None,
                          streamer=None, drafter: str = "heads"):
@@ -172,9 +187,7 @@ def speculative_generate(engine, input_ids, max_new_tokens: int, eos_token_id=No
     plan = engine.plan
     ids, mask = check_request(plan, engine.manifest.get("dims", {}), input_ids, attention_mask, max_new_tokens,
                               do_sample, temperature, top_k, top_p)
-    if plan.get("routing"):
-        raise GraphoptError("speculative decoding does not combine with layer-skip routers yet; use generate() "
-                            "without speculative")
+    check_ready(engine, drafter)
     if streamer is not None and ids.shape[0] > 1:
         raise GraphoptError("speculative generation streams batch 1 only; drop the streamer or give one prompt")
     if eos_token_id is None:
@@ -187,11 +200,9 @@ def speculative_generate(engine, input_ids, max_new_tokens: int, eos_token_id=No
     verifier = Verifier(engine)
     if drafter == "heads":
         draft = HeadDrafter(engine, sampling)
-    elif drafter == "layer-skip":
+    else:
         from .self_speculative import SkipDrafter
         draft = SkipDrafter(engine, sampling)
-    else:
-        raise GraphoptError(f"unknown drafter '{drafter}': choose heads or layer-skip")
     prefill = engine.method(plan["prefill"])._run
     n_kv = 2 * plan["num_layers"]
     max_len = plan["max_length"]
