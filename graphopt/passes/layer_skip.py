@@ -63,11 +63,13 @@ def skip_blocks(ep, paths: set[str]):
 
 @register
 class LayerSkip(Pass):
-    """Static layer skipping: cut the least influential repeated blocks (ShortGPT influence) out of the graph."""
+    """Layer skipping: static (block influence or loss, optional healing), per-sequence routers, or a drafter."""
     name = "layer-skip"
     exact = False
     metric = "rel_l2"
-    tolerance = 1.0  # skipping blocks changes outputs by design; quality is measured by bits/byte in benchmarks
+    # Skipping blocks changes outputs by design (a skipped layer's zeroed cache is exactly rel_l2 1): the guard only
+    # catches broken graphs (NaN, inf, blow-ups); quality is measured by bits/byte in the benchmarks.
+    tolerance = 10.0
     adds_outputs = True  # mode=router: prefill also returns its routing decisions
     needs = frozenset({"calibration"})
     options = {
