@@ -31,7 +31,8 @@ def _scopes(node) -> list[str]:
 
 def route_blocks(path: Path, routed: list[str], kv_heads: list[int], head_dim: list[int]) -> list[str]:
     """Rewrite the ONNX file at `path` in place; returns the blocks turned into If nodes."""
-    model = onnx.load(str(path))
+    # weights stay where they are (external .onnx.data above 256 MB): only the graph is rewritten
+    model = onnx.load(str(path), load_external_data=False)
     model = onnx.shape_inference.infer_shapes(model)
     g = model.graph
     types = {vi.name: vi.type for vi in list(g.value_info) + list(g.input) + list(g.output)}
@@ -53,7 +54,13 @@ def route_blocks(path: Path, routed: list[str], kv_heads: list[int], head_dim: l
         if len(where) != 1:
             continue
         where = where[0]
-        members = {id(n) for n in inside} | {id(where)}
+        layer = int(_LAYER.search(block).group(1))
+        # the gate that zeroes this layer's cache outputs belongs in the If too (else: zeros, nothing computed)
+        kv_names = {f"present_key_{layer}", f"present_value_{layer}"}
+        gates = [n for n in nodes if n.op_type == "Mul" and set(n.output) & kv_names & graph_outputs
+                 and any(i in produced for i in n.input)]
+        anchors = {id(where)} | {id(n) for n in gates}
+        members = {id(n) for n in inside} | anchors
         consumers: dict[str, list] = {}
         for n in nodes:
             for i in n.input:
@@ -63,7 +70,7 @@ def route_blocks(path: Path, routed: list[str], kv_heads: list[int], head_dim: l
         while changed:
             changed = False
             for n in nodes:
-                if id(n) not in members or n is where:
+                if id(n) not in members or id(n) in anchors:
                     continue
                 for o in n.output:
                     outside = [c for c in consumers.get(o, []) if id(c) not in members]
@@ -75,8 +82,9 @@ def route_blocks(path: Path, routed: list[str], kv_heads: list[int], head_dim: l
         moved_out = {o for n in moved for o in n.output}
         exports = [o for o in moved_out
                    if o in graph_outputs or any(id(c) not in members for c in consumers.get(o, []))]
-        layer = int(_LAYER.search(block).group(1))
         x = where.input[2]
+        if o_missing_type(exports, types):
+            continue
         else_nodes, ok = [], True
         for o in exports:
             if o == where.output[0]:
@@ -102,11 +110,11 @@ def route_blocks(path: Path, routed: list[str], kv_heads: list[int], head_dim: l
                 else_nodes += [
                     helper.make_node("Concat", parts, [f"{o}__shape"], axis=0),
                     helper.make_node("ConstantOfShape", [f"{o}__shape"], [f"{o}__else"],
-                                     value=helper.make_tensor(f"{o}__z", TensorProto.FLOAT, [1], [0.0])),
+                                     value=helper.make_tensor(f"{o}__z", types[o].tensor_type.elem_type, [1], [0])),
                 ]
             else:
                 ok = False
-        if not ok or o_missing_type(exports, types):
+        if not ok:
             continue
         # Values inside a subgraph may not shadow outer names: the branch computes o__then, the If returns o.
         rename = {o: f"{o}__then" for o in exports}

@@ -101,8 +101,9 @@ def add_routing(ep, routed: list[str], weights: torch.Tensor | None, biases: tor
         out.replace_all_uses_with(routed_out, delete_user_cb=lambda u: u.name not in inside and u is not routed_out)
         replaced[out.name] = routed_out
         if kv_outputs and b.path in kv_outputs:
-            gate4 = _call(ed, aten.view.default, (col, [-1, 1, 1, 1]), out_node)
-            gate_f = _call(ed, aten._to_copy.default, (gate4,), out_node, dtype=torch.float32)
+            # computed next to the block's decision, so it exists before the block's If in the ONNX graph
+            gate4 = _call(ed, aten.view.default, (col, [-1, 1, 1, 1]), anchor)
+            gate_f = _call(ed, aten._to_copy.default, (gate4,), anchor, dtype=torch.float32)
             outs = list(out_node.args[0])
             n_other = len(outs) - len([s for s in ed.output_specs if s.kind == OutputKind.USER_OUTPUT])
             for pos in kv_outputs[b.path]:

@@ -157,6 +157,7 @@ def verify_seconds(engine, sizes, past_len: int = 160, repeats: int = 7) -> dict
     """Median time of one verify call with `size`+1 tree nodes over a cache of past_len entries."""
     from ..runtime.speculative import TreeShape, Verifier
     plan = engine.plan
+    past_len = max(1, min(past_len, plan["max_length"] - max(sizes) - 2))
     verifier = Verifier(engine)
     past = [torch.zeros(1, h, past_len, d) for h, d in zip(plan["kv_heads"], plan["head_dim"]) for _ in range(2)]
     times = {}
@@ -231,7 +232,7 @@ def train_heads(path, steps: int = 1500, data=None, prompts: int = 512, new_toke
     topk = dplan["topk"]
     acc = head_accuracy(heads, *val, topk)
     with progress.stage("tree"):
-        if dplan.get("tree") and not tree_size:
+        if dplan.get("tree") and not dplan.get("tree_auto") and not tree_size:  # given by the user: kept
             paths, timing = dplan["tree"], {}
         else:
             sizes = [tree_size] if tree_size else list(TREE_SIZES)
@@ -292,6 +293,8 @@ def _rewrite_bundle(path: Path, manifest: dict, heads, paths, report: dict, prog
                 if not err <= ORT_TOLERANCE:
                     raise GraphoptError(f"ONNX Runtime output of the trained draft heads differs from torch: max_rel "
                                         f"{err:.3g}; use a torch-backend bundle")
+        if dplan.get("tree") is None or dplan.get("tree_auto") or report.get("verify_ms"):
+            dplan["tree_auto"] = True  # chosen here: a later train-heads may choose again
         dplan["tree"] = paths
         dplan["trained"] = report
         bundle.write_manifest(staging, manifest)

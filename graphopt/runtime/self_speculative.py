@@ -38,7 +38,7 @@ class SkipDrafter:
         outs = self.decode([torch.tensor([[token]]), torch.ones(1, n + 1, dtype=torch.int64),
                             torch.tensor([[n]]), *self.past])
         self.past = list(outs[1:1 + self.n_kv])
-        return outs[0][0, -1]
+        return outs[0][0, -1].float().cpu()
 
     def propose(self, root: int, hidden, tree: TreeShape):
         logits = None

@@ -77,7 +77,8 @@ class Verifier:
         T = tree.size
         mask = torch.cat([torch.ones(T, P, dtype=torch.int64), tree.ancestors], dim=1)[None, None]
         outs = self.run([tokens[None], mask, (position + tree.depth)[None], *past])
-        return outs[0][0], list(outs[1:1 + self.n_kv]), [o[0] for o in outs[1 + self.n_kv:]]
+        # logits to the CPU (acceptance and sampling run there); the cache and hidden states stay where they are
+        return outs[0][0].float().cpu(), list(outs[1:1 + self.n_kv]), [o[0] for o in outs[1 + self.n_kv:]]
 
     @staticmethod
     def keep(presents: list[torch.Tensor], P: int, nodes: list[int]) -> list[torch.Tensor]:
@@ -147,7 +148,7 @@ class HeadDrafter:
         heads condition on the base model's next token and their own greedy path)."""
         paths = torch.zeros(1, self.K, dtype=torch.int64)
         paths[0, 0] = root
-        logits = self.run([hidden[None], paths])[0][0]  # [K, V]
+        logits = self.run([hidden[None], paths])[0][0].float().cpu()  # [K, V]
         if self.sampling is None:
             top = logits.topk(self.topk, dim=-1).indices.tolist()
             return torch.tensor([root] + [top[len(p) - 1][p[-1]] for p in tree.paths]), tree, None
@@ -192,10 +193,16 @@ def speculative_generate(engine, input_ids, max_new_tokens: int, eos_token_id=No
         raise GraphoptError("speculative generation streams batch 1 only; drop the streamer or give one prompt")
     if eos_token_id is None:
         eos_token_id = plan.get("eos_token_id")
-    eos = set() if eos_token_id is None else ({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id))
+    eos_list = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else
+                                                list(eos_token_id))
+    eos = set(eos_list)
     pad = plan.get("pad_token_id")
-    pad = pad if pad is not None else (min(eos) if eos else 0)
-    generator = torch.Generator().manual_seed(seed if seed is not None else 0) if do_sample else None
+    pad = pad if pad is not None else (eos_list[0] if eos_list else 0)  # as generate() does
+    if do_sample:  # seed=None: drawn from torch's global random state, like generate()
+        generator = torch.Generator().manual_seed(seed if seed is not None else
+                                                  int(torch.randint(0, 2 ** 62, (1,))))
+    else:
+        generator = None
     sampling = (temperature, top_k, top_p, generator) if do_sample else None
     verifier = Verifier(engine)
     if drafter == "heads":
@@ -223,14 +230,17 @@ def speculative_generate(engine, input_ids, max_new_tokens: int, eos_token_id=No
         past = list(outs[1:1 + n_kv])
         hidden = outs[1 + n_kv][0, -1] if len(outs) > 1 + n_kv else None
         draft.start(row)
-        out = [select(outs[0][0, -1])]
+        out = [select(outs[0][0, -1].float().cpu())]
         draft.accepted(out[:])
         if streamer is not None:
             streamer.put(torch.tensor(out[-1:]))
         while len(out) < max_new_tokens and out[-1] not in eos:
             P = past[0].shape[2]  # = position of the root token
-            room = min(max_len - P - 1, max_new_tokens - len(out))  # positions left, tokens still wanted
+            # drafts worth verifying: the step's own next token comes free, and the tree must fit the positions left
+            room = min(max_len - P - 1, max_new_tokens - len(out) - 1)
             tree = draft.tree if draft.tree.max_depth <= room else draft.tree.truncated(room)
+            if P + tree.size > max_len:  # the mask width is capped by the model's length (TensorRT profiles)
+                tree = TreeShape(tree.paths[:max(0, max_len - P - 1)])
             t0 = time.perf_counter()
             if tree.size == 1:
                 tokens, q = torch.tensor(out[-1:]), None
