@@ -209,8 +209,8 @@ def calibrate_offset(ep, routed: list[str], weights, biases, mask_input, sequenc
                      n_blocks: int, steps: int = 14) -> tuple[torch.Tensor, float, float]:
     """Biases shifted so the routed graph itself skips `target` of all blocks on the calibration sequences.
 
-    The routers were fitted on the unskipped model's features, but in the graph block i sees the stream after the
-    earlier routing decisions, so the skip rate drifts; bisect one offset on the real decisions."""
+    The thresholds come from the regression's fitted values, which differ from the oracle's depths; bisecting one
+    offset on the graph's real decisions makes the calibration skip rate the requested one."""
     from .causal_lm import prefill_inputs
     n_inputs = len(ep.graph_signature.user_inputs)
 
