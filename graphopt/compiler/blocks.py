@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .graph_edit import GraphEditor, keep_only_output_slice
+
 _NUMBERED = re.compile(r"^(.*)\.(\d+)$")
 
 
@@ -107,3 +109,39 @@ def _residual_operands(add: torch.fx.Node, inside: set[torch.fx.Node]) -> list[t
             if a in inside and a.op == "call_function" and a.target in _SKIP_PATH:
                 frontier.append(a)
     return out
+
+
+class Record(torch.fx.Interpreter):
+    """Runs the graph, keeping the values of `watch` nodes."""
+
+    def __init__(self, gm, watch: set[str]):
+        super().__init__(gm)
+        self.extra_traceback = False
+        self.watch, self.values = watch, {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n.name in self.watch:
+            self.values[n.name] = out
+        return out
+
+
+def skip_blocks(ep, paths: set[str]):
+    """The graph with the blocks at `paths` cut out of the residual stream: later nodes read the block's input
+    instead of its output. Whatever else reads the block (a KV-cache output) is kept, so method signatures and the
+    runtime are unchanged."""
+    ed = GraphEditor(ep)
+    names = {n.name: n for n in ed.graph.nodes}
+    replaced: dict[str, torch.fx.Node] = {}
+    for b in find_blocks(ep):
+        if b.path not in paths:
+            continue
+        inside = {n.name for n in b.nodes}
+        out = names[b.output.name]
+        # consecutive skipped blocks: this block's input is the previous one's output, itself replaced by its input
+        inp = replaced.get(b.input.name, names[b.input.name])
+        out.replace_all_uses_with(inp, delete_user_cb=lambda user: user.name not in inside)
+        replaced[out.name] = inp
+    keep_only_output_slice(ed.graph)
+    ed.remove_unused_inputs()
+    return ed.build()

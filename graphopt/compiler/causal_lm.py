@@ -200,3 +200,8 @@ def prefill_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None 
         attention_mask = torch.ones_like(input_ids)
     position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
     return input_ids, attention_mask.long(), position_ids
+
+
+def sequence_inputs(ep, ids: torch.Tensor) -> tuple:
+    """A token sequence as the method's inputs: (ids, mask, positions) for a prefill graph, (ids,) for a forward."""
+    return prefill_inputs(ids) if len(ep.graph_signature.user_inputs) == 3 else (ids,)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .causal_lm import prefill_inputs
+from .causal_lm import sequence_inputs
 from .draft_heads import find_lm_head, with_hidden_output
 
 
@@ -22,10 +22,9 @@ class SequenceLogits:
         self.ep = with_hidden_output(prefill_ep)
         self.module = self.ep.module()
 
-        self.n_inputs = len(prefill_ep.graph_signature.user_inputs)  # prefill (ids, mask, positions) or forward(ids)
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.module(*(prefill_inputs(ids) if self.n_inputs == 3 else (ids,)))
+        out = self.module(*sequence_inputs(self.ep, ids))
         return torch.nn.functional.linear(out[-1], self.w, self.b)
 
 

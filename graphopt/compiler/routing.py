@@ -139,17 +139,16 @@ def train_routers(ep, blocks, candidates: list[int], order: list[int], sequences
     """
     import heapq
 
-    from ..passes.layer_skip import _Record, skip_blocks
-    from .causal_lm import prefill_inputs
+    from .blocks import Record, skip_blocks
+    from .causal_lm import sequence_inputs
     from .heal import SequenceLogits
     from .weight_quant import _flat_args
     first = blocks[min(candidates)]
-    n_inputs = len(ep.graph_signature.user_inputs)
     feats = []
     for ids in sequences:
-        rec = _Record(ep.graph_module, {first.input.name})
+        rec = Record(ep.graph_module, {first.input.name})
         with torch.no_grad():
-            rec.run(*_flat_args(ep, {}, prefill_inputs(ids) if n_inputs == 3 else (ids,)))
+            rec.run(*_flat_args(ep, {}, sequence_inputs(ep, ids)))
         feats.append(rec.values[first.input.name].float().mean(dim=1)[0])
 
     def seq_ce(fn, ids):
@@ -211,15 +210,14 @@ def calibrate_offset(ep, routed: list[str], weights, biases, mask_input, sequenc
 
     The thresholds come from the regression's fitted values, which differ from the oracle's depths; bisecting one
     offset on the graph's real decisions makes the calibration skip rate the requested one."""
-    from .causal_lm import prefill_inputs
-    n_inputs = len(ep.graph_signature.user_inputs)
+    from .causal_lm import sequence_inputs
 
     def rate(delta: float) -> float:
         module = add_routing(ep, routed, weights, biases + delta, mask_input).module()
         skipped = 0
         with torch.no_grad():
             for ids in sequences:
-                route = module(*(prefill_inputs(ids) if n_inputs == 3 else (ids,)))[-1]
+                route = module(*sequence_inputs(ep, ids))[-1]
                 skipped += int((route == 0).sum())
         return skipped / (n_blocks * sum(s.shape[0] for s in sequences))
     scale = float(biases.abs().max()) + float(weights.abs().sum(1).max()) + 1.0

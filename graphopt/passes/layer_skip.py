@@ -2,25 +2,10 @@ from __future__ import annotations
 
 import torch
 
-from ..compiler.blocks import find_blocks
-from ..compiler.graph_edit import GraphEditor, drop_user_io, keep_only_output_slice
+from ..compiler.blocks import Record, find_blocks, skip_blocks  # noqa: F401  (skip_blocks: used by callers)
+from ..compiler.graph_edit import drop_user_io
 from ..errors import GraphoptError
 from .base import Option, Pass, register
-
-
-class _Record(torch.fx.Interpreter):
-    """Runs the graph, keeping the values of `watch` nodes."""
-
-    def __init__(self, gm, watch: set[str]):
-        super().__init__(gm)
-        self.extra_traceback = False
-        self.watch, self.values = watch, {}
-
-    def run_node(self, n):
-        out = super().run_node(n)
-        if n.name in self.watch:
-            self.values[n.name] = out
-        return out
 
 
 def block_influence(ep, blocks, inputs: list[tuple]) -> list[float]:
@@ -30,7 +15,7 @@ def block_influence(ep, blocks, inputs: list[tuple]) -> list[float]:
     watch = {b.input.name for b in blocks} | {b.output.name for b in blocks}
     sums = [0.0] * len(blocks)
     for x in inputs:
-        rec = _Record(ep.graph_module, watch)
+        rec = Record(ep.graph_module, watch)
         with torch.no_grad():
             rec.run(*_flat_args(ep, {}, x))
         for k, b in enumerate(blocks):
@@ -38,27 +23,6 @@ def block_influence(ep, blocks, inputs: list[tuple]) -> list[float]:
             cos = torch.nn.functional.cosine_similarity(a.reshape(-1, a.shape[-1]), o.reshape(-1, o.shape[-1]), dim=-1)
             sums[k] += float((1 - cos).mean())
     return [s / len(inputs) for s in sums]
-
-
-def skip_blocks(ep, paths: set[str]):
-    """The graph with the blocks at `paths` cut out of the residual stream: later nodes read the block's input
-    instead of its output. Whatever else reads the block (a KV-cache output) is kept, so method signatures and the
-    runtime are unchanged."""
-    ed = GraphEditor(ep)
-    names = {n.name: n for n in ed.graph.nodes}
-    replaced: dict[str, torch.fx.Node] = {}
-    for b in find_blocks(ep):
-        if b.path not in paths:
-            continue
-        inside = {n.name for n in b.nodes}
-        out = names[b.output.name]
-        # consecutive skipped blocks: this block's input is the previous one's output, itself replaced by its input
-        inp = replaced.get(b.input.name, names[b.input.name])
-        out.replace_all_uses_with(inp, delete_user_cb=lambda user: user.name not in inside)
-        replaced[out.name] = inp
-    keep_only_output_slice(ed.graph)
-    ed.remove_unused_inputs()
-    return ed.build()
 
 
 @register
@@ -213,6 +177,7 @@ def _greedy_by_loss(ep, blocks, candidates: list[int], k: int, sequences, ctx):
 def _router_pass(c: dict, program, ctx):
     """mode=router: train per-block routers on the calibration sequences and gate the routed blocks."""
     from ..compiler.program import TensorSpec
+    from ..compiler.causal_lm import sequence_inputs
     from ..compiler.routing import add_routing, calibrate_offset, train_routers
     if c["self_speculative"] or c["heal"] or c["skip"] or c["speedup"]:
         raise GraphoptError("layer-skip{mode=router}: give rate=..., not skip/speedup/heal/self_speculative")
@@ -227,7 +192,7 @@ def _router_pass(c: dict, program, ctx):
         ctx.progress.info(f"layer-skip{{mode=router}}: only {len(sequences)} calibration sequences train the "
                           f"routers (one decision per sequence); 64 or more give steadier routers")
     # skip order: least influential first (the static choice), then adaptive depth per sequence
-    influence = block_influence(ep, blocks, [prefill_like(ep, s) for s in sequences[:16]])
+    influence = block_influence(ep, blocks, [sequence_inputs(ep, s) for s in sequences[:16]])
     order = sorted(candidates, key=lambda i: influence[i])
     W, b, report = train_routers(ep, blocks, candidates, order, sequences, c["rate"], ctx.progress)
     routed = [blocks[i].path for i in candidates]
@@ -254,8 +219,3 @@ def _router_pass(c: dict, program, ctx):
     return program, {"mode": "router", "routed": routed, **report}
 
 
-
-def prefill_like(ep, ids):
-    """The method's inputs for a token sequence: (ids, mask, positions) for prefill graphs, (ids,) for forward."""
-    from ..compiler.causal_lm import prefill_inputs
-    return prefill_inputs(ids) if len(ep.graph_signature.user_inputs) == 3 else (ids,)
