@@ -11,6 +11,8 @@ from typing import Any
 import torch
 
 from .compiler import bundle, capture as cap, guard
+from .compiler.attention import native_gqa
+from .compiler.fuse_linears import fuse_parallel_linears
 from .compiler.onnx_lower import DEFAULT_OPSET, export_onnx
 from .compiler.pipeline import PassContext, parse_pipeline, run_pipeline, validate_needs, validate_tasks
 from .compiler.program import DTYPES, Program
@@ -206,6 +208,9 @@ def _lower(program: Program, staging: Path, backend: str, opset: int, calibratio
         tensorrt_lower.check_plugins(program.methods)
     extra_file = {"onnxruntime": " + .onnx", "tensorrt": " + .engine"}.get(backend, "")
     with prog_ui.stage("lowering", f"(.pt2{extra_file})"):
+        if backend != "tensorrt":  # exact; TensorRT's converter is untested with grouped SDPA
+            for name, ep in list(program.methods.items()):
+                program.methods[name] = fuse_parallel_linears(native_gqa(ep)[0])[0]
         for name, ep in program.methods.items():
             files[name] = {"pt2": f"{name}.pt2"}
             torch.export.save(ep, str(staging / f"{name}.pt2"))

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow unpickling a model file (runs code from the file: only for files you trust)")
     p.add_argument("--force", action="store_true", help="replace an existing OUT")
     p.add_argument("--seed", type=int, default=0, help="seed for example inputs and calibration (default 0)")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 21)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 23; 21 for older ONNX Runtime)")
     p.add_argument("--quiet", action="store_true", help="no progress or summary output")
     p.add_argument("--verbose", action="store_true", help="tracebacks and exporter logs")
     p.add_argument("--list-passes", action="store_true", help="list the passes with their options and exit")

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -51,6 +52,17 @@ def test_bundle_has_prefill_and_decode(lm):
     names = [i["name"] for i in dec["inputs"]]
     assert names[:3] == ["input_ids", "attention_mask", "position_ids"] and names[3] == "past_key_0"
     assert dec["outputs"][1]["shape"][2] == "P + 1"
+    # Lowering: SDPA becomes one ONNX Attention node per layer, reading grouped key/value heads directly.
+    ops = [n.op_type for n in onnx.load(str(out / "decode.onnx"), load_external_data=False).graph.node]
+    assert ops.count("Attention") == m["plan"]["num_layers"] == 2
+    sdpa = [n for n in torch.export.load(str(out / "decode.pt2")).graph.nodes
+            if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    grouped = m["plan"]["kv_heads"][0] < model_heads(lm[0])
+    assert len(sdpa) == 2 and all(n.kwargs.get("enable_gqa", False) == grouped for n in sdpa)
+
+
+def model_heads(model) -> int:
+    return model.config.num_attention_heads
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])

@@ -73,14 +73,26 @@ def dq_linear_onnx(x, packed, scale, zero, bias, bits: int, group: int, in_featu
     b = op.Reshape(packed, op.Constant(value_ints=[n_out, n_blocks, block * sb // 8]))
     y = MSFT.MatMulNBits(x, b, op.Reshape(scale, [-1]), K=in_features, N=n_out, bits=sb, block_size=block,
                          accuracy_level=int(settings["accuracy_level"]))
-    n_groups = in_features // group
-    x_sums = op.ReduceSum(op.Reshape(x, op.Constant(value_ints=[-1, n_groups, group])),
-                          op.Constant(value_ints=[2]), keepdims=0)
-    zero_part = op.Reshape(op.MatMul(x_sums, op.Transpose(original_zero, perm=[1, 0])), op.Shape(y))
-    y = op.Add(y, zero_part)
+    y = op.Add(y, _zero_part(x, y, original_zero, in_features // group, group))
     if bias is not None:
         y = op.Add(y, bias)
     return y
+
+def _zero_part(x, y, zero, n_groups: int, group: int):
+    """(Σ_{k in group} x_k) @ zeroᵀ with as few runtime nodes as the input's known rank allows (a decode step runs
+    this once per quantized linear, so shape arithmetic here costs as much as the arithmetic)."""
+    if n_groups == 1:  # per channel: x.sum(-1, keepdim) * zero[:, 0]
+        return op.Mul(op.ReduceSum(x, op.Constant(value_ints=[-1]), keepdims=1), op.Reshape(zero, [-1]))
+    shape = getattr(x, "shape", None)
+    rank = len(shape) if shape is not None else None
+    if rank:  # [..., K] -> [..., G, g] (0 keeps a leading dim) -> sums [..., G] -> @ zeroᵀ [G, N]
+        grouped = op.Reshape(x, op.Constant(value_ints=[0] * (rank - 1) + [n_groups, group]))
+        sums = op.ReduceSum(grouped, op.Constant(value_ints=[-1]), keepdims=0)
+        return op.MatMul(sums, op.Transpose(zero, perm=[1, 0]))
+    sums = op.ReduceSum(op.Reshape(x, op.Constant(value_ints=[-1, n_groups, group])),
+                        op.Constant(value_ints=[2]), keepdims=0)
+    return op.Reshape(op.MatMul(sums, op.Transpose(zero, perm=[1, 0])), op.Shape(y))
+
 
 def _dequantize_then_matmul(x, packed, scale, zero, bias, group: int):
     """8-bit: ORT's MatMulNBits refuses float zero points at 8 bits on CPU, so dequantize in the graph (ORT folds

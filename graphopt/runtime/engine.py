@@ -223,7 +223,9 @@ class Engine:
         return f"Engine({str(self.path)!r}, backend={self.backend!r}, methods={self.methods})"
 
 
-def _ort_runner(path: Path, providers: list[str] | None, threads: int | None = None):
+def _ort_runner(path: Path, providers: list[str] | None, threads: int | None = None, spinning: bool | None = None):
+    """threads: intra-op threads (None: ORT's default); spinning: let idle pool threads spin for the next kernel
+    (default: only when threads is None)."""
     import onnxruntime as ort
     if not path.is_file():
         raise GraphoptError(f"bundle file '{path}' is missing; re-run optimize (or load with backend='torch')")
@@ -233,6 +235,7 @@ def _ort_runner(path: Path, providers: list[str] | None, threads: int | None = N
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
+    if spinning is False or (spinning is None and threads):
         # Spinning threads wait for the next small kernel; on a shared CPU they steal it from the caller instead.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
@@ -244,7 +247,11 @@ def _ort_runner(path: Path, providers: list[str] | None, threads: int | None = N
     def run(tensors: list[torch.Tensor]):
         feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)}
         return [torch.from_numpy(np.asarray(o)) for o in session.run(None, feeds)]
+
+    def arrays(xs: list[np.ndarray]) -> list[np.ndarray]:  # unchecked numpy in and out, for decode loops
+        return session.run(None, dict(zip(names, xs)))
     run.session = session
+    run.arrays = arrays
     return run
 
 
@@ -324,14 +331,28 @@ def _trt_runner(path: Path):
 SMALL_DECODE_BYTES = 64 << 20
 
 
-def _small_decoder(path: Path, manifest: dict) -> bool:
+def _default_threads(path: Path, manifest: dict) -> dict[str, tuple[int | None, bool]]:
+    """(ORT intra-op threads, spinning) per method when the caller gives no thread count; None threads = ORT's
+    default (one per core).
+
+    A small causal LM's step is a few hundred small kernels: its per-token method (decode, or verify when decoding
+    speculatively) gains from a second spinning thread in its matmuls (zoo LM: 660 -> 780 tok/s), but any other
+    session's spinning pool then competes with it for the cores (speculative: 1140 tok/s with only verify
+    spinning, 980 with prefill spinning too). Prefills are long enough to wake threads for (17.3 -> 14.5 ms for a
+    120-token prompt); drafters run once per drafted token and stay on the caller's thread.
+    """
     plan = manifest.get("plan", {})
     if plan.get("kind") != "causal-lm":
-        return False
+        return {}
     files = manifest["methods"].get(plan.get("decode"), {}).get("files", {})
     size = sum((path / files[k]).stat().st_size for k in ("onnx", "onnx_data") if k in files
                and (path / files[k]).is_file())
-    return 0 < size < SMALL_DECODE_BYTES
+    if not 0 < size < SMALL_DECODE_BYTES:
+        return {}
+    hot = {plan.get("decode"), plan.get("verify")}
+    prefills = {plan.get("prefill"), (plan.get("self_speculative") or {}).get("prefill")}
+    return {name: (None, True) if name in hot else (None, False) if name in prefills else (1, False)
+            for name in manifest["methods"]}
 
 
 def load(path, backend: str = "onnxruntime", *, providers: list[str] | None = None,
@@ -339,8 +360,8 @@ def load(path, backend: str = "onnxruntime", *, providers: list[str] | None = No
     """Load a bundle written by `optimize -o` / `CompiledModel.save`.
 
     providers: ONNX Runtime execution providers (default CUDA when available, else CPU); threads: ORT intra-op
-    threads (default: 1 for causal LMs whose decode graph is under SMALL_DECODE_BYTES, else ORT's choice: a decode
-    step of a small model is hundreds of tiny kernels, where waking a second thread costs more than it gains);
+    threads for every method (default: ORT's choice, except for causal LMs whose decode graph is under
+    SMALL_DECODE_BYTES: see _default_threads);
     device: torch backend device.
     """
     if backend not in BACKENDS:
@@ -350,8 +371,7 @@ def load(path, backend: str = "onnxruntime", *, providers: list[str] | None = No
         require_tensorrt()
     path = Path(path)
     manifest = read_manifest(path)
-    if threads is None and backend == "onnxruntime" and _small_decoder(path, manifest):
-        threads = 1
+    per_method = _default_threads(path, manifest) if threads is None and backend == "onnxruntime" else {}
     methods = {}
     for name, spec in manifest["methods"].items():
         files = spec.get("files", {})
@@ -359,7 +379,7 @@ def load(path, backend: str = "onnxruntime", *, providers: list[str] | None = No
             if "onnx" not in files:
                 raise GraphoptError(f"bundle '{path}' has no ONNX file for method '{name}' (it was built with "
                                     f"--backend torch): load it with backend='torch' or re-run optimize")
-            run = _ort_runner(path / files["onnx"], providers, threads)
+            run = _ort_runner(path / files["onnx"], providers, *per_method.get(name, (threads, not threads)))
         elif backend == "tensorrt":
             if "engine" not in files:
                 raise GraphoptError(f"bundle '{path}' has no TensorRT engine for method '{name}': re-run optimize "
