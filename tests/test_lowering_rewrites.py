@@ -111,7 +111,8 @@ def test_linears_sharing_an_input_become_one_matmul():
     assert len(linears) == 3  # fused q/k/v, biased, other
     fused = next(n for n in linears if n.meta["val"].shape[-1] == 32)
     (split,) = fused.users
-    assert split.target is aten.split_with_sizes.default and list(split.args[1]) == [8, 16, 8]  # graph order: k is computed first
+    # in graph order: k is computed first
+    assert split.target is aten.split_with_sizes.default and list(split.args[1]) == [8, 16, 8]
     for seed in range(3):
         x = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(seed))
         for a, b in zip(new.module()(x), ep.module()(x)):

@@ -1,6 +1,6 @@
 """Exact lowering rewrite: linears that read the same input (q/k/v projections, gate/up of a gated MLP) become one
-linear over the concatenated weights (packed low-bit weights too), split afterwards. Each output column is the same dot product as before, so the
-result is bit-identical; the runtime launches one larger matmul instead of several small ones.
+linear over the concatenated weights (packed low-bit weights too), split afterwards. Each output column is the same
+dot product as before, so the result is bit-identical; the runtime launches one larger matmul instead of several.
 """
 from __future__ import annotations
 

@@ -2,8 +2,9 @@
 
 MatMulNBits dequantizes B as (u - zero_point) * scale per block of `block_size` values along K, with u the unsigned
 stored value and a default zero point of 2^(sb-1); graphopt stores u = q + 2^(sb-1) with Ŵ = s*q + z, so
-MatMulNBits without zero points computes x @ (s*q)ᵀ and the float zeros add (Σ_group x) @ zeroᵀ, exactly. 3-bit weights are stored on the 4-bit layout and lower as
-bits=4 unchanged; 8-bit weights are dequantized in the graph (see below). The byte layout of `packed` rows is MatMulNBits' layout of B [N, K/block, block*bits/8].
+MatMulNBits without zero points computes x @ (s*q)ᵀ and the float zeros add (Σ_group x) @ zeroᵀ, exactly. 3-bit
+weights are stored on the 4-bit layout and lower as bits=4 unchanged; 8-bit weights are dequantized in the graph
+(see below). The byte layout of `packed` rows is MatMulNBits' layout of B [N, K/block, block*bits/8].
 accuracy_level 0 computes in fp32; 4 quantizes activations to int8 inside ORT (much faster on CPU, ~0.5 % error).
 """
 from __future__ import annotations
