@@ -63,3 +63,21 @@ def test_compile_api_matches_model():
     torch.testing.assert_close(compiled(x), model(x).detach(), rtol=1e-4, atol=1e-5)
     assert [r["status"] for r in compiled.reports] == ["ok", "ok", "ok"]
     assert set(compiled.timings) >= {"capture_s", "passes_s", "guard_s", "lowering_s", "ort_check_s", "total_s"}
+
+
+def test_load_failure_names_the_opset_fix(tmp_path):
+    """A bundle file at opset 23 (the default) rejected by an older ONNX Runtime: the error says to upgrade or to
+    re-run optimize with --opset 21; other failures say to re-run optimize."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from graphopt.runtime.engine import _load_fix
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    path = tmp_path / "m.onnx"
+    for opset, version, fix in [(23, "1.22.1", "--opset 21"), (23, "1.32.0", "re-run optimize"),
+                                (21, "1.20.0", "re-run optimize")]:
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), str(path))
+        msg = _load_fix(path, version)
+        assert fix in msg and (("1.23" in msg) == (fix == "--opset 21"))

@@ -241,7 +241,8 @@ def _ort_runner(path: Path, providers: list[str] | None, threads: int | None = N
     try:
         session = ort.InferenceSession(str(path), sess_options=opts, providers=wanted)
     except Exception as e:
-        raise GraphoptError(f"ONNX Runtime cannot load '{path}': {str(e).splitlines()[0]}; re-run optimize")
+        raise GraphoptError(f"ONNX Runtime {ort.__version__} cannot load '{path}': {str(e).splitlines()[0]}; "
+                            f"{_load_fix(path, ort.__version__)}")
     names = [i.name for i in session.get_inputs()]
 
     def run(tensors: list[torch.Tensor]):
@@ -253,6 +254,21 @@ def _ort_runner(path: Path, providers: list[str] | None, threads: int | None = N
     run.session = session
     run.arrays = arrays
     return run
+
+
+def _load_fix(path: Path, version: str) -> str:
+    """What to do when ORT rejects a bundle file: opset 23 (the default) needs ONNX Runtime >= 1.23."""
+    try:
+        import onnx
+        opset = next((o.version for o in onnx.load(str(path), load_external_data=False).opset_import
+                      if o.domain in ("", "ai.onnx")), None)
+    except Exception:
+        opset = None
+    major_minor = tuple(int(x) for x in version.split(".")[:2] if x.isdigit())
+    if opset is not None and opset >= 23 and major_minor < (1, 23):
+        return (f"the file is ONNX opset {opset}, which needs onnxruntime >= 1.23: upgrade it (pip install -U "
+                f"onnxruntime), or re-run optimize with --opset 21")
+    return "re-run optimize"
 
 
 def _torch_runner(path: Path, device: str | None):
