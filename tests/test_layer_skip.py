@@ -172,8 +172,11 @@ def test_routers_decide_at_prefill_and_skipped_blocks_are_not_computed(tmp_path)
         p = c.program
         assert p.output_names["prefill"][-1] == "route" and p.inputs["decode"][-1].name == "route"
         c.save(tmp_path / mode)
-        n_if = sum(n.op_type == "If" for n in onnx.load(str(tmp_path / mode / "decode.onnx")).graph.node)
-        assert n_if == (2 if mode == "if" else 0)
+        ifs = [n for n in onnx.load(str(tmp_path / mode / "decode.onnx")).graph.node if n.op_type == "If"]
+        assert len(ifs) == (2 if mode == "if" else 0)
+        for n in ifs:  # the whole block moves into the branch (attention, fused q/k/v, o, gate/up, down), not a tail
+            ops = [x.op_type for x in next(a.g for a in n.attribute if a.name == "then_branch").node]
+            assert ops.count("Attention") == 1 and ops.count("MatMul") == 4
         outs[mode] = graphopt.load(tmp_path / mode)
     torch_engine = graphopt.load(tmp_path / "if", backend="torch")
     static = {}

@@ -1,10 +1,9 @@
 """Exact lowering rewrite: linears that read the same input (q/k/v projections, gate/up of a gated MLP) become one
-linear over the concatenated weights (packed low-bit weights too), split afterwards. Each output column is the same
+linear over the concatenated weights (packed low-bit weights too), sliced afterwards. Each output column is the same
 dot product as before, so the result is bit-identical; the runtime launches one larger matmul instead of several.
 """
 from __future__ import annotations
 
-import operator
 from collections import defaultdict
 
 import torch
@@ -64,14 +63,16 @@ def fuse_parallel_linears(ep: ExportedProgram) -> tuple[ExportedProgram, int]:
                 y = ed.graph.call_function(aten.linear.default, (first.args[0], merged[0]))
             else:
                 y = ed.graph.call_function(first.target, (first.args[0], *merged, None, *first.args[5:8]))
-            parts = ed.graph.call_function(aten.split_with_sizes.default, (y, sizes, -1))
-            outs = [ed.graph.call_function(operator.getitem, (parts, i)) for i in range(len(sizes))]
+            # Slices, not split_with_sizes: ONNX export turns a split into SplitToSequence/SequenceAt, which its
+            # optimizer then folds into a Split without module scopes, and onnx_if finds a block's nodes by scope.
+            ends = [sum(sizes[:i + 1]) for i in range(len(sizes))]
+            outs = [ed.graph.call_function(aten.slice.Tensor, (y, -1, end - size, end))
+                    for size, end in zip(sizes, ends)]
         ref = first.meta["val"]
         y.meta["val"] = ref.new_empty((*ref.shape[:-1], sum(sizes)))
-        parts.meta["val"] = [n.meta["val"] for n in nodes]
         for meta_key in ("nn_module_stack", "stack_trace"):  # scopes stay with the block that held the linears
             if meta_key in first.meta:
-                y.meta[meta_key] = parts.meta[meta_key] = first.meta[meta_key]
+                y.meta[meta_key] = first.meta[meta_key]
         for n, out in zip(nodes, outs):
             out.meta.update({k: v for k, v in n.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
             n.replace_all_uses_with(out)
