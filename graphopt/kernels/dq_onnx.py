@@ -79,6 +79,7 @@ def dq_linear_onnx(x, packed, scale, zero, bias, bits: int, group: int, in_featu
         y = op.Add(y, bias)
     return y
 
+
 def _zero_part(x, y, zero, n_groups: int, group: int):
     """(Σ_{k in group} x_k) @ zeroᵀ with as few runtime nodes as the input's known rank allows (a decode step runs
     this once per quantized linear, so shape arithmetic here costs as much as the arithmetic)."""
