@@ -22,6 +22,10 @@ class Method:
         self.outputs = spec["outputs"]
         self.dims = dims
         self._run = run
+        # Unchecked call in the backend's own arrays: takes torch tensors or arrays this method returned and returns
+        # the backend's arrays (numpy for ONNX Runtime, tensors otherwise), so decode loops can keep their KV cache
+        # as the backend returned it instead of converting every cache tensor on every step.
+        self.native = getattr(run, "native", run)
 
     def __call__(self, *args, **kwargs):
         tensors = self.check(args, kwargs)
@@ -249,10 +253,11 @@ def _ort_runner(path: Path, providers: list[str] | None, threads: int | None = N
         feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)}
         return [torch.from_numpy(np.asarray(o)) for o in session.run(None, feeds)]
 
-    def arrays(xs: list[np.ndarray]) -> list[np.ndarray]:  # unchecked numpy in and out, for decode loops
-        return session.run(None, dict(zip(names, xs)))
+    def native(xs: list) -> list[np.ndarray]:
+        return session.run(None, {n: x if isinstance(x, np.ndarray) else x.detach().cpu().numpy()
+                                  for n, x in zip(names, xs)})
     run.session = session
-    run.arrays = arrays
+    run.native = native
     return run
 
 

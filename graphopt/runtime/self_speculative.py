@@ -4,7 +4,6 @@ with its own KV cache, stopping early when its top probability falls below the p
 tokens both models agree on, and the tokens it has not seen yet are fed before the next draft."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ..errors import GraphoptError
@@ -19,11 +18,9 @@ class SkipDrafter:
         if not sp:
             raise GraphoptError("this bundle has no skipped drafter: compile it with "
                                 "--passes 'layer-skip{skip=N,self_speculative=true}'")
-        self.prefill = engine.method(sp["prefill"])._run
-        self.decode = engine.method(sp["decode"])._run
-        # ONNX Runtime: the drafter's cache stays in ORT's numpy arrays (one draft step is well under a millisecond,
-        # so converting its tensors to and from torch every step would cost a noticeable share of it)
-        self.arrays = getattr(self.decode, "arrays", None)
+        # the drafter's cache stays in the backend's arrays (see generate())
+        self.prefill = engine.method(sp["prefill"]).native
+        self.decode = engine.method(sp["decode"]).native
         self.n_kv = sp["kv_outputs"]  # the drafter carries only the cache of the layers it runs
         self.length, self.confidence = sp["draft_length"], sp["confidence"]
         self.tree = TreeShape.chain(self.length)
@@ -33,21 +30,16 @@ class SkipDrafter:
         self.seq = prompt.tolist()
         S = len(self.seq)
         outs = self.prefill([prompt[None], torch.ones(1, S, dtype=torch.int64), torch.arange(S)[None]])
-        self.past = [x.numpy() if self.arrays else x for x in outs[1:1 + self.n_kv]]
+        self.past = list(outs[1:1 + self.n_kv])
         self.fed = S           # sequence positions the drafter's cache holds
         self.drafted = 0       # of which speculative (drafted, not yet verified)
 
     def _step(self, token: int):
         n = self.past[0].shape[2]
-        if self.arrays is not None:
-            outs = self.arrays([np.array([[token]], dtype=np.int64), np.ones((1, n + 1), dtype=np.int64),
-                                np.array([[n]], dtype=np.int64), *self.past])
-            self.past = outs[1:1 + self.n_kv]
-            return torch.from_numpy(outs[0][0, -1]).float()
         outs = self.decode([torch.tensor([[token]]), torch.ones(1, n + 1, dtype=torch.int64),
                             torch.tensor([[n]]), *self.past])
         self.past = list(outs[1:1 + self.n_kv])
-        return outs[0][0, -1].float().cpu()
+        return torch.as_tensor(outs[0][0, -1]).float().cpu()
 
     def propose(self, root: int, hidden, tree: TreeShape):
         logits = None

@@ -69,26 +69,17 @@ class Verifier:
         if name is None or name not in engine.methods:
             raise GraphoptError("this bundle has no 'verify' method; compile it with a pass that needs one "
                                 "(draft-heads, or layer-skip{self_speculative=true})")
-        self.run = engine.method(name)._run
+        self.run = engine.method(name).native  # the cache stays in the backend's arrays (see generate())
         self.n_kv = 2 * plan["num_layers"]
-        # ONNX Runtime: the cache stays in ORT's numpy arrays between steps (see generate())
-        self.arrays = getattr(self.run, "arrays", None)
-
-    def cache(self, past: list[torch.Tensor]) -> list:
-        """The prefill's cache in the form __call__ takes and returns (numpy arrays for ONNX Runtime)."""
-        return [p.numpy() for p in past] if self.arrays is not None else list(past)
 
     def __call__(self, tokens: torch.Tensor, tree: TreeShape, past: list, position: int):
         P = past[0].shape[2]
         T = tree.size
         mask = torch.cat([torch.ones(T, P, dtype=torch.int64), tree.ancestors], dim=1)[None, None]
-        if self.arrays is not None:
-            outs = self.arrays([tokens[None].numpy(), mask.numpy(), (position + tree.depth)[None].numpy(), *past])
-            return (torch.from_numpy(outs[0][0]).float(), outs[1:1 + self.n_kv],
-                    [torch.from_numpy(o[0]) for o in outs[1 + self.n_kv:]])
         outs = self.run([tokens[None], mask, (position + tree.depth)[None], *past])
         # logits to the CPU (acceptance and sampling run there); the cache and hidden states stay where they are
-        return outs[0][0].float().cpu(), list(outs[1:1 + self.n_kv]), [o[0] for o in outs[1 + self.n_kv:]]
+        return (torch.as_tensor(outs[0][0]).float().cpu(), list(outs[1:1 + self.n_kv]),
+                [torch.as_tensor(o[0]) for o in outs[1 + self.n_kv:]])
 
     @staticmethod
     def keep(presents: list, P: int, nodes: list[int]) -> list:
@@ -220,7 +211,7 @@ def speculative_generate(engine, input_ids, max_new_tokens: int, eos_token_id=No
     else:
         from .self_speculative import SkipDrafter
         draft = SkipDrafter(engine, sampling)
-    prefill = engine.method(plan["prefill"])._run
+    prefill = engine.method(plan["prefill"]).native
     n_kv = 2 * plan["num_layers"]
     max_len = plan["max_length"]
     stats = {"steps": 0, "verified_tokens": 0, "draft_s": 0.0, "verify_s": 0.0}
@@ -237,10 +228,10 @@ def speculative_generate(engine, input_ids, max_new_tokens: int, eos_token_id=No
             streamer.put(row[None])
         S = row.shape[0]
         outs = prefill([row[None], torch.ones(1, S, dtype=torch.int64), torch.arange(S)[None]])
-        past = verifier.cache(outs[1:1 + n_kv])
-        hidden = outs[1 + n_kv][0, -1] if len(outs) > 1 + n_kv else None
+        past = list(outs[1:1 + n_kv])
+        hidden = torch.as_tensor(outs[1 + n_kv][0, -1]) if len(outs) > 1 + n_kv else None
         draft.start(row)
-        out = [select(outs[0][0, -1].float().cpu())]
+        out = [select(torch.as_tensor(outs[0][0, -1]).float().cpu())]
         draft.accepted(out[:])
         if streamer is not None:
             streamer.put(torch.tensor(out[-1:]))
