@@ -93,15 +93,34 @@ def test_self_speculative_drafts_with_the_skipped_program_and_stays_lossless(lla
     c = graphopt.compile(str(llama_dir), "layer-skip{skip=1,keep_ends=false,self_speculative=true,draft_length=3,"
                                          "heal=true,heal_steps=10}", calibration=calib)
     p = c.program
-    assert set(p.methods) == {"prefill", "decode", "verify", "draft_prefill", "draft_decode"}
+    assert set(p.methods) == {"prefill", "decode", "verify", "draft_decode", "draft_verify"}
     skipped = int(c.reports[-1]["details"]["skipped"][0].rsplit(".", 1)[1])
-    # the drafter carries only the cache of the layer it runs
+    # the drafter reads only the cache of the layer it runs
     assert [s.name for s in p.inputs["draft_decode"]][3:] == [f"past_{kv}_{1 - skipped}" for kv in ("key", "value")]
-    assert len(p.output_names["draft_prefill"]) == 3
+    assert p.plan["self_speculative"]["kv_index"] == [2 * (1 - skipped), 2 * (1 - skipped) + 1]
     # the full methods are untouched: same outputs as without the pass
     ref = graphopt.compile(str(llama_dir), "dce", backend="torch").program
     x = p.example_inputs["decode"]
     for a, b in zip(p.run("decode", *x), ref.run("decode", *x)):
+        torch.testing.assert_close(a, b)
+    # draft_verify = three greedy drafter steps on the shared cache, then verify over root + drafts
+    past = list(x[3:])
+    kv = [past[j] for j in p.plan["self_speculative"]["kv_index"]]
+    root, P = x[0][:1], past[0].shape[2]
+    past1 = [t[:1] for t in past]
+    fused = p.run("draft_verify", root, torch.ones(1, P + 1, dtype=torch.int64), torch.tensor([[P]]), *past1)
+    tokens, kv = [root], [t[:1] for t in kv]
+    for i in range(3):
+        outs = p.run("draft_decode", tokens[-1], torch.ones(1, P + i + 1, dtype=torch.int64),
+                     torch.tensor([[P + i]]), *kv)
+        kv = list(outs[1:])
+        tokens.append(outs[0][:, -1:].argmax(-1))
+    tokens = torch.cat(tokens, 1)
+    assert torch.equal(fused[0], tokens)
+    chain = torch.cat([torch.ones(1, 1, 4, P, dtype=torch.int64), torch.ones(4, 4, dtype=torch.int64).tril()[None, None]], 3)
+    verified = p.run("verify", tokens, chain, torch.arange(P, P + 4)[None], *past1)
+    assert torch.equal(fused[1], verified[0].argmax(-1))
+    for a, b in zip(fused[2:], verified[1:]):
         torch.testing.assert_close(a, b)
     c.save(tmp_path / "self")
     g = torch.Generator().manual_seed(2)
@@ -112,6 +131,7 @@ def test_self_speculative_drafts_with_the_skipped_program_and_stays_lossless(lla
             plain = engine.generate(ids, 24, eos_token_id=[])
             assert torch.equal(engine.generate(ids, 24, eos_token_id=[], speculative="layer-skip"), plain)
             assert engine.last_stats["mean_accepted_length"] >= 1
+            assert engine.last_stats["fused_s"] > 0  # greedy steps ran draft_verify
         a = engine.generate(ids, 12, do_sample=True, seed=4, eos_token_id=[], speculative="layer-skip")
         assert torch.equal(a, engine.generate(ids, 12, do_sample=True, seed=4, eos_token_id=[],
                                               speculative="layer-skip"))

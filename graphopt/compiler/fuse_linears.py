@@ -51,12 +51,17 @@ def fuse_parallel_linears(ep: ExportedProgram) -> tuple[ExportedProgram, int]:
             if found is not None:
                 groups[found[0]].append((node, found[1]))
     fused = 0
+    merged_by_weights: dict[tuple, list] = {}  # the same weights fused at two inputs (a drafter and its verifier)
     for key, members in groups.items():
         if len(members) < 2:
             continue
         nodes = [n for n, _ in members]
         first = min(nodes, key=order.__getitem__)
-        merged = [ed.add_constant(torch.cat(parts, 0), "fused_weight") for parts in zip(*(c for _, c in members))]
+        weights = tuple(tuple(a.name for a in n.args[1:4] if isinstance(a, torch.fx.Node)) for n in nodes)
+        merged = merged_by_weights.get(weights)
+        if merged is None:
+            merged = [ed.add_constant(torch.cat(parts, 0), "fused_weight") for parts in zip(*(c for _, c in members))]
+            merged_by_weights[weights] = merged
         sizes = [c[0].shape[0] for _, c in members]
         with ed.graph.inserting_before(first):
             if first.target is aten.linear.default:

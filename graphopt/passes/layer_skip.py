@@ -111,48 +111,62 @@ class LayerSkip(Pass):
                 raise GraphoptError(f"layer-skip: method '{name}' lacks blocks {sorted(paths - found)}")
             if found:
                 with_blocks.add(name)
+        skipped_lm = None  # the skipped program that heal tunes and the report scores
         if c["self_speculative"]:
             plan = program.plan
             if plan.get("kind") != "causal-lm" or plan.get("verify") not in program.methods:
                 raise GraphoptError("layer-skip{self_speculative=true} needs a causal-lm program (--task causal-lm)")
-            # The drafter never reads the cache of the layers it skips: drop those inputs/outputs, and with them
-            # the K/V projections that skip_blocks keeps for the full program's signature.
             n_layers = plan["num_layers"]
             if len(blocks) != n_layers:
                 raise GraphoptError(f"layer-skip: found {len(blocks)} blocks but the KV cache has {n_layers} layers")
+            # The drafter reads the full model's cache of the layers it runs (compiler/draft_verify.py): drop the
+            # cache inputs/outputs of the layers it skips, and with them the K/V projections that skip_blocks keeps
+            # for the full program's signature.
             kv_drop = {1 + 2 * i + j for i in chosen for j in (0, 1)}
             kept_out = [o for o in range(1 + 2 * n_layers) if o not in kv_drop]
-            for m in (plan["prefill"], plan["decode"]):
-                name = f"draft_{m}"
-                n_out = len(program.output_names[m])
-                drop_out = kv_drop | set(range(1 + 2 * n_layers, n_out))  # extra outputs (hidden states) too
-                drop_in = {2 + o for o in kv_drop} if m == plan["decode"] else set()
-                program.methods[name] = drop_user_io(skip_blocks(program.methods[m], paths), drop_in, drop_out)
-                program.inputs[name] = [s for i, s in enumerate(program.inputs[m]) if i not in drop_in]
-                ex = program.example_inputs[m]
-                program.example_inputs[name] = tuple(x for i, x in enumerate(ex) if i not in drop_in)
-                program.output_names[name] = [program.output_names[m][o] for o in kept_out]
-            plan["self_speculative"] = {"prefill": f"draft_{plan['prefill']}", "decode": f"draft_{plan['decode']}",
-                                        "skipped": sorted(paths), "kv_outputs": len(kept_out) - 1,
+            m = plan["decode"]
+            n_out = len(program.output_names[m])
+            drop_out = kv_drop | set(range(1 + 2 * n_layers, n_out))  # extra outputs (hidden states) too
+            drop_in = {2 + o for o in kv_drop}
+            program.methods["draft_decode"] = drop_user_io(skip_blocks(program.methods[m], paths), drop_in, drop_out)
+            program.inputs["draft_decode"] = [s for i, s in enumerate(program.inputs[m]) if i not in drop_in]
+            ex = program.example_inputs[m]
+            program.example_inputs["draft_decode"] = tuple(x for i, x in enumerate(ex) if i not in drop_in)
+            program.output_names["draft_decode"] = [program.output_names[m][o] for o in kept_out]
+            plan["self_speculative"] = {"decode": "draft_decode", "fused": "draft_verify", "skipped": sorted(paths),
+                                        "kv_index": [o - 1 for o in kept_out[1:]],
                                         "draft_length": c["draft_length"], "confidence": c["confidence"]}
+            if is_lm:
+                skipped_lm = skip_blocks(program.methods[plan["prefill"]], paths)
         else:
             program.methods = {name: skip_blocks(m_ep, paths) if name in with_blocks else m_ep
                                for name, m_ep in program.methods.items()}
+            if is_lm:
+                skipped_lm = program.methods[method]
         if is_lm:
             from ..compiler.heal import heal, mean_ce, with_parameters
-            spec = program.plan.get("self_speculative")
-            skipped_name = spec["prefill"] if c["self_speculative"] else method
             details["calib_ce_full"] = round(mean_ce(ep, sequences), 5)
-            details["calib_ce_skipped"] = round(mean_ce(program.methods[skipped_name], sequences), 5)
+            details["calib_ce_skipped"] = round(mean_ce(skipped_lm, sequences), 5)
             if c["heal"]:
-                values, details["heal"] = heal(program.methods[skipped_name], ep, sequences, c["heal_steps"],
-                                               seed=ctx.seed, progress=ctx.progress)
+                values, details["heal"] = heal(skipped_lm, ep, sequences, c["heal_steps"], seed=ctx.seed,
+                                               progress=ctx.progress)
                 # self-speculative: only the drafter is healed; the verifier stays the original model
-                targets = [spec["prefill"], spec["decode"]] if c["self_speculative"] else list(program.methods)
+                targets = ["draft_decode"] if c["self_speculative"] else list(program.methods)
                 for m in targets:
                     program.methods[m] = with_parameters(program.methods[m], values)
                 if values:
-                    details["calib_ce_healed"] = round(mean_ce(program.methods[skipped_name], sequences), 5)
+                    details["calib_ce_healed"] = round(mean_ce(with_parameters(skipped_lm, values), sequences), 5)
+        if c["self_speculative"]:
+            from ..compiler.draft_verify import build_draft_verify
+            plan, m = program.plan, program.plan["decode"]
+            with ctx.progress.stage("layer-skip draft_verify"):
+                program.methods["draft_verify"] = build_draft_verify(
+                    program.methods["draft_decode"], program.methods[plan["verify"]],
+                    plan["self_speculative"]["kv_index"], program.example_inputs[m], c["draft_length"])
+            program.inputs["draft_verify"] = list(program.inputs[m])
+            program.example_inputs["draft_verify"] = program.example_inputs[m]
+            program.output_names["draft_verify"] = ["tokens", "predicted"] + \
+                list(program.output_names[plan["verify"]][1:1 + 2 * plan["num_layers"]])
         return program, {**details, "blocks": n, "skipped": [blocks[i].path for i in chosen],
                          "influence": {b.path: round(v, 5) for b, v in zip(blocks, influence)}}
 

@@ -356,11 +356,11 @@ def _default_threads(path: Path, manifest: dict) -> dict[str, tuple[int | None, 
     """(ORT intra-op threads, spinning) per method when the caller gives no thread count; None threads = ORT's
     default (one per core).
 
-    A small causal LM's step is a few hundred small kernels: its per-token method (decode, or verify when decoding
-    speculatively) gains from a second spinning thread in its matmuls (zoo LM: 660 -> 780 tok/s), but any other
+    A small causal LM's step is a few hundred small kernels: its per-token method (decode, or verify / draft_verify
+    when decoding speculatively) gains from a second spinning thread in its matmuls (zoo LM: 660 -> 780 tok/s), but any other
     session's spinning pool then competes with it for the cores (speculative: 1140 tok/s with only verify
     spinning, 980 with prefill spinning too). Prefills are long enough to wake threads for (17.3 -> 14.5 ms for a
-    120-token prompt); drafters run once per drafted token and stay on the caller's thread.
+    120-token prompt); per-token drafters stay on the caller's thread.
     """
     plan = manifest.get("plan", {})
     if plan.get("kind") != "causal-lm":
@@ -370,8 +370,8 @@ def _default_threads(path: Path, manifest: dict) -> dict[str, tuple[int | None, 
                and (path / files[k]).is_file())
     if not 0 < size < SMALL_DECODE_BYTES:
         return {}
-    hot = {plan.get("decode"), plan.get("verify")}
-    prefills = {plan.get("prefill"), (plan.get("self_speculative") or {}).get("prefill")}
+    hot = {plan.get("decode"), plan.get("verify"), (plan.get("self_speculative") or {}).get("fused")}
+    prefills = {plan.get("prefill")}
     return {name: (None, True) if name in hot else (None, False) if name in prefills else (1, False)
             for name in manifest["methods"]}
 

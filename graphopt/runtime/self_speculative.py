@@ -1,7 +1,11 @@
-"""Self-speculative drafting (SWIFT / Draft&Verify): the bundle's layer-skipped program drafts a chain token by token
-with its own KV cache, stopping early when its top probability falls below the plan's confidence; the full program's
-`verify` method checks the chain (runtime/speculative.py). After each step the drafter's cache is cut back to the
-tokens both models agree on, and the tokens it has not seen yet are fed before the next draft."""
+"""Self-speculative drafting (SWIFT / Draft&Verify): the bundle's layer-skipped program drafts a chain from the full
+model's own cache (the layers it runs), and the full program verifies it (runtime/speculative.py).
+
+Greedy decoding with room for a whole chain runs one `draft_verify` call per step (compiler/draft_verify.py: K
+drafter steps and the verify forward in one graph). Sampling, and the last steps before the length limit, draft
+token by token with `draft_decode` (stopping early when the drafter's top probability falls below the plan's
+confidence) and verify with `verify`.
+"""
 from __future__ import annotations
 
 import torch
@@ -13,45 +17,45 @@ from .speculative import TreeShape
 
 class SkipDrafter:
     def __init__(self, engine, sampling):
-        plan = engine.plan
-        sp = plan.get("self_speculative")
+        sp = engine.plan.get("self_speculative")
         if not sp:
             raise GraphoptError("this bundle has no skipped drafter: compile it with "
                                 "--passes 'layer-skip{skip=N,self_speculative=true}'")
-        # the drafter's cache stays in the backend's arrays (see generate())
-        self.prefill = engine.method(sp["prefill"]).native
+        if "kv_index" not in sp:
+            raise GraphoptError(f"the drafter in {engine.path} was built by an older graphopt (with its own cache); "
+                                f"re-run optimize to rebuild it")
+        # the cache stays in the backend's arrays (see generate())
         self.decode = engine.method(sp["decode"]).native
-        self.n_kv = sp["kv_outputs"]  # the drafter carries only the cache of the layers it runs
+        self.fused = engine.method(sp["fused"]).native
+        self.kv_index = sp["kv_index"]  # which of the full cache's tensors the drafter's layers read
         self.length, self.confidence = sp["draft_length"], sp["confidence"]
         self.tree = TreeShape.chain(self.length)
         self.sampling = sampling
 
-    def start(self, prompt: torch.Tensor) -> None:
-        self.seq = prompt.tolist()
-        S = len(self.seq)
-        outs = self.prefill([prompt[None], torch.ones(1, S, dtype=torch.int64), torch.arange(S)[None]])
-        self.past = list(outs[1:1 + self.n_kv])
-        self.fed = S           # sequence positions the drafter's cache holds
-        self.drafted = 0       # of which speculative (drafted, not yet verified)
+    def can_fuse(self, tree: TreeShape) -> bool:
+        return self.sampling is None and tree.max_depth == self.length
 
-    def _step(self, token: int):
-        n = self.past[0].shape[2]
-        outs = self.decode([torch.tensor([[token]]), torch.ones(1, n + 1, dtype=torch.int64),
-                            torch.tensor([[n]]), *self.past])
-        self.past = list(outs[1:1 + self.n_kv])
-        return torch.as_tensor(outs[0][0, -1]).float().cpu()
+    def fused_step(self, root: int, past: list, position: int):
+        """Greedy: (drafted tokens with the root first, accepted count, the full model's next token, presents)."""
+        outs = self.fused([torch.tensor([[root]]), torch.ones(1, position + 1, dtype=torch.int64),
+                           torch.tensor([[position]]), *past])
+        tokens, predicted = outs[0][0].tolist(), outs[1][0].tolist()
+        accepted = 0
+        while accepted < self.length and tokens[accepted + 1] == predicted[accepted]:
+            accepted += 1
+        return tokens, accepted, predicted[accepted], list(outs[2:])
 
-    def propose(self, root: int, hidden, tree: TreeShape):
-        logits = None
-        for t in self.seq[self.fed:]:  # tokens verified since the last draft (the root among them)
-            logits = self._step(t)
-        self.fed = len(self.seq)
+    def propose(self, root: int, hidden, tree: TreeShape, past: list):
+        P = past[0].shape[2]
+        kv = [past[j] for j in self.kv_index]
         tokens, qs = [root], []
-        self.drafted = 0  # drafts fed to the cache (every draft but the last)
-        for _ in range(tree.max_depth):
+        for i in range(tree.max_depth):
+            outs = self.decode([torch.tensor([[tokens[-1]]]), torch.ones(1, P + i + 1, dtype=torch.int64),
+                                torch.tensor([[P + i]]), *kv])
+            kv = list(outs[1:1 + len(kv)])
+            logits = torch.as_tensor(outs[0][0, -1]).float().cpu()
             if self.sampling is None:
-                probs = logits.float().softmax(-1)
-                p, tok = probs.max(-1)
+                p, tok = logits.softmax(-1).max(-1)
                 if len(tokens) > 1 and float(p) < self.confidence:
                     break
                 tok = int(tok)
@@ -63,18 +67,5 @@ class SkipDrafter:
                 tok = int(torch.multinomial(q, 1, generator=gen))
                 qs.append(q)
             tokens.append(tok)
-            if len(tokens) - 1 < tree.max_depth:
-                logits = self._step(tok)
-                self.drafted += 1
         chain = TreeShape.chain(len(tokens) - 1)
         return torch.tensor(tokens), chain, torch.stack(qs) if qs else None
-
-    def accepted(self, new: list[int]) -> None:
-        """`new`: the tokens added to the sequence (accepted drafts, then the base model's next token)."""
-        if self.drafted:
-            # the cache holds the drafts fed; keep those that were accepted (they precede the last new token)
-            keep = min(self.drafted, len(new) - 1)
-            self.past = [x[:, :, :self.fed + keep] for x in self.past]
-            self.fed += keep
-            self.drafted = 0
-        self.seq.extend(new)

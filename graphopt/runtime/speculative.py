@@ -141,10 +141,10 @@ class HeadDrafter:
         self.topk = 1 + max(max(p) for p in self.tree.paths)
         self.sampling = sampling  # None for greedy, else (temperature, top_k, top_p, generator)
 
-    def start(self, prompt: torch.Tensor) -> None:
-        pass
+    def can_fuse(self, tree: TreeShape) -> bool:
+        return False
 
-    def propose(self, root: int, hidden: torch.Tensor, tree: TreeShape):
+    def propose(self, root: int, hidden: torch.Tensor, tree: TreeShape, past: list):
         """(tokens [T], tree, q [T-1, V] or None). One call of the draft method gives every head's logits (hydra
         heads condition on the base model's next token and their own greedy path)."""
         paths = torch.zeros(1, self.K, dtype=torch.int64)
@@ -158,9 +158,6 @@ class HeadDrafter:
         q = warped_probs(logits[:chain.size - 1], temperature, top_k, top_p)
         drafts = torch.multinomial(q, 1, generator=gen)[:, 0] if len(q) else torch.zeros(0, dtype=torch.int64)
         return torch.cat([torch.tensor([root]), drafts]), chain, q
-
-    def accepted(self, tokens: list[int]) -> None:
-        pass
 
 
 def check_ready(engine, drafter: str = "heads") -> None:
@@ -214,7 +211,7 @@ def speculative_generate(engine, input_ids, max_new_tokens: int, eos_token_id=No
     prefill = engine.method(plan["prefill"]).native
     n_kv = 2 * plan["num_layers"]
     max_len = plan["max_length"]
-    stats = {"steps": 0, "verified_tokens": 0, "draft_s": 0.0, "verify_s": 0.0}
+    stats = {"steps": 0, "verified_tokens": 0, "draft_s": 0.0, "verify_s": 0.0, "fused_s": 0.0}
 
     def select(logits):
         if sampling is None:
@@ -230,9 +227,7 @@ def speculative_generate(engine, input_ids, max_new_tokens: int, eos_token_id=No
         outs = prefill([row[None], torch.ones(1, S, dtype=torch.int64), torch.arange(S)[None]])
         past = list(outs[1:1 + n_kv])
         hidden = torch.as_tensor(outs[1 + n_kv][0, -1]) if len(outs) > 1 + n_kv else None
-        draft.start(row)
         out = [select(torch.as_tensor(outs[0][0, -1]).float().cpu())]
-        draft.accepted(out[:])
         if streamer is not None:
             streamer.put(torch.tensor(out[-1:]))
         while len(out) < max_new_tokens and out[-1] not in eos:
@@ -243,25 +238,29 @@ def speculative_generate(engine, input_ids, max_new_tokens: int, eos_token_id=No
             if P + tree.size > max_len:  # the mask width is capped by the model's length (TensorRT profiles)
                 tree = TreeShape(tree.paths[:max(0, max_len - P - 1)])
             t0 = time.perf_counter()
-            if tree.size == 1:
-                tokens, q = torch.tensor(out[-1:]), None
+            if draft.can_fuse(tree):  # greedy self-speculative: drafting and verifying in one call
+                tok_list, accepted, nxt, presents = draft.fused_step(out[-1], past, P)
+                path, hidden = list(range(accepted + 1)), None
+                stats["fused_s"] += time.perf_counter() - t0
             else:
-                tokens, tree, q = draft.propose(out[-1], hidden, tree)
-            t1 = time.perf_counter()
-            logits, presents, extra = verifier(tokens, tree, past, P)
-            stats["verify_s"] += time.perf_counter() - t1
-            stats["draft_s"] += t1 - t0
-            tok_list = tokens.tolist()
-            if sampling is None:
-                path, nxt = accept_greedy(tok_list, tree, logits)
-            else:
-                p = warped_probs(logits, temperature, top_k, top_p)
-                path, nxt = accept_sampled(tok_list, p, q, generator) if q is not None else \
-                    ([0], int(torch.multinomial(p[0], 1, generator=generator)))
+                if tree.size == 1:
+                    tokens, q = torch.tensor(out[-1:]), None
+                else:
+                    tokens, tree, q = draft.propose(out[-1], hidden, tree, past)
+                t1 = time.perf_counter()
+                logits, presents, extra = verifier(tokens, tree, past, P)
+                stats["verify_s"] += time.perf_counter() - t1
+                stats["draft_s"] += t1 - t0
+                tok_list = tokens.tolist()
+                if sampling is None:
+                    path, nxt = accept_greedy(tok_list, tree, logits)
+                else:
+                    p = warped_probs(logits, temperature, top_k, top_p)
+                    path, nxt = accept_sampled(tok_list, p, q, generator) if q is not None else \
+                        ([0], int(torch.multinomial(p[0], 1, generator=generator)))
+                hidden = extra[0][path[-1]] if extra else None
             past = Verifier.keep(presents, P, path)
-            hidden = extra[0][path[-1]] if extra else None
             new = [tok_list[i] for i in path[1:]] + [nxt]
-            draft.accepted(new)
             stats["steps"] += 1
             stats["verified_tokens"] += len(new)
             for t in new:
