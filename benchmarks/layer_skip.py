@@ -18,6 +18,8 @@ Routers (layer-skip{mode=router,rate=r}, r = 0.25 / 0.5, trained on 128 calibrat
 router_{25,50}_rel_increase (each held-out window's decision from its first 64 tokens, then the whole window
 scored with those blocks skipped), router_{25,50}_heldout_skip_rate (the average fraction of blocks it skipped),
 router_{25,50}_tokens_per_s (ONNX If lowering) and router_{25,50}_where_tokens_per_s (gated Where lowering).
+static_at_router_{25,50}_rate_rel_increase: non-adaptive skipping at the router's held-out skip rate (that share of
+windows skipping one block more than the rest, the blocks in the router's order, no heal), the same-rate baseline.
 """
 from __future__ import annotations
 
@@ -63,11 +65,22 @@ def main() -> None:
     m.update({"machine": machine(), "heldout_windows": windows, "blocks": N_BLOCKS})
     router_calibration = zoo.lm_calibration(n=32 if args.quick else 128)
     static_cache: dict = {}
+    depth_cache: dict = {}
+
+    def static_depth(paths) -> float:
+        """rel_increase with these blocks skipped (no heal)"""
+        key = frozenset(paths)
+        if key not in depth_cache:
+            prog = base.copy()
+            prog.methods = {"forward": skip_blocks(base.methods["forward"], set(key))} if key else base.methods
+            depth_cache[key] = bits(prog) / full - 1 if key else 0.0
+        return depth_cache[key]
     full = bits(base) if "quality" in parts else None
     if full is not None:
         m["unskipped_bits_per_byte"] = round(full, 4)
     for pct, k in FRACTIONS.items() if "quality" in parts else ():
         new, details = skipped(f"layer-skip{{skip={k}}}")
+        m["block_influence"] = details.get("influence")
         m[f"static_{pct}_blocks"] = details["skipped"]
         m[f"static_{pct}_noheal_rel_increase"] = round(bits(new) / full - 1, 4)
         new, details = skipped(f"layer-skip{{skip={k},heal=true}}")
@@ -103,9 +116,14 @@ def main() -> None:
         m[f"router_{pct}_rel_increase"] = round(
             metrics.lm_bits_per_byte(routed_logits, max_windows=windows) / full - 1, 4)
         m[f"router_{pct}_heldout_skip_rate"] = round(sum(decisions) / (N_BLOCKS * len(decisions)), 4)
+        # the same average skip rate without adapting: a share of the windows skips floor(depth) blocks, the rest
+        # one more (the first blocks of the router's order, as static skipping picks them), no heal
+        depth = sum(decisions) / len(decisions)
+        lo = int(depth)
+        order = details["order"]
+        mix = [static_depth(order[:lo]), static_depth(order[:lo + 1])]
+        m[f"static_at_router_{pct}_rate_rel_increase"] = round(mix[0] + (depth - lo) * (mix[1] - mix[0]), 4)
         print(pct, {key: v for key, v in m.items() if pct in key}, flush=True)
-    if "quality" in parts:
-        m["block_influence"] = details.get("influence")
 
     tok = zoo.byte_tokenizer()
     prompts = [torch.tensor([tok.encode(p)]) for p in zoo.prompts(16)]

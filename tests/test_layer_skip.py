@@ -117,7 +117,8 @@ def test_self_speculative_drafts_with_the_skipped_program_and_stays_lossless(lla
         tokens.append(outs[0][:, -1:].argmax(-1))
     tokens = torch.cat(tokens, 1)
     assert torch.equal(fused[0], tokens)
-    chain = torch.cat([torch.ones(1, 1, 4, P, dtype=torch.int64), torch.ones(4, 4, dtype=torch.int64).tril()[None, None]], 3)
+    chain = torch.cat([torch.ones(1, 1, 4, P, dtype=torch.int64),
+                       torch.ones(4, 4, dtype=torch.int64).tril()[None, None]], 3)
     verified = p.run("verify", tokens, chain, torch.arange(P, P + 4)[None], *past1)
     assert torch.equal(fused[1], verified[0].argmax(-1))
     for a, b in zip(fused[2:], verified[1:]):

@@ -356,9 +356,9 @@ def _default_threads(path: Path, manifest: dict) -> dict[str, tuple[int | None, 
     """(ORT intra-op threads, spinning) per method when the caller gives no thread count; None threads = ORT's
     default (one per core).
 
-    A small causal LM's step is a few hundred small kernels: its per-token method (decode, or verify / draft_verify
-    when decoding speculatively) gains from a second spinning thread in its matmuls (zoo LM: 660 -> 780 tok/s), but any other
-    session's spinning pool then competes with it for the cores (speculative: 1140 tok/s with only verify
+    A small causal LM's step is a few hundred small kernels: its per-token method (decode; verify or draft_verify
+    when decoding speculatively) gains from a second spinning thread in its matmuls (zoo LM: 660 -> 780 tok/s), but
+    any other session's spinning pool then competes with it for the cores (speculative: 1140 tok/s with only verify
     spinning, 980 with prefill spinning too). Prefills are long enough to wake threads for (17.3 -> 14.5 ms for a
     120-token prompt); per-token drafters stay on the caller's thread.
     """
