@@ -13,6 +13,7 @@ import torch
 from .compiler import bundle, capture as cap, guard
 from .compiler.attention import native_gqa
 from .compiler.fuse_linears import fuse_parallel_linears
+from .compiler.onnx_attention import attention_3d_file
 from .compiler.onnx_lower import DEFAULT_OPSET, export_onnx
 from .compiler.pipeline import PassContext, parse_pipeline, run_pipeline, validate_needs, validate_tasks
 from .compiler.program import DTYPES, Program
@@ -218,6 +219,7 @@ def _lower(program: Program, staging: Path, backend: str, opset: int, calibratio
                 in_names = [s.name for s in program.inputs[name]]
                 out_names = [s.name for s in program.output_specs(name)]
                 export_onnx(ep, staging / f"{name}.onnx", in_names, out_names, opset, verbose)
+                attention_3d_file(staging / f"{name}.onnx")
                 routing = program.plan.get("routing")
                 if routing and routing.get("onnx") == "if":
                     from .compiler.onnx_if import route_blocks

@@ -59,6 +59,17 @@ def test_bundle_has_prefill_and_decode(lm):
             if n.target is torch.ops.aten.scaled_dot_product_attention.default]
     grouped = m["plan"]["kv_heads"][0] < model_heads(lm[0])
     assert len(sdpa) == 2 and all(n.kwargs.get("enable_gqa", False) == grouped for n in sdpa)
+    # ... on the projections' [B, S, heads*d] layout, appending to the cache itself (compiler/onnx_attention.py, for
+    # rotary models): no Transpose/Concat left around it, the cache goes straight in and the presents come out
+    if "RotaryEmbedding" in ops:
+        for method in ("prefill", "decode"):
+            graph = onnx.load(str(out / f"{method}.onnx"), load_external_data=False).graph
+            att = [n for n in graph.node if n.op_type == "Attention"]
+            assert all({a.name for a in n.attribute} >= {"q_num_heads", "kv_num_heads"} for n in att)
+            assert [n.output[1:] for n in att] == [[f"present_key_{i}", f"present_value_{i}"] for i in range(2)]
+            assert "Transpose" not in {n.op_type for n in graph.node}
+        assert [n.input[4:] for n in graph.node if n.op_type == "Attention"] == \
+            [[f"past_key_{i}", f"past_value_{i}"] for i in range(2)]
 
 
 def model_heads(model) -> int:
