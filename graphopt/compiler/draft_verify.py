@@ -62,20 +62,8 @@ def build_draft_verify(draft_ep, verify_ep, kv_index: list[int], examples: tuple
     examples: the full decode method's example inputs."""
     from .causal_lm import _export
     draft, verify = draft_ep.module(), verify_ep.module()
-    # The drafter's weights are the verifier's (except what heal tuned): give both the same tensors, so the
-    # composed program (and its ONNX file) holds each weight once.
-    shared = dict(verify.named_parameters())
-    shared.update(dict(verify.named_buffers()))
-    for name, t in list(draft.named_parameters()) + list(draft.named_buffers()):
-        other = shared.get(name)
-        if other is not None and other is not t and other.shape == t.shape and other.dtype == t.dtype \
-                and torch.equal(other, t):
-            owner, _, attr = name.rpartition(".")
-            mod = draft.get_submodule(owner) if owner else draft
-            if isinstance(t, torch.nn.Parameter):
-                setattr(mod, attr, other if isinstance(other, torch.nn.Parameter) else torch.nn.Parameter(other))
-            else:
-                mod.register_buffer(attr, other)
+    # The two methods hold the same weight tensors (passes never copy them; heal replaces only what it tuned), so the
+    # composed program, and its ONNX file, stores each weight once.
     n_kv = len(examples) - 3
     module = _DraftVerify(draft, verify, kv_index, n_kv, k)
     dyn = torch.export.Dim.DYNAMIC

@@ -27,7 +27,6 @@ def _attr(node, name, default=None):
 
 class _Graph:
     def __init__(self, graph: onnx.GraphProto):
-        self.g = graph
         self.producer = {o: n for n in graph.node for o in n.output}
         self.consumers = defaultdict(list)
         for n in graph.node:

@@ -126,7 +126,7 @@ def add_routing(ep, routed: list[str], weights: torch.Tensor | None, biases: tor
 
 
 def train_routers(ep, blocks, candidates: list[int], order: list[int], sequences: list[torch.Tensor], rate: float,
-                  progress=None, prompt_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                  progress=None, prompts: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Routers for blocks[candidates] aiming at an average skip rate `rate` (of all blocks) over the sequences.
 
     Adaptive depth: blocks are skipped in a fixed order (`order`, least important first), and each sequence gets
@@ -134,8 +134,8 @@ def train_routers(ep, blocks, candidates: list[int], order: list[int], sequences
     blocks of the order are removed together; the oracle gives each next skip to the sequence where it costs
     least until the target total; a ridge regression predicts the oracle's k from the feature (the mean stream
     entering the first routed block), and per-block thresholds on that prediction reproduce the oracle's share of
-    sequences skipping each block. prompt_tokens > 0: the feature comes from each sequence's first prompt_tokens
-    tokens (the router sees only the prompt when it decides), the cost from the whole sequence. Returns
+    sequences skipping each block. prompts (one per sequence, e.g. its first tokens): where the feature comes from,
+    as the router sees only the prompt when it decides; the cost is always the whole sequence's. Returns
     (weights [R, d], biases [R], report), routers in graph order: keep block when w.x + b > 0.
     """
     import heapq
@@ -146,10 +146,10 @@ def train_routers(ep, blocks, candidates: list[int], order: list[int], sequences
     from .weight_quant import _flat_args
     first = blocks[min(candidates)]
     feats = []
-    for ids in sequences:
+    for ids in prompts or sequences:
         rec = Record(ep.graph_module, {first.input.name})
         with torch.no_grad():
-            rec.run(*_flat_args(ep, {}, sequence_inputs(ep, ids[:, :prompt_tokens] if prompt_tokens else ids)))
+            rec.run(*_flat_args(ep, {}, sequence_inputs(ep, ids)))
         feats.append(rec.values[first.input.name].float().mean(dim=1)[0])
 
     def seq_ce(fn, ids):

@@ -213,9 +213,8 @@ def _router_pass(c: dict, program, ctx):
     # skip order: least influential first (the static choice), then adaptive depth per sequence
     influence = block_influence(ep, blocks, [sequence_inputs(ep, s) for s in sequences[:16]])
     order = sorted(candidates, key=lambda i: influence[i])
-    W, b, report = train_routers(ep, blocks, candidates, order, sequences, c["rate"], ctx.progress,
-                                 c["prompt_tokens"])
     prompts = [s[:, :c["prompt_tokens"]] if c["prompt_tokens"] else s for s in sequences]
+    W, b, report = train_routers(ep, blocks, candidates, order, sequences, c["rate"], ctx.progress, prompts)
     routed = [blocks[i].path for i in candidates]
     plan = program.plan
     lm = plan.get("kind") == "causal-lm"
