@@ -199,6 +199,231 @@ def _dq_gemv_dequant_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_
 
 
 @triton.jit
+def _code_exact(h, SH: tl.constexpr, MASK: tl.constexpr, zero):
+    # The unsigned code at bit SH of h (SH + code bits <= 23) as an exact fp32 in two instructions: OR-ed into the
+    # mantissa of 2^(23-SH), whose last place is worth 2^-SH, it reads 2^(23-SH) + code; subtract 2^(23-SH).
+    # `zero` is a runtime 0 the compiler cannot fold: the exponent then sits in a register and the mask becomes
+    # LOP3's immediate (with two constants, ptxas rematerializes one of them before every LOP3).
+    EXP: tl.constexpr = (150 - SH) << 23
+    return ((h & (MASK << SH)) | (zero + EXP)).to(tl.float32, bitcast=True) - (8388608.0 / (1 << SH))
+
+
+@triton.jit
+def _unit_code(w, j: tl.constexpr, SB: tl.constexpr, MASK: tl.constexpr, zero):
+    # Code j of each int32-widened unit; codes reaching past mantissa bit 22 come from the unit's upper half.
+    if j * SB + SB <= 23:
+        return _code_exact(w, j * SB, MASK, zero)
+    else:
+        return _code_exact(w >> 16, j * SB - 16, MASK, zero)
+
+
+@triton.jit
+def _split_cols(x, C: tl.constexpr):
+    # x [R, C] (C in 1, 2, 4, 8) with each row in one thread -> its C columns as [R] tensors, in register moves.
+    R: tl.constexpr = x.shape[0]
+    if C == 1:
+        c0 = tl.reshape(x, [R])
+        return c0, c0, c0, c0, c0, c0, c0, c0
+    elif C == 2:
+        c0, c1 = tl.split(x)
+        return c0, c1, c0, c0, c0, c0, c0, c0
+    elif C == 4:
+        ev, od = tl.split(tl.reshape(x, [R, 2, 2]))  # ev: columns 0, 2; od: 1, 3
+        c0, c2 = tl.split(ev)
+        c1, c3 = tl.split(od)
+        return c0, c1, c2, c3, c0, c0, c0, c0
+    else:
+        ev, od = tl.split(tl.reshape(x, [R, 4, 2]))  # ev: 0, 2, 4, 6; od: 1, 3, 5, 7
+        e0, e1 = tl.split(tl.reshape(ev, [R, 2, 2]))  # e0: 0, 4; e1: 2, 6
+        o0, o1 = tl.split(tl.reshape(od, [R, 2, 2]))  # o0: 1, 5; o1: 3, 7
+        c0, c4 = tl.split(e0)
+        c2, c6 = tl.split(e1)
+        c1, c5 = tl.split(o0)
+        c3, c7 = tl.split(o1)
+        return c0, c1, c2, c3, c4, c5, c6, c7
+
+
+@triton.jit
+def _stack4(a, b, c, d):
+    # four [T] tensors -> [4, T] (row i = the i-th argument), by in-thread joins
+    T: tl.constexpr = a.shape[0]
+    return tl.trans(tl.reshape(tl.join(tl.join(a, c), tl.join(b, d)), [T, 4]))
+
+
+@triton.jit
+def _x_slot(x_ptr, m, stride_xm, k_end, kx, CPU: tl.constexpr):
+    # x[m] at kx ([T, CPU]: one 16-byte vector per thread) split into its CPU columns
+    return _split_cols(tl.load(x_ptr + m * stride_xm + kx, mask=kx < k_end, other=0.0).to(tl.float32), CPU)
+
+
+@triton.jit
+def _x_cols_r1(x_ptr, m, stride_xm, k_end, kx, CPU: tl.constexpr):
+    x0 = _x_slot(x_ptr, m, stride_xm, k_end, kx, CPU)
+    return (x0[0][None, :], x0[1][None, :], x0[2][None, :], x0[3][None, :],
+            x0[4][None, :], x0[5][None, :], x0[6][None, :], x0[7][None, :])
+
+
+@triton.jit
+def _x_cols_r2(x_ptr, m, stride_xm, k_end, kx, CPU: tl.constexpr):
+    x0 = _x_slot(x_ptr, m, stride_xm, k_end, kx, CPU)
+    x1 = _x_slot(x_ptr, m, stride_xm, k_end, kx + CPU, CPU)
+    return (tl.trans(tl.join(x0[0], x1[0])), tl.trans(tl.join(x0[1], x1[1])),
+            tl.trans(tl.join(x0[2], x1[2])), tl.trans(tl.join(x0[3], x1[3])),
+            tl.trans(tl.join(x0[4], x1[4])), tl.trans(tl.join(x0[5], x1[5])),
+            tl.trans(tl.join(x0[6], x1[6])), tl.trans(tl.join(x0[7], x1[7])))
+
+
+@triton.jit
+def _x_cols_r4(x_ptr, m, stride_xm, k_end, kx, CPU: tl.constexpr):
+    x0 = _x_slot(x_ptr, m, stride_xm, k_end, kx, CPU)
+    x1 = _x_slot(x_ptr, m, stride_xm, k_end, kx + CPU, CPU)
+    x2 = _x_slot(x_ptr, m, stride_xm, k_end, kx + 2 * CPU, CPU)
+    x3 = _x_slot(x_ptr, m, stride_xm, k_end, kx + 3 * CPU, CPU)
+    return (_stack4(x0[0], x1[0], x2[0], x3[0]), _stack4(x0[1], x1[1], x2[1], x3[1]),
+            _stack4(x0[2], x1[2], x2[2], x3[2]), _stack4(x0[3], x1[3], x2[3], x3[3]),
+            _stack4(x0[4], x1[4], x2[4], x3[4]), _stack4(x0[5], x1[5], x2[5], x3[5]),
+            _stack4(x0[6], x1[6], x2[6], x3[6]), _stack4(x0[7], x1[7], x2[7], x3[7]))
+
+
+@triton.jit
+def _units_row_partial(f_list, x_ptr, m, stride_xm, M, K, kx, R: tl.constexpr, CPU: tl.constexpr):
+    # Σ_k x[m, k] u_k per (weight row, run) and Σ_k x[m, k] per run, for activation row m.
+    # x[m] for the R unit slots of every run as CPU column tensors [R, T] (column j: code j of each unit). Each
+    # slot is its own [T, CPU] load: no two dims of equal contiguity, whose order Triton versions break
+    # differently (3.6 and 3.9 would then disagree on the thread layout).
+    k_end = tl.where(m < M, K, 0)  # padded rows load nothing
+    if R == 4:
+        xc = _x_cols_r4(x_ptr, m, stride_xm, k_end, kx, CPU)
+    elif R == 2:
+        xc = _x_cols_r2(x_ptr, m, stride_xm, k_end, kx, CPU)
+    else:
+        xc = _x_cols_r1(x_ptr, m, stride_xm, k_end, kx, CPU)
+    p = tl.zeros(f_list[0].shape, dtype=tl.float32)
+    xs = tl.zeros(xc[0].shape, dtype=tl.float32)
+    for j in tl.static_range(CPU):
+        p += f_list[j] * xc[j][None, :, :]
+        xs += xc[j]
+    return tl.sum(p, axis=1), tl.sum(xs, axis=0)
+
+
+@triton.jit
+def _dq_gemv_units_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
+                          M, N, K, stride_xm, stride_pn, stride_sn, stride_zn, stride_ym,
+                          BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # Codes are read in units whose activations are one 16-byte load (8 codes for fp16/bf16 x, 4 for fp32; at most
+    # 32 bits). Each thread owns runs of R consecutive units inside one quantization group, for BLOCK_N rows:
+    # its weights are one vector load per row, its x is R vector loads shared by all rows, and a code costs one
+    # LOP3, one FADD (exact code as fp32, _code_exact) and one FFMA. Per run and row, Σ x u and Σ x are scaled
+    # once: Σ_k x_k (s (u_k - 2^(b-1)) + z) = s Σ x u + (z - 2^(b-1) s) Σ x.
+    # The weight tile is [BLOCK_N, R, T] with unit (n, i, t) = t * R + i, the x tile [R, T, CPU]: R is the
+    # contiguous dim of the weights and the outer one of x, so Triton's coalescing gives both the same
+    # thread-to-run mapping (no layout conversion through shared memory). Needs K % (R * CPU) == 0 and rows
+    # aligned to the unit (checked by the launcher); BLOCK_K = R * CPU * 32 * num_warps gives each thread one run.
+    SB: tl.constexpr = 4 if BITS == 3 else BITS
+    MASK: tl.constexpr = (1 << SB) - 1
+    OFFSET: tl.constexpr = 1 << (SB - 1)
+    XB: tl.constexpr = x_ptr.dtype.element_ty.primitive_bitwidth
+    CPU: tl.constexpr = min(128 // XB, 32 // SB)  # codes per unit
+    UB: tl.constexpr = CPU * SB  # unit bits: 8, 16 or 32
+    UT: tl.constexpr = tl.int8 if UB == 8 else (tl.int16 if UB == 16 else tl.int32)
+    R: tl.constexpr = min(128 // UB, 4) if GROUP == 0 else min(128 // UB, 4, GROUP // CPU)  # units per run
+    RUN: tl.constexpr = R * CPU  # codes per run
+    T: tl.constexpr = BLOCK_K // RUN  # runs per K step
+
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    i_idx = tl.arange(0, R)
+    t_idx = tl.arange(0, T)
+    c_idx = tl.arange(0, CPU)
+    units = packed_ptr.to(tl.pointer_type(UT))
+    q_idx = tl.arange(0, BLOCK_N * T)
+    q_row = pid * BLOCK_N + q_idx // T
+    zero = stride_ym >> 31  # 0 (strides are non-negative), opaque to the compiler
+    acc0 = tl.zeros([BLOCK_N, T], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_N, T], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N, T], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_N, T], dtype=tl.float32)
+    xt0 = tl.zeros([T], dtype=tl.float32)  # per channel: Σ x, scaled after the loop
+    xt1 = tl.zeros([T], dtype=tl.float32)
+    xt2 = tl.zeros([T], dtype=tl.float32)
+    xt3 = tl.zeros([T], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        # Weights as [R, BLOCK_N * T] (column q: row q // T, run q % T): again no contiguity tie. Offsets come
+        # straight from q (Triton 3.6 loses the alignment facts through a reshape and would not vectorize).
+        uq = k0 // CPU + (q_idx % T) * R + q_row * (stride_pn // (UB // 8))
+        okq = (q_row < N) & (k0 + (q_idx % T) * RUN < K)
+        w = tl.load(units + uq[None, :] + i_idx[:, None], mask=okq[None, :], other=0).to(tl.int32)
+        w = tl.permute(tl.reshape(w, [R, BLOCK_N, T]), (1, 0, 2))  # [BLOCK_N, R, T]
+        f_list = (_unit_code(w, 0, SB, MASK, zero), _unit_code(w, 1 % CPU, SB, MASK, zero),
+                  _unit_code(w, 2 % CPU, SB, MASK, zero), _unit_code(w, 3 % CPU, SB, MASK, zero),
+                  _unit_code(w, 4 % CPU, SB, MASK, zero), _unit_code(w, 5 % CPU, SB, MASK, zero),
+                  _unit_code(w, 6 % CPU, SB, MASK, zero), _unit_code(w, 7 % CPU, SB, MASK, zero))
+        kx = (k0 + t_idx * RUN)[:, None] + c_idx[None, :]  # [T, CPU]: the first unit of each run
+        if GROUP == 0:
+            s = tl.zeros([BLOCK_N, 1], dtype=tl.float32)  # unused
+            zz = s
+        else:
+            gq = (k0 + (q_idx % T) * RUN) // GROUP
+            so = q_row * stride_sn + gq
+            zo = q_row * stride_zn + gq
+            smq = okq
+            s = tl.reshape(tl.load(scale_ptr + so, mask=smq, other=0.0).to(tl.float32), [BLOCK_N, T])
+            z = tl.reshape(tl.load(zero_ptr + zo, mask=smq, other=0.0).to(tl.float32), [BLOCK_N, T])
+            zz = z - OFFSET * s
+        p, xs = _units_row_partial(f_list, x_ptr, 0, stride_xm, M, K, kx, R, CPU)
+        if GROUP == 0:
+            acc0 += p
+            xt0 += xs
+        else:
+            acc0 += p * s + xs[None, :] * zz
+        if BLOCK_M > 1:
+            p, xs = _units_row_partial(f_list, x_ptr, 1, stride_xm, M, K, kx, R, CPU)
+            if GROUP == 0:
+                acc1 += p
+                xt1 += xs
+            else:
+                acc1 += p * s + xs[None, :] * zz
+        if BLOCK_M > 2:
+            p, xs = _units_row_partial(f_list, x_ptr, 2, stride_xm, M, K, kx, R, CPU)
+            if GROUP == 0:
+                acc2 += p
+                xt2 += xs
+            else:
+                acc2 += p * s + xs[None, :] * zz
+            p, xs = _units_row_partial(f_list, x_ptr, 3, stride_xm, M, K, kx, R, CPU)
+            if GROUP == 0:
+                acc3 += p
+                xt3 += xs
+            else:
+                acc3 += p * s + xs[None, :] * zz
+
+    bias = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    s_pc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    zz_pc = s_pc
+    if GROUP == 0:
+        s_pc = tl.load(scale_ptr + offs_n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
+        zz_pc = tl.load(zero_ptr + offs_n * stride_zn, mask=n_mask, other=0.0).to(tl.float32) - OFFSET * s_pc
+    _units_store(y_ptr, 0, stride_ym, M, offs_n, n_mask, acc0, xt0, s_pc, zz_pc, bias, GROUP)
+    if BLOCK_M > 1:
+        _units_store(y_ptr, 1, stride_ym, M, offs_n, n_mask, acc1, xt1, s_pc, zz_pc, bias, GROUP)
+    if BLOCK_M > 2:
+        _units_store(y_ptr, 2, stride_ym, M, offs_n, n_mask, acc2, xt2, s_pc, zz_pc, bias, GROUP)
+        _units_store(y_ptr, 3, stride_ym, M, offs_n, n_mask, acc3, xt3, s_pc, zz_pc, bias, GROUP)
+
+
+@triton.jit
+def _units_store(y_ptr, m, stride_ym, M, offs_n, n_mask, acc, xt, s_pc, zz_pc, bias, GROUP: tl.constexpr):
+    out = tl.sum(acc, axis=1)
+    if GROUP == 0:
+        out = out * s_pc + tl.sum(xt, axis=0) * zz_pc
+    tl.store(y_ptr + m * stride_ym + offs_n, (out + bias).to(y_ptr.dtype.element_ty), mask=n_mask & (offs_n * 0 + m < M))
+
+
+@triton.jit
 def _dq_gemm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
                     M, N, K, stride_xm, stride_pn, stride_sn, stride_zn, stride_ym,
                     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -278,8 +503,10 @@ def _dq_gemm_trt_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr,
                     stride_sn, stride_zn, stride_ym, BITS, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS)
 
 
-GEMV_KERNELS = {"reduce": _dq_gemv_kernel, "dequant": _dq_gemv_dequant_kernel}
-GEMV_DEFAULT = "dequant"  # measured faster on an H100 (benchmarks/RESULTS.md)
+GEMV_KERNELS = {"units": _dq_gemv_units_kernel, "reduce": _dq_gemv_kernel, "dequant": _dq_gemv_dequant_kernel}
+# "units" when the shape allows it (units_run divides K, rows aligned: the launcher checks), else "dequant"
+# (ahead-of-time kernels, which must take any K, always use "dequant").
+GEMV_DEFAULT = "dequant"
 
 
 # ---------------------------------------------------------------------------------------
@@ -310,6 +537,15 @@ def _dtype_name(dtype: torch.dtype | str, what: str) -> str:
     if dtype in _FLOAT_DTYPES:
         return _FLOAT_DTYPES[dtype]
     raise ValueError(f"{what} dtype must be float16, bfloat16 or float32, got {dtype}")
+
+
+def units_run(bits: int, group: int, dtype: torch.dtype | str) -> tuple[int, int]:
+    """(codes per unit, codes per thread run) of the "units" GEMV for this setting (group 0 = per channel)."""
+    xbits = {"fp16": 16, "bf16": 16, "fp32": 32}[_dtype_name(dtype, "activation")]
+    sb = _storage_bits(bits)
+    cpu = min(128 // xbits, 32 // sb)
+    r = min(128 // (cpu * sb), 4) if group == 0 else min(128 // (cpu * sb), 4, group // cpu)
+    return cpu, r * cpu
 
 
 def _kernel_group(group: int, in_features: int | None) -> int:
@@ -354,13 +590,22 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
             raise ValueError(f"gemv must be one of {', '.join(GEMV_KERNELS)}, got {gemv!r}")
         kernel = GEMV_KERNELS[gemv]
         bm = _next_pow2(m) if m is not None else GEMV_MAX_M
-        # Defaults from the H100 sweep of benchmarks/dq_kernels.py (2026-11-27, M = 1: "dequant", 16 columns,
-        # 512-wide K steps were fastest for W4g128 and W2g64); the K step halves for 4 rows to stay in registers.
-        bn = block_n or 16
-        # Per channel a whole K step is one sub-block ([BLOCK_M, 16, BLOCK_K / P] accumulator): halve it there.
-        bk = block_k or ((512 if bm <= 2 else 256) // (2 if g == 0 else 1))
         min_k = 16
         default_warps, num_stages = 4, 2
+        if gemv == "units":
+            # One run per thread and K step (BLOCK_K = run * threads), 8 rows per program.
+            run = units_run(bits, g, act)[1]
+            if g and g < run:
+                raise ValueError(f"the units GEMV needs group >= {run} codes at {bits} bits, got {g}")
+            bn = block_n or 8
+            bk = block_k or run * 32 * (num_warps or default_warps)
+            min_k = run
+        else:
+            # Defaults from the H100 sweep of benchmarks/dq_kernels.py (2026-11-27, M = 1: "dequant", 16 columns,
+            # 512-wide K steps were fastest for W4g128 and W2g64); the K step halves for 4 rows (registers).
+            bn = block_n or 16
+            # Per channel a whole K step is one sub-block ([BLOCK_M, 16, BLOCK_K / P] accumulator): halve it.
+            bk = block_k or ((512 if bm <= 2 else 256) // (2 if g == 0 else 1))
     else:
         kernel = _dq_gemm_kernel
         bm = min(64, max(16, _next_pow2(m))) if m is not None else 64
@@ -376,8 +621,9 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
         nw = num_warps
     else:
         nw = default_warps
-    if not _is_pow2(bn) or bn < 16:
-        raise ValueError(f"block_n must be a power of two >= 16, got {bn}")
+    min_n = 1 if (m_small and gemv == "units") else 16
+    if not _is_pow2(bn) or bn < min_n:
+        raise ValueError(f"block_n must be a power of two >= {min_n}, got {bn}")
     if not _is_pow2(bk) or bk < min_k:
         raise ValueError(f"block_k must be a power of two >= {min_k} for this kernel and {bits} bits, got {bk}")
 
@@ -473,6 +719,17 @@ def dq_linear_reference(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tens
     return y.to(x.dtype).reshape(*x.shape[:-1], c.N)
 
 
+def _units_fit(packed: torch.Tensor, bits: int, c: _Checked, dtype: torch.dtype) -> bool:
+    """Whether the "units" GEMV can read these weights: whole runs only, rows aligned to the unit size."""
+    group = 0 if c.per_channel else c.group
+    if group and not _is_pow2(group):
+        return False
+    cpu, run = units_run(bits, group, dtype)
+    unit_bytes = cpu * _storage_bits(bits) // 8
+    return (c.K % run == 0 and (not group or group >= run) and packed.data_ptr() % unit_bytes == 0
+            and packed.stride(0) % unit_bytes == 0)
+
+
 @dataclass
 class _Launch:
     specs: dict[str, Any]
@@ -506,9 +763,13 @@ def _prepare(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: t
     if interpreted and not m_small and x.dtype == torch.bfloat16:
         raise NotImplementedError("the Triton CPU interpreter computes bf16 tl.dot on raw bit patterns; the bf16 GEMM "
                                   "kernel can only run on a GPU (M <= 4 uses the GEMV kernel, which works)")
+    if m_small and gemv is None:
+        gemv = "units" if _units_fit(packed, bits, c, x.dtype) else GEMV_DEFAULT
     specs = kernel_specs(bits, -1 if c.per_channel else c.group, x.dtype, m_small, m=max(M, 1),
                          scale_dtype=scale.dtype, block_n=block_n, block_k=block_k, num_warps=num_warps,
                          gemv=gemv or GEMV_DEFAULT)
+    if m_small and gemv == "units" and not _units_fit(packed, bits, c, x.dtype):
+        raise ValueError("the units GEMV needs in_features divisible by its run and unit-aligned packed rows")
     specs = with_bias(specs, bias is not None)
     args = {"x_ptr": x2, "packed_ptr": packed, "scale_ptr": scale, "zero_ptr": zero,
             "bias_ptr": bias if bias is not None else y,  # never read when HAS_BIAS is False
