@@ -125,6 +125,29 @@ def test_dequant_gemv_k_tail_and_half_precision() -> None:
     check(make_case(4, 32, 1, dtype=torch.float16, scale_dtype=torch.float16, bias=True), gemv="dequant")
 
 
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("bits,group", [(4, 128), (2, 64), (3, 32), (8, 32), (4, -1), (2, -1), (4, 16)],
+                         ids=["w4g128", "w2g64", "w3g32", "w8g32", "w4pc", "w2pc", "w4g16"])
+def test_units_gemv_matches_reference(bits: int, group: int, M: int) -> None:
+    # One warp, 4 rows per program: K=256 is one partial K step, N=20 leaves a partial row block; M=3 pads to 4
+    # activation rows. g16 at 4 bits gives runs of 2 units, the others runs of 4; x in fp16 and fp32.
+    for dtype in (torch.float16, torch.float32):
+        case = make_case(bits, group, M, N=20, K=256, dtype=dtype, scale_dtype=torch.float16, bias=True,
+                         seed=bits + M)
+        check(case, gemv="units", block_n=4, num_warps=1)
+
+
+def test_units_gemv_is_the_default_when_it_fits() -> None:
+    fits = make_case(4, 128, 1, K=256)
+    assert dq._prepare(**fits, block_n=None, block_k=None).specs["name"] == "_dq_gemv_units_kernel"
+    assert dq.units_run(4, 128, torch.bfloat16) == (8, 32) and dq.units_run(2, 64, torch.float32) == (4, 16)
+    tail = make_case(2, 90, 1, N=8, K=90)  # K not a multiple of the 32-code run: the element-wise GEMV instead
+    assert dq._prepare(**tail, block_n=None, block_k=None).specs["name"] == "_dq_gemv_dequant_kernel"
+    check(tail)
+    with pytest.raises(ValueError, match="units GEMV needs"):
+        dq.dq_linear_triton(**tail, gemv="units")
+
+
 def test_unknown_gemv_kernel_refused() -> None:
     with pytest.raises(ValueError, match="gemv must be one of"):
         dq.dq_linear_triton(**make_case(4, 32, 1), gemv="fast")
@@ -239,8 +262,9 @@ def test_kernel_specs_signature_lists_kernel_arguments(m_small: bool) -> None:
 def test_launch_path_matches_kernel_specs(M: int, bias: bool) -> None:
     case = make_case(2, 64, M, dtype=torch.float16, scale_dtype=torch.float32, bias=bias)
     launch = dq._prepare(**case, block_n=None, block_k=None)
+    # K=128 is a multiple of the units GEMV's 32-code run, so the launcher picks that kernel at M <= 4
     expected = dq.with_bias(dq.kernel_specs(2, 64, torch.float16, M <= dq.GEMV_MAX_M, m=M,
-                                            scale_dtype=torch.float32), bias)
+                                            scale_dtype=torch.float32, gemv="units"), bias)
     assert launch.specs["kernel"] is expected["kernel"]
     assert launch.specs["constexprs"] == expected["constexprs"]
     assert launch.specs["signature"] == expected["signature"]
