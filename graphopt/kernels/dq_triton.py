@@ -10,9 +10,13 @@ Kernels (both accumulate in fp32 and write y in x's dtype)
                    all M rows (BLOCK_M = next power of two >= M, padded rows masked) and walks K in BLOCK_K chunks.
                    A chunk is split into sub-blocks that each lie inside one quantization group, and per group
                    Σ_k x_k (s q_k + z) = s Σ_k x_k q_k + z Σ_k x_k, so codes are never dequantized element-wise.
+  _dq_gemv_units_kernel  the default at M <= 4 when in_features is a multiple of its run (16-32 codes) and the
+                   packed rows are aligned to its unit: codes read in units whose activations are one 16-byte
+                   load, runs of up to 4 units per thread, each code one LOP3 + FADD + FFMA (_code_exact), the
+                   group scale once per run (see the kernel's comment). Grid (cdiv(N, BLOCK_N),).
   _dq_gemv_dequant_kernel  the same grid; codes dequantized element-wise (s q + z) into a 3-D register tile
                    reduced over K once at the end (no cross-thread reduction per group). kernel_specs(gemv=...)
-                   picks one of the two; benchmarks/dq_kernels.py measures both.
+                   picks one of the GEMVs; benchmarks/dq_kernels.py measures them.
   _dq_gemm_kernel  larger M. Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)); the M index varies fastest so programs that
                    share a weight tile run close together (L2 reuse). Each BLOCK_K × BLOCK_N weight tile is
                    dequantized to x's dtype and fed to tl.dot.
