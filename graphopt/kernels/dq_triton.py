@@ -320,10 +320,12 @@ def _dq_gemv_units_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_pt
     # its weights are one vector load per row, its x is R vector loads shared by all rows, and a code costs one
     # LOP3, one FADD (exact code as fp32, _code_exact) and one FFMA. Per run and row, Σ x u and Σ x are scaled
     # once: Σ_k x_k (s (u_k - 2^(b-1)) + z) = s Σ x u + (z - 2^(b-1) s) Σ x.
-    # The weight tile is [BLOCK_N, R, T] with unit (n, i, t) = t * R + i, the x tile [R, T, CPU]: R is the
-    # contiguous dim of the weights and the outer one of x, so Triton's coalescing gives both the same
-    # thread-to-run mapping (no layout conversion through shared memory). Needs K % (R * CPU) == 0 and rows
-    # aligned to the unit (checked by the launcher); BLOCK_K = R * CPU * 32 * num_warps gives each thread one run.
+    # Every load is a tensor with a single most-contiguous dim and one other (weights [R, BLOCK_N * T], x per unit
+    # slot [T, CPU], scales [BLOCK_N * T]), so Triton's coalescing maps runs to threads the same way in all of
+    # them and on every version (3.6 and 3.9 break ties between equally contiguous dims differently); the
+    # [BLOCK_N, R, T] compute tile is then a register-only reshape, with no layout conversion through shared
+    # memory. Needs K % (R * CPU) == 0 and rows aligned to the unit (checked by the launcher); BLOCK_K =
+    # R * CPU * 32 * num_warps gives each thread one run. CPU and R must match units_run().
     SB: tl.constexpr = 4 if BITS == 3 else BITS
     MASK: tl.constexpr = (1 << SB) - 1
     OFFSET: tl.constexpr = 1 << (SB - 1)
@@ -767,13 +769,14 @@ def _prepare(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: t
     if interpreted and not m_small and x.dtype == torch.bfloat16:
         raise NotImplementedError("the Triton CPU interpreter computes bf16 tl.dot on raw bit patterns; the bf16 GEMM "
                                   "kernel can only run on a GPU (M <= 4 uses the GEMV kernel, which works)")
-    if m_small and gemv is None:
-        gemv = "units" if _units_fit(packed, bits, c, x.dtype) else GEMV_DEFAULT
+    if m_small and gemv in (None, "units"):
+        fits = _units_fit(packed, bits, c, x.dtype)
+        if gemv == "units" and not fits:
+            raise ValueError("the units GEMV needs in_features divisible by its run and unit-aligned packed rows")
+        gemv = "units" if fits else GEMV_DEFAULT
     specs = kernel_specs(bits, -1 if c.per_channel else c.group, x.dtype, m_small, m=max(M, 1),
                          scale_dtype=scale.dtype, block_n=block_n, block_k=block_k, num_warps=num_warps,
                          gemv=gemv or GEMV_DEFAULT)
-    if m_small and gemv == "units" and not _units_fit(packed, bits, c, x.dtype):
-        raise ValueError("the units GEMV needs in_features divisible by its run and unit-aligned packed rows")
     specs = with_bias(specs, bias is not None)
     args = {"x_ptr": x2, "packed_ptr": packed, "scale_ptr": scale, "zero_ptr": zero,
             "bias_ptr": bias if bias is not None else y,  # never read when HAS_BIAS is False
