@@ -14,7 +14,8 @@ so it runs at the same speed). Self-speculative (layer-skip{skip=N,self_speculat
 program drafts, the full one verifies): on 16 held-out prompts (quick: 4) x 128 tokens, batch 1, ORT:
 self_spec_identical_rate (output equal to plain greedy), self_spec_speedup (tokens/s over plain decoding of the same
 bundle), self_spec_mean_accepted_length, for N = 2 and 4 under self_spec_{25,50}; top-level keys: the faster.
-Routers (layer-skip{mode=router,rate=r}, r = 0.25 / 0.5, trained on 128 calibration sequences; quick: 32):
+Routers (layer-skip{mode=router,rate=r}, r = 0.25 / 0.5, trained on 128 calibration sequences of 256 tokens, as long
+as the held-out windows; quick: 32):
 router_{25,50}_rel_increase (each held-out window's decision from its first 64 tokens, then the whole window
 scored with those blocks skipped), router_{25,50}_heldout_skip_rate (the average fraction of blocks it skipped),
 router_{25,50}_tokens_per_s (ONNX If lowering) and router_{25,50}_where_tokens_per_s (gated Where lowering).
@@ -40,7 +41,7 @@ PROMPT = 64  # router decisions on held-out windows come from their first PROMPT
 def main() -> None:
     def options(ap):
         ap.add_argument("--png", type=Path, help="write the quality-vs-speed plot here (needs matplotlib)")
-        ap.add_argument("--parts", default="quality,speed,self_spec", help="which parts to run")
+        ap.add_argument("--parts", default="quality,router,speed,self_spec", help="which parts to run")
         ap.add_argument("--merge", type=Path, help="start from this earlier result (e.g. to rerun one part)")
     args = parse_args(__doc__.splitlines()[0], options)
     import graphopt
@@ -63,7 +64,7 @@ def main() -> None:
     parts = set(args.parts.split(","))
     m: dict = json.loads(args.merge.read_text()) if args.merge else {}
     m.update({"machine": machine(), "heldout_windows": windows, "blocks": N_BLOCKS})
-    router_calibration = zoo.lm_calibration(n=32 if args.quick else 128)
+    router_calibration = zoo.lm_calibration(n=32 if args.quick else 128, length=256)
     static_cache: dict = {}
     depth_cache: dict = {}
 
@@ -75,7 +76,7 @@ def main() -> None:
             prog.methods = {"forward": skip_blocks(base.methods["forward"], set(key))} if key else base.methods
             depth_cache[key] = bits(prog) / full - 1 if key else 0.0
         return depth_cache[key]
-    full = bits(base) if "quality" in parts else None
+    full = bits(base) if parts & {"quality", "router"} else None
     if full is not None:
         m["unskipped_bits_per_byte"] = round(full, 4)
     for pct, k in FRACTIONS.items() if "quality" in parts else ():
@@ -94,14 +95,15 @@ def main() -> None:
         naive.methods = {"forward": skip_blocks(base.methods["forward"], paths)}
         m[f"naive_{pct}_blocks"] = sorted(paths)
         m[f"naive_{pct}_rel_increase"] = round(bits(naive) / full - 1, 4)
+    for pct, k in FRACTIONS.items() if "router" in parts else ():
         # routers: trained on more sequences (one decision per sequence); on each held-out window the decision is
         # taken from its first 64 tokens (the "prompt"), then the whole window is scored with those blocks skipped
         routed, details = run_pipeline(base, parse_pipeline(f"layer-skip{{mode=router,rate={k / N_BLOCKS}}}"),
                                        PassContext(calibration=router_calibration))[:2]
         details = details[0]["details"]
         m[f"router_{pct}_train"] = {key: details.get(key) for key in (
-            "calib_skip_rate_in_graph", "oracle_mean_depth", "oracle_mean_cost", "static_mean_cost", "train_r2",
-            "order")}
+            "calib_skip_rate_in_graph", "oracle_mean_depth", "oracle_mean_cost", "routed_mean_depth",
+            "routed_mean_cost", "static_mean_cost", "train_r2", "ridge_strength", "order")}
         decisions = []
 
         def routed_logits(ids, routed=routed):

@@ -240,3 +240,35 @@ def test_heal_leaves_the_input_program_untouched(tmp_path):
     for n, t in p.methods["forward"].state_dict.items():
         assert torch.equal(t, before[n]), n  # rollback needs the original weights
     assert any(not torch.equal(t, before[n]) for n, t in new.methods["forward"].state_dict.items())
+
+
+def _synthetic_costs(n: int, predictable: bool, seed: int = 0):
+    """Loss rises [n, K+1] with convex per-sequence curves; the curve's steepness is X[:, 0] (predictable) or
+    independent of X."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 6, generator=g, dtype=torch.float64)
+    hard = X[:, 0] if predictable else torch.randn(n, generator=g, dtype=torch.float64)
+    marginal = torch.tensor([0.02, 0.05, 0.1, 0.2], dtype=torch.float64) * (1 + 0.6 * hard.tanh()).unsqueeze(1)
+    return X, torch.nn.functional.pad(marginal.cumsum(1), (1, 0))
+
+
+def test_depth_routers_adapt_when_the_feature_predicts_the_cost_and_fall_back_to_static_when_not():
+    from graphopt.compiler.routing import fit_depth_routers
+    n, total = 256, 2 * 256  # two blocks per sequence on average
+    X, cost = _synthetic_costs(n, predictable=True)
+    routers, rep = fit_depth_routers(X, cost, total, position=[0, 1, 2, 3])
+    d = routers.depth(X.float())
+    assert abs(int(d.sum()) - total) <= 4 and len(set(d.tolist())) >= 2  # the budget, spread over depths
+    routed = float(cost[torch.arange(n), d].mean())
+    gap = rep["static_mean_cost"] - rep["oracle_mean_cost"]
+    assert gap > 0.005 and routed < rep["static_mean_cost"] - 0.6 * gap  # most of the oracle's gain
+    assert rep["routed_mean_cost"] == pytest.approx(routed, abs=1e-4)
+    # the same feature on new sequences: still adapts
+    X2, cost2 = _synthetic_costs(n, predictable=True, seed=1)
+    d2 = routers.depth(X2.float())
+    assert float(cost2[torch.arange(n), d2].mean()) < float(cost2[:, 2].mean())
+    # a feature that says nothing about the cost: (almost) everyone skips the static number of blocks
+    X, cost = _synthetic_costs(n, predictable=False)
+    routers, rep = fit_depth_routers(X, cost, total, position=[0, 1, 2, 3])
+    assert float((routers.depth(X.float()) == 2).double().mean()) > 0.9
+    assert rep["ridge_strength"] >= 1.0

@@ -197,7 +197,7 @@ def _router_pass(c: dict, program, ctx):
     """mode=router: train per-block routers on the calibration sequences and gate the routed blocks."""
     from ..compiler.program import TensorSpec
     from ..compiler.causal_lm import sequence_inputs
-    from ..compiler.routing import add_routing, calibrate_offset, train_routers
+    from ..compiler.routing import add_routing, calibrate_price, train_routers
     if c["self_speculative"] or c["heal"] or c["skip"] or c["speedup"]:
         raise GraphoptError("layer-skip{mode=router}: give rate=..., not skip/speedup/heal/self_speculative")
     method, _ = program.calibration_inputs(ctx.calibration, 1)
@@ -214,23 +214,23 @@ def _router_pass(c: dict, program, ctx):
     influence = block_influence(ep, blocks, [sequence_inputs(ep, s) for s in sequences[:16]])
     order = sorted(candidates, key=lambda i: influence[i])
     prompts = [s[:, :c["prompt_tokens"]] if c["prompt_tokens"] else s for s in sequences]
-    W, b, report = train_routers(ep, blocks, candidates, order, sequences, c["rate"], ctx.progress, prompts)
+    routers, report = train_routers(ep, blocks, candidates, order, sequences, c["rate"], ctx.progress, prompts)
     routed = [blocks[i].path for i in candidates]
     plan = program.plan
     lm = plan.get("kind") == "causal-lm"
-    with ctx.progress.stage("router threshold"):
-        b, offset, achieved = calibrate_offset(ep, routed, W, b, "attention_mask" if lm else None, prompts,
-                                               c["rate"], len(blocks))
-    report.update(threshold_offset=round(offset, 5), calib_skip_rate_in_graph=round(achieved, 4))
+    with ctx.progress.stage("router price"):
+        routers, offset, achieved = calibrate_price(ep, routed, routers, "attention_mask" if lm else None, prompts,
+                                                    c["rate"], len(blocks))
+    report.update(price_correction=round(offset, 6), calib_skip_rate_in_graph=round(achieved, 4))
     kv = {blocks[i].path: (1 + 2 * i, 2 + 2 * i) for i in candidates} if lm else None
     for name in list(program.methods):
         m_ep = program.methods[name]
         if name == method:
-            program.methods[name] = add_routing(m_ep, routed, W, b, "attention_mask" if lm else None, kv)
+            program.methods[name] = add_routing(m_ep, routed, routers, "attention_mask" if lm else None, kv)
             program.output_names.setdefault(name, [s.name for s in program.output_specs(name)][:-1])
             program.output_names[name] = list(program.output_names[name]) + ["route"]
         elif lm and set(routed) <= {blk.path for blk in find_blocks(m_ep)}:  # not the draft heads
-            program.methods[name] = add_routing(m_ep, routed, None, None, None, kv)
+            program.methods[name] = add_routing(m_ep, routed, None, None, kv)
             program.inputs[name] = list(program.inputs[name]) + [TensorSpec("route", "int64", ["B", len(routed)])]
             ex = program.example_inputs[name]
             program.example_inputs[name] = tuple(ex) + (torch.ones(ex[0].shape[0], len(routed), dtype=torch.int64),)
