@@ -235,11 +235,10 @@ def fit_depth_routers(X: torch.Tensor, cost: torch.Tensor, total: int, position:
     W, c, strength = _ridge_gcv(X, cost[:, 1:])
     pred = X @ W.T + c  # [n, K]
     scale = 2 * float(pred.abs().max()) + 1e-3
-    routers = Routers(W.float(), c.float(), position, scale)
+    routers = Routers(W, c, position, scale)  # float64 here; the graph gets float32 constants
 
     def depths(price: float) -> torch.Tensor:
-        k = torch.arange(K + 1, dtype=torch.float64)
-        return (torch.nn.functional.pad(pred, (1, 0)) + price * k).argmin(1)
+        return routers.priced(price).depth(X)
     lo, hi = -scale, scale
     for _ in range(50):  # the skip rate falls as the price rises
         mid = (lo + hi) / 2
