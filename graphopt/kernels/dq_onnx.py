@@ -10,6 +10,7 @@ accuracy_level 0 computes in fp32; 4 quantizes activations to int8 inside ORT (m
 from __future__ import annotations
 
 import onnxscript
+from onnx import numpy_helper
 from onnxscript import opset18 as op
 
 import torch
@@ -74,28 +75,23 @@ def dq_linear_onnx(x, packed, scale, zero, bias, bits: int, group: int, in_featu
     b = op.Reshape(packed, op.Constant(value_ints=[n_out, n_blocks, block * sb // 8]))
     y = MSFT.MatMulNBits(x, b, op.Reshape(scale, [-1]), K=in_features, N=n_out, bits=sb, block_size=block,
                          accuracy_level=int(settings["accuracy_level"]))
-    y = op.Add(y, _zero_part(x, y, original_zero, in_features // group, group))
+    y = op.Add(y, _zero_part(x, original_zero, in_features // group, group))
     if bias is not None:
         y = op.Add(y, bias)
     return y
 
 
-def _zero_part(x, y, zero, n_groups: int, group: int):
+def _zero_part(x, zero, n_groups: int, group: int):
     """(Σ_{k in group} x_k) @ zeroᵀ in as few runtime nodes as possible: a decode step runs this once per quantized
-    linear, and at the zoo LM's size each node costs about as much as its arithmetic (the earlier Reshape -> ReduceSum
-    -> MatMul -> Add was a sixth of a W4 decode step)."""
+    linear, and at the zoo LM's size each node costs about as much as its arithmetic (the whole side product is about
+    a sixth of a W4 decode step)."""
     if n_groups == 1:  # per channel: x.sum(-1, keepdim) * zero[:, 0]
         return op.Mul(op.ReduceSum(x, op.Constant(value_ints=[-1]), keepdims=1), op.Reshape(zero, [-1]))
     # group sums as one MatMul with a constant 0/1 [K, G] matrix (any rank of x, no shape arithmetic)
     k = n_groups * group
     member = torch.arange(k).unsqueeze(1) // group == torch.arange(n_groups).unsqueeze(0)
-    ones = op.Constant(value=_tensor(member.float().numpy()))
+    ones = op.Constant(value=numpy_helper.from_array(member.float().numpy(), "group_members"))
     return op.MatMul(op.MatMul(x, op.CastLike(ones, zero)), op.Transpose(zero, perm=[1, 0]))
-
-
-def _tensor(array):
-    from onnx import numpy_helper
-    return numpy_helper.from_array(array, "group_members")
 
 
 def _dequantize_then_matmul(x, packed, scale, zero, bias, group: int):
