@@ -137,6 +137,47 @@ def test_exclude_patterns_keep_layers_in_float():
     assert reports[0]["details"]["skipped"]["model.gate.weight"] == "excluded by pattern"
 
 
+def onnx_ops(path):
+    import onnx
+    return [(n.op_type, len(n.input), {a.name: a.i for a in n.attribute if a.name == "K"})
+            for n in onnx.load(str(path)).graph.node if n.op_type not in ("Constant", "Reshape")]
+
+
+@pytest.mark.parametrize("method", ["decoupleq{bits=4,group=32,iters=1", "rtn{bits=2,group=64", "gptq{bits=3,group=-1"])
+def test_integer_zero_points_lower_to_one_matmulnbits_per_linear(method, tmp_path):
+    x = torch.randint(0, 50, (2, 16))
+    built = {}
+    for zero in ("int", "float"):
+        c = graphopt.compile(MLP().eval(), f"{method},zero={zero},ort_accuracy=0}}",
+                             example_inputs=(torch.randint(0, 50, (2, 16)),), calibration=calib())
+        torch_out = c.program.run("forward", x)[0]
+        assert ((c(x) - torch_out).abs().max() / torch_out.abs().max()).item() <= 1e-4  # ORT = torch program
+        c.save(tmp_path / zero)
+        built[zero] = onnx_ops(tmp_path / zero / "forward.onnx")
+    nbits = [op for op in built["int"] if op[0] == "MatMulNBits"]
+    assert len(nbits) == 3 and all(n_inputs == 4 for _, n_inputs, _ in nbits)  # A, B, scales, zero points
+    # nothing else but the model's own ops: no zeros side product, and the padded down projection (96 input
+    # features, quantized as 128) reads its input unpadded with K = 96
+    kinds = [op[0] for op in built["int"]]
+    assert kinds.count("MatMul") == 1 and "ReduceSum" not in kinds and "Pad" not in kinds  # 1: the float head
+    assert sorted(k["K"] for _, _, k in nbits) == [64, 64, 96]
+    side = [op[0] for op in built["float"] if op[0] in ("MatMul", "ReduceSum")]
+    assert len(side) > 1 and all(n_inputs == 3 for op, n_inputs, _ in built["float"] if op == "MatMulNBits")
+
+
+def test_blockwise_stage_keeps_integer_zero_points():
+    _, tuned, reports = run("decoupleq{bits=4,group=32,iters=1,zero=int,blockwise=true,blockwise_steps=24}",
+                            model=Stack().eval(), calibration=calib(16))
+    assert any(b["kept"] for b in reports[0]["details"]["blockwise"]["blocks"].values())
+    ep = tuned.methods["forward"]
+    for n in ep.graph.nodes:
+        if n.target is DQ:
+            scale, zero = (next(ep.constants[s.target] for s in ep.graph_signature.input_specs if s.arg.name == a.name)
+                           for a in n.args[2:4])
+            c = zero.double() / scale.double()
+            torch.testing.assert_close(c, c.round(), atol=1e-4, rtol=0)
+
+
 def test_padding_keeps_dynamic_dims_dynamic():
     p = capture(MLP().eval(), inputs=["ids:2xS:int64:0..50"], dynamic=["S=2..64"])
     new, reports, _ = run_pipeline(p, parse_pipeline("rtn{bits=4,group=64}"), PassContext(calibration=calib()))

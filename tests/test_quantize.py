@@ -17,6 +17,7 @@ from graphopt.compiler.quantize import (
     pack,
     rtn,
     unpack,
+    zero_multiple_range,
 )
 
 torch.set_num_threads(1)  # other cores are busy; every problem here is tiny
@@ -214,6 +215,55 @@ def test_pgd_integer_step_beats_gptq(problem):
     w, H = problem
     result = decoupleq(w, H, 2, 32, integer="pgd")
     assert result.loss < 0.75 * gptq(w, H, 2, 32).loss
+
+
+def zero_multiples(result: QuantResult) -> torch.Tensor:
+    return result.zero.double() / result.scale.double()
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "decoupleq"])
+@pytest.mark.parametrize("bits,group", [(2, 32), (3, -1), (4, 32), (8, 64)])
+def test_integer_zero_is_a_multiple_of_the_scale_in_the_zero_point_range(problem, method, bits, group):
+    w, H = problem
+    fit = {"rtn": lambda z: rtn(w, bits, group, H, zero=z), "gptq": lambda z: gptq(w, H, bits, group, zero=z),
+           "decoupleq": lambda z: decoupleq(w, H, bits, group, iters=2, zero=z)}[method]
+    result, floating = fit("int"), fit("float")
+    c = zero_multiples(result)
+    lo, hi = zero_multiple_range(bits)
+    torch.testing.assert_close(c, c.round(), atol=1e-4, rtol=0)
+    assert c.min() >= lo - 1e-4 and c.max() <= hi + 1e-4
+    assert not torch.allclose(zero_multiples(floating), zero_multiples(floating).round(), atol=1e-4)
+    # the constraint costs accuracy, but not much: min/max zeros are integer multiples up to half a step
+    assert result.loss < 1.6 * floating.loss
+    assert result.loss == pytest.approx(layer_loss(w, result.dequantize(), H), rel=1e-9)
+
+
+def test_zero_multiple_range_is_what_an_unsigned_zero_point_expresses():
+    # u = q + 2^(sb-1) stored, zero point zp in [0, 2^sb - 1]: s*(u - zp) = s*q + c*s with c = 2^(sb-1) - zp
+    assert zero_multiple_range(4) == zero_multiple_range(3) == (-7, 8)
+    assert zero_multiple_range(2) == (-1, 2)
+    assert zero_multiple_range(8) == (-127, 128)
+
+
+@pytest.mark.parametrize("bits,group", [(2, 32), (4, -1)])
+def test_decoupleq_integer_zero_beats_the_baselines_and_its_scales_are_least_squares(problem, bits, group):
+    w, H = problem
+    result = decoupleq(w, H, bits, group, iters=3, zero="int")
+    assert result.loss < gptq(w, H, bits, group, zero="int").loss < rtn(w, bits, group, H, zero="int").loss
+    # with the codes and the zero multiples c fixed, Ŵ = s·(q + c) is linear in s: no move of one scale helps
+    c = zero_multiples(result).round()
+    base = channel_losses(w, H, result, result.scale, result.scale * c)
+    for g in range(result.scale.shape[1]):
+        for sign in (1.0, -1.0):
+            moved = result.scale.clone()
+            moved[:, g] *= 1 + sign * 1e-3
+            assert (channel_losses(w, H, result, moved, moved * c) >= base * (1 - 1e-9)).all()
+
+
+def test_unknown_zero_mode_is_refused(problem):
+    w, H = problem
+    with pytest.raises(ValueError, match="zero must be"):
+        rtn(w, 4, 32, H, zero="half")
 
 
 def channel_losses(w: torch.Tensor, H: torch.Tensor, result: QuantResult, scale, zero) -> torch.Tensor:

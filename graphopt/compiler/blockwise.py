@@ -68,9 +68,12 @@ def _depends_on(graph: torch.fx.Graph, sources: set[torch.fx.Node]) -> set[torch
 
 
 def tune_blocks(ep, sites: list[LinearSite], results: dict[str, QuantResult], calibration: list[tuple], *,
-                steps: int, lr: float = 1e-3, progress=None, label: str = "blockwise") -> tuple[
+                steps: int, lr: float = 1e-3, progress=None, label: str = "blockwise", int_zero: bool = False
+                ) -> tuple[
                     dict[str, QuantResult], dict[str, torch.Tensor], dict]:
-    """Returns (results with tuned scales/zeros, tuned 1-D parameters by state-dict name, report)."""
+    """Returns (results with tuned scales/zeros, tuned 1-D parameters by state-dict name, report).
+    int_zero: the zeros are integer multiples of the scales (zero="int") and stay so: each zero scales with its
+    scale instead of moving on its own."""
     gm = ep.graph_module
     graph = gm.graph
     params = _param_targets(ep)  # placeholder name -> target
@@ -126,13 +129,15 @@ def tune_blocks(ep, sites: list[LinearSite], results: dict[str, QuantResult], ca
         c = {t: torch.zeros_like(ep.state_dict[t], dtype=torch.float32, requires_grad=True) for t in float_targets}
         in_features = {s.weight: s.in_features for s in members}
 
+        def scale_zero(t: str) -> tuple[torch.Tensor, torch.Tensor]:
+            r = base[t]
+            return r.scale * (1 + a[t]), r.zero * (1 + a[t]) if int_zero else r.zero + r.scale * b[t]
+
         def weights_now() -> dict[str, torch.Tensor]:
             w = {}
             for t in quant_targets:
-                r = base[t]
-                s = (r.scale * (1 + a[t])).repeat_interleave(r.group, dim=1)
-                z = (r.zero + r.scale * b[t]).repeat_interleave(r.group, dim=1)
-                w[t] = (s * r.w_int.float() + z)[:, :in_features[t]]
+                s, z = (v.repeat_interleave(base[t].group, dim=1) for v in scale_zero(t))
+                w[t] = (s * base[t].w_int.float() + z)[:, :in_features[t]]
             for t in float_targets:
                 p0 = ep.state_dict[t]
                 w[t] = (p0.float() * (1 + c[t])).to(p0.dtype)
@@ -148,7 +153,7 @@ def tune_blocks(ep, sites: list[LinearSite], results: dict[str, QuantResult], ca
                 return sum(float(loss_on(i, w)) for i in indices) / len(indices)
 
         before = total_loss(held_out)
-        opt = torch.optim.Adam([*a.values(), *b.values(), *c.values()], lr=lr)
+        opt = torch.optim.Adam([*a.values(), *([] if int_zero else b.values()), *c.values()], lr=lr)
         with torch.enable_grad():
             for step in range(steps):
                 opt.zero_grad()
@@ -162,9 +167,8 @@ def tune_blocks(ep, sites: list[LinearSite], results: dict[str, QuantResult], ca
         with torch.no_grad():
             if kept:
                 for t in quant_targets:
-                    r = base[t]
-                    results[t] = dataclasses.replace(r, scale=(r.scale * (1 + a[t])).detach(),
-                                                     zero=(r.zero + r.scale * b[t]).detach(), loss=None)
+                    s, z = scale_zero(t)
+                    results[t] = dataclasses.replace(base[t], scale=s.detach(), zero=z.detach(), loss=None)
                 for t in float_targets:
                     p0 = ep.state_dict[t]
                     tuned_params[t] = (p0.float() * (1 + c[t])).to(p0.dtype).detach()

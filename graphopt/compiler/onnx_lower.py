@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.export.graph_signature import InputKind
 
 from ..errors import GraphoptError
 
@@ -21,6 +22,35 @@ DEFAULT_OPSET = 23
 EXTERNAL_DATA_BYTES = 256 * 1024 * 1024
 
 _TRANSLATIONS: dict[Callable, Callable] = {}
+# The program's parameters, buffers and constants by placeholder name, while export_onnx runs: a translation may
+# choose its lowering by the values of constant inputs (see `constant_input`).
+_CONSTANTS: dict[str, torch.Tensor] = {}
+
+
+_REWRITES: list[Callable] = []
+
+
+def register_onnx_rewrite(fn: Callable) -> Callable:
+    """Decorator: fn(model: onnx_ir.Model) rewrites the exported model in place before it is saved."""
+    _REWRITES.append(fn)
+    return fn
+
+
+def constant_input(value) -> torch.Tensor | None:
+    """The tensor behind a translation's input when that input is one of the program's constants, else None."""
+    return _CONSTANTS.get(getattr(value, "name", None))
+
+
+def _program_constants(ep: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:
+    found = {}
+    for spec in ep.graph_signature.input_specs:
+        tensor = ep.state_dict.get(spec.target, ep.constants.get(spec.target)) if spec.target else None
+        if isinstance(tensor, torch.Tensor):
+            # the exporter re-traces the program, which names placeholders after torch.export's convention
+            prefix = {InputKind.PARAMETER: "p_", InputKind.BUFFER: "b_"}.get(spec.kind, "c_")
+            for name in (spec.arg.name, prefix + spec.target.replace(".", "_")):
+                found[name] = tensor.detach()
+    return found
 
 
 def register_onnx_translation(op: Callable):
@@ -47,6 +77,7 @@ def export_onnx(ep: torch.export.ExportedProgram, path: Path, input_names: list[
                             f"with graphopt.compiler.onnx_lower.register_onnx_translation")
     sink = io.StringIO()
     quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(sink)
+    _CONSTANTS.update(_program_constants(ep))
     with quiet, warnings.catch_warnings(), _quiet_logs(verbose):
         warnings.simplefilter("ignore")
         try:
@@ -58,6 +89,10 @@ def export_onnx(ep: torch.export.ExportedProgram, path: Path, input_names: list[
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise GraphoptError(f"ONNX export failed: {first} (use --backend torch to skip ONNX; "
                                 f"--verbose shows the exporter's log)") from e
+        finally:
+            _CONSTANTS.clear()
+    for rewrite in _REWRITES:
+        rewrite(onnx_program.model)
     weight_bytes = sum(t.numel() * t.element_size() for t in list(ep.state_dict.values()) +
                        [c for c in ep.constants.values() if isinstance(c, torch.Tensor)])
     onnx_program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)

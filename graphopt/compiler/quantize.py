@@ -10,6 +10,10 @@ Quantized form: Ŵ = s ⊙ W_int + z with signed integers W_int in [−2^(b−1)
 and a float scale s and float zero z (an additive offset, not an integer zero point) per
 output channel and group of `group` consecutive input columns, so s, z are [N, G] with
 G = K / group (group = -1 means one group spanning all K, i.e. per channel).
+With zero="int" every method keeps z an integer multiple of s, z = c·s with c in
+[2^(sb−1) − (2^sb − 1), 2^(sb−1)] (sb the storage bits), i.e. a classic integer zero point
+zp = 2^(sb−1) − c on the stored unsigned codes: the form ONNX Runtime's MatMulNBits runs on
+its fast int8 path, at some cost in accuracy (decoupleQ's float zero is a free parameter).
 
 Methods
   rtn        min/max grid, round to nearest.
@@ -120,6 +124,25 @@ def _int_range(bits: int) -> tuple[int, int]:
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
 
+def zero_multiple_range(bits: int) -> tuple[int, int]:
+    """Range of c in z = c·s that an unsigned integer zero point on the stored codes can express."""
+    half = 1 << (_storage_bits(bits) - 1)
+    return half - (2 * half - 1), half
+
+
+def _check_zero_mode(zero: str) -> bool:
+    if zero not in ("float", "int"):
+        raise ValueError(f"zero must be 'float' or 'int', got {zero!r}")
+    return zero == "int"
+
+
+def _snap_zero(scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """The zero nearest to `zero` that is an integer multiple of `scale`, within the zero-point range."""
+    cmin, cmax = zero_multiple_range(bits)
+    safe_scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return scale * torch.clamp(torch.round(zero / safe_scale), cmin, cmax)
+
+
 def _resolve_group(group: int, K: int) -> int:
     """Columns per group; -1 (or K) means per channel."""
     if group == -1:
@@ -165,17 +188,23 @@ def _round_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmi
     return torch.clamp(torch.round((w - zero) / safe_scale), qmin, qmax)
 
 
-def _grid_from_range(lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, z) mapping qmin to lo and qmax to hi; a constant group gets s = 1 so z alone decodes it."""
+def _grid_from_range(lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int, int_zero: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, z) mapping qmin to lo and qmax to hi; a constant group gets s = 1 so z alone decodes it.
+    With int_zero, z is then rounded to a multiple of s (the classic asymmetric integer zero point)."""
     scale = (hi - lo) / (qmax - qmin)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return scale, lo - scale * qmin
+    zero = lo - scale * qmin
+    if int_zero:
+        zero = _snap_zero(scale, zero, (qmax - qmin + 1).bit_length() - 1)
+    return scale, zero
 
 
-def _minmax_grid(w: torch.Tensor, group: int, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _minmax_grid(w: torch.Tensor, group: int, qmin: int, qmax: int, int_zero: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Min/max (s, z) per row and group of `w` [N, K']; returns [N, K'/group]."""
     groups = w.reshape(w.shape[0], -1, group)
-    return _grid_from_range(groups.amin(dim=2), groups.amax(dim=2), qmin, qmax)
+    return _grid_from_range(groups.amin(dim=2), groups.amax(dim=2), qmin, qmax, int_zero)
 
 
 def _result(w0: torch.Tensor, H: torch.Tensor | None, q: torch.Tensor, scale: torch.Tensor,
@@ -192,20 +221,23 @@ def _result(w0: torch.Tensor, H: torch.Tensor | None, q: torch.Tensor, scale: to
 # Round to nearest
 # ---------------------------------------------------------------------------------------
 
-def rtn(w0: torch.Tensor, bits: int, group: int = -1, H: torch.Tensor | None = None) -> QuantResult:
+def rtn(w0: torch.Tensor, bits: int, group: int = -1, H: torch.Tensor | None = None,
+        zero: str = "float") -> QuantResult:
     """Min/max round-to-nearest per channel (group=-1) or per group of `group` columns.
 
-    The grid maps each group's min to the lowest code and its max to the highest. With H
-    given, the result's `loss` is the H-weighted output error; otherwise it is None.
+    The grid maps each group's min to the lowest code and its max to the highest (with
+    zero="int", up to rounding the zero to a multiple of the scale). With H given, the
+    result's `loss` is the H-weighted output error; otherwise it is None.
     """
+    int_zero = _check_zero_mode(zero)
     w = _check_weight(w0)
     K = w.shape[1]
     group = _resolve_group(group, K)
     qmin, qmax = _int_range(bits)
     H = None if H is None else _check_hessian(H, K)
-    scale, zero = _minmax_grid(w, group, qmin, qmax)
-    q = _round_to_grid(w, _per_column(scale, group), _per_column(zero, group), qmin, qmax)
-    return _result(w, H, q, scale, zero, bits, group)
+    scale, z = _minmax_grid(w, group, qmin, qmax, int_zero)
+    q = _round_to_grid(w, _per_column(scale, group), _per_column(z, group), qmin, qmax)
+    return _result(w, H, q, scale, z, bits, group)
 
 
 # ---------------------------------------------------------------------------------------
@@ -246,7 +278,7 @@ def _pending_columns(W: torch.Tensor, block_err: torch.Tensor, U: torch.Tensor,
 
 
 def _gptq_sweep(w: torch.Tensor, U: torch.Tensor, bits: int, group: int, block: int,
-                scale: torch.Tensor | None = None, zero: torch.Tensor | None = None
+                scale: torch.Tensor | None = None, zero: torch.Tensor | None = None, int_zero: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One GPTQ pass over the columns of w [N, K] (float64), returning (codes, scale, zero).
 
@@ -279,7 +311,7 @@ def _gptq_sweep(w: torch.Tensor, U: torch.Tensor, bits: int, group: int, block: 
                 if end > stop:  # the group runs past this block: include its pending updates
                     pending = _pending_columns(W, err_block, U, start, stop, end)
                     current = torch.cat([current, pending], dim=1)
-                scale[:, g:g + 1], zero[:, g:g + 1] = _minmax_grid(current, group, qmin, qmax)
+                scale[:, g:g + 1], zero[:, g:g + 1] = _minmax_grid(current, group, qmin, qmax, int_zero)
             q = _round_to_grid(W_block[:, i], scale[:, g], zero[:, g], qmin, qmax)
             codes[:, col] = q
             err = (W_block[:, i] - (q * scale[:, g] + zero[:, g])) / U_block[i, i]
@@ -290,12 +322,13 @@ def _gptq_sweep(w: torch.Tensor, U: torch.Tensor, bits: int, group: int, block: 
 
 
 def gptq(w0: torch.Tensor, H: torch.Tensor, bits: int, group: int = -1,
-         damp: float = 0.01, block: int = 128) -> QuantResult:
+         damp: float = 0.01, block: int = 128, zero: str = "float") -> QuantResult:
     """GPTQ: sequential column quantization with H-weighted error compensation.
 
     `damp` (× mean diagonal) is added to H only to invert it for the sweep; the reported
     loss uses H as given.
     """
+    int_zero = _check_zero_mode(zero)
     w = _check_weight(w0)
     K = w.shape[1]
     group = _resolve_group(group, K)
@@ -304,8 +337,8 @@ def gptq(w0: torch.Tensor, H: torch.Tensor, bits: int, group: int = -1,
     if block <= 0:
         raise ValueError(f"block must be positive, got {block}")
     U = _inverse_cholesky(H, damp)
-    q, scale, zero = _gptq_sweep(w, U, bits, group, block)
-    return _result(w, H, q, scale, zero, bits, group)
+    q, scale, z = _gptq_sweep(w, U, bits, group, block, int_zero=int_zero)
+    return _result(w, H, q, scale, z, bits, group)
 
 
 # ---------------------------------------------------------------------------------------
@@ -313,7 +346,7 @@ def gptq(w0: torch.Tensor, H: torch.Tensor, bits: int, group: int = -1,
 # ---------------------------------------------------------------------------------------
 
 def _shrunk_grid(w: torch.Tensor, H: torch.Tensor, group: int, qmin: int, qmax: int,
-                 shrink_grid: int, max_shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
+                 shrink_grid: int, max_shrink: float, int_zero: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Min/max grid with each channel's range shrunk by the factor that minimizes its loss.
 
     Shrinking keeps each group's center and scales its half-range (clipping both tails
@@ -324,9 +357,10 @@ def _shrunk_grid(w: torch.Tensor, H: torch.Tensor, group: int, qmin: int, qmax: 
     lo, hi = groups.amin(dim=2), groups.amax(dim=2)
     center, half_range = (hi + lo) / 2, (hi - lo) / 2
     best_loss = torch.full((w.shape[0],), math.inf, dtype=w.dtype)
-    best_scale, best_zero = _grid_from_range(lo, hi, qmin, qmax)
+    best_scale, best_zero = _grid_from_range(lo, hi, qmin, qmax, int_zero)
     for factor in torch.linspace(1.0, max_shrink, shrink_grid, dtype=w.dtype):
-        scale, zero = _grid_from_range(center - factor * half_range, center + factor * half_range, qmin, qmax)
+        scale, zero = _grid_from_range(center - factor * half_range, center + factor * half_range, qmin, qmax,
+                                       int_zero)
         scale_cols, zero_cols = _per_column(scale, group), _per_column(zero, group)
         q = _round_to_grid(w, scale_cols, zero_cols, qmin, qmax)
         loss = _row_losses(w, q * scale_cols + zero_cols, H)
@@ -373,9 +407,13 @@ def _solve_rows(M: torch.Tensor, rhs: torch.Tensor, degenerate: torch.Tensor) ->
     return theta
 
 
-def _fit_scale_zero(w0: torch.Tensor, q: torch.Tensor, H: torch.Tensor, group: int
+def _fit_scale_zero(w0: torch.Tensor, q: torch.Tensor, H: torch.Tensor, group: int, int_zero_bits: int = 0
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float step: exact least-squares (s, z) [N, G] for fixed integer codes q [N, K]."""
+    """Float step: exact least-squares (s, z) [N, G] for fixed integer codes q [N, K].
+
+    int_zero_bits > 0: z must be c·s with integer c (see `zero_multiple_range`). c is the rounded
+    unconstrained z/s, and s is then the exact least-squares scale of the codes q + c.
+    """
     N, K = q.shape
     G = K // group
     rows_per_chunk = max(1, _SOLVE_CHUNK_ELEMS // (4 * G * G))
@@ -387,6 +425,15 @@ def _fit_scale_zero(w0: torch.Tensor, q: torch.Tensor, H: torch.Tensor, group: i
         degenerate = (q_groups.amax(dim=2) == q_groups.amin(dim=2)).any(dim=1)
         theta = _solve_rows(M, rhs, degenerate)
         scale[rows], zero[rows] = theta[:, :G], theta[:, G:]
+        if int_zero_bits:
+            s, z = scale[rows], zero[rows]
+            safe = torch.where(s == 0, torch.ones_like(s), s)
+            c = torch.clamp(torch.round(z / safe), *zero_multiple_range(int_zero_bits))
+            shifted = q[rows] + _per_column(c, group)  # Ŵ = s ⊙ (q + c): linear in s alone
+            M, rhs = _normal_equations(w0[rows], shifted, H, group)
+            all_zero = (shifted.view(-1, G, group) == 0).all(dim=2).any(dim=1)
+            s = _solve_rows(M[:, :G, :G], rhs[:, :G], all_zero)
+            scale[rows], zero[rows] = s, s * c
     return scale, zero
 
 
@@ -431,7 +478,7 @@ def _keep_improved(improved: torch.Tensor, new: torch.Tensor, old: torch.Tensor)
 
 def decoupleq(w0: torch.Tensor, H: torch.Tensor, bits: int, group: int = -1, iters: int = 4,
               integer: str = "gptq", damp: float = 0.01, shrink_grid: int = 20,
-              max_shrink: float = 0.8, seed: int = 0) -> QuantResult:
+              max_shrink: float = 0.8, seed: int = 0, zero: str = "float") -> QuantResult:
     """decoupleQ: alternate exact (s, z) least squares and integer solves.
 
     init: min/max grid shrunk per channel (see `_shrunk_grid`), codes from a GPTQ sweep
@@ -442,10 +489,12 @@ def decoupleq(w0: torch.Tensor, H: torch.Tensor, bits: int, group: int = -1, ite
     integer: "gptq" (GPTQ sweep on w0 with the grid fixed) or "pgd" (accelerated projected
     gradient on the relaxed weights in the grid's box, then a fixed-grid GPTQ sweep to round).
     `damp` only regularizes the inverse of H for the sweeps; the objective uses H as given.
+    zero="int" keeps every zero an integer multiple of its scale (see the module docstring).
     `seed` is accepted for API stability: no step draws random numbers, so the result is
     deterministic for any seed.
     """
     del seed  # nothing random; see docstring
+    int_zero = _check_zero_mode(zero)
     if integer not in ("gptq", "pgd"):
         raise ValueError(f"integer must be 'gptq' or 'pgd', got {integer!r}")
     if iters < 0 or shrink_grid < 1 or not 0 < max_shrink <= 1:
@@ -457,13 +506,13 @@ def decoupleq(w0: torch.Tensor, H: torch.Tensor, bits: int, group: int = -1, ite
     H = _check_hessian(H, K)
     U = _inverse_cholesky(H, damp)
 
-    scale, zero = _shrunk_grid(w, H, group, qmin, qmax, shrink_grid, max_shrink)
+    scale, zero = _shrunk_grid(w, H, group, qmin, qmax, shrink_grid, max_shrink, int_zero)
     q, _, _ = _gptq_sweep(w, U, bits, group, block=128, scale=scale, zero=zero)
     loss = _row_losses(w, _dequantize(q, scale, zero, group), H)
 
     def float_step() -> None:
         nonlocal scale, zero, loss
-        new_scale, new_zero = _fit_scale_zero(w, q, H, group)
+        new_scale, new_zero = _fit_scale_zero(w, q, H, group, bits if int_zero else 0)
         new_loss = _row_losses(w, _dequantize(q, new_scale, new_zero, group), H)
         improved = new_loss < loss
         scale = _keep_improved(improved, new_scale, scale)

@@ -249,7 +249,7 @@ class WeightQuantPass:
             from .blockwise import tune_blocks
             results, param_updates, blockwise = tune_blocks(
                 ep, usable, results, inputs, steps=int(self.config["blockwise_steps"]), progress=ctx.progress,
-                label=f"{self.name} block-wise")
+                label=f"{self.name} block-wise", int_zero=self.config.get("zero") == "int")
         k_max = max(s.in_features for s in usable)
         if stats.get("calibration_rows", 0) < 2 * k_max:
             ctx.progress.info(f"warning: {self.name} calibrated on {stats['calibration_rows']} rows for layers "

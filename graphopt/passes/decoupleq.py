@@ -26,4 +26,4 @@ class DecoupleQ(WeightQuantPass, Pass):
 
     def quantize(self, w0, H):
         c = self.config
-        return q.decoupleq(w0, H, c["bits"], c["group"], iters=c["iters"], integer=c["integer"])
+        return q.decoupleq(w0, H, c["bits"], c["group"], iters=c["iters"], integer=c["integer"], zero=c["zero"])

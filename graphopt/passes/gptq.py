@@ -13,4 +13,4 @@ class GPTQ(WeightQuantPass, Pass):
     options = QUANT_OPTIONS
 
     def quantize(self, w0, H):
-        return q.gptq(w0, H, self.config["bits"], self.config["group"])
+        return q.gptq(w0, H, self.config["bits"], self.config["group"], zero=self.config["zero"])

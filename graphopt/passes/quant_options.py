@@ -6,6 +6,9 @@ QUANT_OPTIONS = {
     "group": Option(int, 128, "input columns per scale/zero; -1 = per output channel", choices=(-1, 32, 64, 128)),
     "exclude": Option(str, "", "more layers to keep in float: '|'-separated globs over weight names, e.g. "
                                "'*down_proj*|*layers.0.*' (the LM head and tied embeddings are always kept)"),
+    "zero": Option(str, "float", "float: any offset per group; int: an integer multiple of the scale (an integer "
+                                 "zero point: ONNX Runtime's fast MatMulNBits path, no side product; see README)",
+                   choices=("float", "int")),
     "ort_accuracy": Option(int, 4, "ONNX Runtime MatMulNBits accuracy_level: 0 = fp32 compute, "
                                    "4 = int8 activations (faster on CPU)", choices=(0, 1, 2, 3, 4)),
 }

@@ -13,4 +13,4 @@ class RoundToNearest(WeightQuantPass, Pass):
     options = QUANT_OPTIONS
 
     def quantize(self, w0, H):
-        return q.rtn(w0, self.config["bits"], self.config["group"], H=H)
+        return q.rtn(w0, self.config["bits"], self.config["group"], H=H, zero=self.config["zero"])

@@ -1,6 +1,7 @@
 """Token generation over a causal-lm bundle's prefill/decode methods (any backend)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..errors import GraphoptError
@@ -22,6 +23,11 @@ def _as_ids(input_ids) -> torch.Tensor:
         raise GraphoptError(f"input_ids must be integer token ids of shape [batch, length], got "
                             f"{str(input_ids.dtype).replace('torch.', '')} {list(input_ids.shape)}")
     return input_ids.long()
+
+
+def _as_torch(x) -> torch.Tensor:
+    """A method's output as a tensor, sharing memory (from_numpy is several times cheaper than as_tensor)."""
+    return torch.from_numpy(x) if isinstance(x, np.ndarray) else torch.as_tensor(x)
 
 
 def check_request(plan: dict, dims: dict, input_ids, attention_mask, max_new_tokens, do_sample, temperature,
@@ -117,7 +123,7 @@ def generate(engine, input_ids, max_new_tokens: int, eos_token_id=None, do_sampl
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     n_kv = 2 * plan["num_layers"]  # methods may carry more outputs after the cache (draft-heads: hidden_states)
     outs = prefill([ids, mask, positions])
-    logits, past = torch.as_tensor(outs[0]), outs[1:1 + n_kv]
+    logits, past = _as_torch(outs[0]), outs[1:1 + n_kv]
     # layer-skip routers: prefill decides which blocks run for each sequence; decode applies the same decisions
     route = [outs[-1]] if plan.get("routing") else []
     B, S = ids.shape
@@ -128,18 +134,21 @@ def generate(engine, input_ids, max_new_tokens: int, eos_token_id=None, do_sampl
     full_mask = torch.cat([mask, torch.ones(B, max_new_tokens, dtype=torch.int64)], dim=1)
     for step in range(max_new_tokens):
         tok = select_tokens(logits[:, -1, :].cpu(), do_sample, temperature, top_k, top_p, generator)
-        tok = torch.where(unfinished, tok, torch.full_like(tok, pad))
+        if eos:  # without end-of-sequence ids no row finishes early (and a decode step is ~1 ms: skip the masking)
+            tok = torch.where(unfinished, tok, torch.full_like(tok, pad))
         out.append(tok)
         if streamer is not None:
             streamer.put(tok)
         if eos:
             unfinished &= ~torch.isin(tok, eos_t)
-        if not unfinished.any() or step == max_new_tokens - 1:
+            if not unfinished.any():
+                break
+        if step == max_new_tokens - 1:
             break
         # the cache stays in the backend's arrays (Method.native): at a millisecond per token, converting it to
         # torch and back every step was a fifth of the time on ONNX Runtime
         outs = decode([tok.unsqueeze(1), full_mask[:, :S + step + 1], next_pos, *past, *route])
-        logits, past = torch.as_tensor(outs[0]), outs[1:1 + n_kv]
+        logits, past = _as_torch(outs[0]), outs[1:1 + n_kv]
         next_pos = next_pos + 1
     if streamer is not None:
         streamer.end()
