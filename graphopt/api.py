@@ -14,6 +14,7 @@ from .compiler import bundle, capture as cap, guard
 from .compiler.attention import native_gqa
 from .compiler.fuse_linears import fuse_parallel_linears
 from .compiler.onnx_attention import attention_3d_file
+from .compiler.onnx_fusions import fuse_skip_rms_norm_file
 from .compiler.onnx_lower import DEFAULT_OPSET, export_onnx
 from .compiler.pipeline import PassContext, parse_pipeline, run_pipeline, validate_needs, validate_tasks
 from .compiler.program import DTYPES, Program
@@ -226,6 +227,7 @@ def _lower(program: Program, staging: Path, backend: str, opset: int, calibratio
                     done = route_blocks(staging / f"{name}.onnx", routing["blocks"],
                                         program.plan.get("kv_heads", []), program.plan.get("head_dim", []))
                     routing.setdefault("if_blocks", {})[name] = done
+                fuse_skip_rms_norm_file(staging / f"{name}.onnx")
                 files[name]["onnx"] = f"{name}.onnx"
                 if (staging / f"{name}.onnx.data").exists():
                     files[name]["onnx_data"] = f"{name}.onnx.data"

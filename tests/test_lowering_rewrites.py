@@ -129,3 +129,37 @@ def test_onnx_of_fused_linears_matches_torch(tmp_path):
     outs = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})
     for a, b in zip(outs, Projections().eval()(x)):
         torch.testing.assert_close(torch.from_numpy(a), b, rtol=1e-6, atol=1e-6)
+
+
+class PreNormBlocks(torch.nn.Module):
+    """Two pre-norm residual sub-layers (RMSNorm), and one residual sum that leaves the graph as an output."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.norms = torch.nn.ModuleList([torch.nn.RMSNorm(16, eps=1e-6) for _ in range(3)])
+        self.lins = torch.nn.ModuleList([torch.nn.Linear(16, 16) for _ in range(2)])
+        for n in self.norms:
+            torch.nn.init.uniform_(n.weight, 0.5, 1.5)
+
+    def forward(self, x):
+        h = x + self.lins[0](self.norms[0](x))
+        h2 = h + self.lins[1](self.norms[1](h))
+        return self.norms[2](h2), h2, self.norms[2](x + 1.0)  # the last: a broadcast add, not fused
+
+
+def test_residual_add_and_rms_norm_become_one_skip_norm(tmp_path):
+    from graphopt.compiler.onnx_fusions import fuse_skip_rms_norm_file
+    x = torch.randn(2, 5, 16)
+    ep = torch.export.export(PreNormBlocks().eval(), (x,), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
+    path = export_onnx(ep, tmp_path / "n.onnx", ["x"], ["y", "h", "z"])
+    before = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    assert fuse_skip_rms_norm_file(path) == 2
+    after = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    assert after["SkipSimplifiedLayerNormalization"] == 2
+    assert after["RMSNormalization"] == before["RMSNormalization"] - 2 and after["Add"] == before["Add"] - 2
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (1, 3):
+        x = torch.randn(batch, 5, 16, generator=torch.Generator().manual_seed(batch))
+        for a, b in zip(session.run(None, {"x": x.numpy()}), PreNormBlocks().eval()(x)):
+            torch.testing.assert_close(torch.from_numpy(a), b, rtol=1e-5, atol=1e-5)
