@@ -13,9 +13,9 @@ import torch
 from .compiler import bundle, capture as cap, guard
 from .compiler.attention import native_gqa
 from .compiler.fuse_linears import fuse_parallel_linears
-from .compiler.onnx_attention import attention_3d_file
-from .compiler.onnx_fusions import fuse_skip_rms_norm_file
-from .compiler.onnx_lower import DEFAULT_OPSET, export_onnx
+from .compiler.onnx_attention import attention_3d
+from .compiler.onnx_fusions import fuse_skip_rms_norm
+from .compiler.onnx_lower import DEFAULT_OPSET, export_onnx, rewrite_onnx_file
 from .compiler.pipeline import PassContext, parse_pipeline, run_pipeline, validate_needs, validate_tasks
 from .compiler.program import DTYPES, Program
 from .errors import GraphoptError
@@ -220,14 +220,14 @@ def _lower(program: Program, staging: Path, backend: str, opset: int, calibratio
                 in_names = [s.name for s in program.inputs[name]]
                 out_names = [s.name for s in program.output_specs(name)]
                 export_onnx(ep, staging / f"{name}.onnx", in_names, out_names, opset, verbose)
-                attention_3d_file(staging / f"{name}.onnx")
+                rewrite_onnx_file(staging / f"{name}.onnx", attention_3d)
                 routing = program.plan.get("routing")
                 if routing and routing.get("onnx") == "if":
                     from .compiler.onnx_if import route_blocks
                     done = route_blocks(staging / f"{name}.onnx", routing["blocks"],
                                         program.plan.get("kv_heads", []), program.plan.get("head_dim", []))
                     routing.setdefault("if_blocks", {})[name] = done
-                fuse_skip_rms_norm_file(staging / f"{name}.onnx")
+                rewrite_onnx_file(staging / f"{name}.onnx", fuse_skip_rms_norm)
                 files[name]["onnx"] = f"{name}.onnx"
                 if (staging / f"{name}.onnx.data").exists():
                     files[name]["onnx_data"] = f"{name}.onnx.data"

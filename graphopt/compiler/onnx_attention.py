@@ -189,12 +189,3 @@ def attention_3d(model: onnx.ModelProto) -> int:
     del model.graph.node[:]
     model.graph.node.extend(_toposort(nodes, known))
     return len(replaced)
-
-
-def attention_3d_file(path) -> int:
-    """attention_3d on an ONNX file in place (external weights stay where they are)."""
-    model = onnx.load(str(path), load_external_data=False)
-    done = attention_3d(model)
-    if done:
-        onnx.save(model, str(path))
-    return done

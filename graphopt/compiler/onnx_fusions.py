@@ -65,12 +65,3 @@ def fuse_skip_rms_norm(model: onnx.ModelProto) -> int:
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return len(fused)
-
-
-def fuse_skip_rms_norm_file(path) -> int:
-    """fuse_skip_rms_norm on an ONNX file in place (external weights stay where they are)."""
-    model = onnx.load(str(path), load_external_data=False)
-    done = fuse_skip_rms_norm(model)
-    if done:
-        onnx.save(model, str(path))
-    return done

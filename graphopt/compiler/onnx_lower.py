@@ -53,6 +53,17 @@ def _program_constants(ep: torch.export.ExportedProgram) -> dict[str, torch.Tens
     return found
 
 
+def rewrite_onnx_file(path: Path, rewrite: Callable) -> int:
+    """Apply rewrite(model: onnx.ModelProto) -> count to an ONNX file in place (external weights stay where they are);
+    the file is written only when something changed. Returns the count."""
+    import onnx
+    model = onnx.load(str(path), load_external_data=False)
+    done = rewrite(model)
+    if done:
+        onnx.save(model, str(path))
+    return done
+
+
 def register_onnx_translation(op: Callable):
     """Decorator: `@register_onnx_translation(torch.ops.graphopt.dq_linear.default)` on an onnxscript function."""
     def deco(fn):
