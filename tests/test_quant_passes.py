@@ -165,6 +165,29 @@ def test_integer_zero_points_lower_to_one_matmulnbits_per_linear(method, tmp_pat
     assert len(side) > 1 and all(n_inputs == 3 for op, n_inputs, _ in built["float"] if op == "MatMulNBits")
 
 
+class OwnPadding(nn.Module):
+    """Zero padding of the model's own, one whole block wide, in front of a linear."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(50, 32)
+        self.lin = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 50)
+
+    def forward(self, ids):
+        return self.head(self.lin(torch.nn.functional.pad(self.emb(ids), (0, 32))))
+
+
+@pytest.mark.parametrize("accuracy", [0, 4])
+def test_a_models_own_padding_wider_than_a_block_stays(accuracy):
+    x = torch.randint(0, 50, (2, 16))
+    c = graphopt.compile(OwnPadding().eval(), f"rtn{{bits=4,group=32,zero=int,ort_accuracy={accuracy}}}",
+                         example_inputs=(x,), calibration=calib())
+    torch_out = c.program.run("forward", x)[0]
+    assert ((c(x) - torch_out).abs().max() / torch_out.abs().max()).item() <= (1e-4 if accuracy == 0 else 5e-2)
+
+
 def test_blockwise_stage_keeps_integer_zero_points():
     _, tuned, reports = run("decoupleq{bits=4,group=32,iters=1,zero=int,blockwise=true,blockwise_steps=24}",
                             model=Stack().eval(), calibration=calib(16))

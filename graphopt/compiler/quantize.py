@@ -191,7 +191,11 @@ def _round_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmi
 def _grid_from_range(lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int, int_zero: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, z) mapping qmin to lo and qmax to hi; a constant group gets s = 1 so z alone decodes it.
-    With int_zero, z is then rounded to a multiple of s (the classic asymmetric integer zero point)."""
+    With int_zero, z is then rounded to a multiple of s (the classic asymmetric integer zero point). Such a grid
+    always contains 0, so the range is first widened to include it: a group on one side of zero would otherwise
+    have its zero clamped and its grid shifted off its values."""
+    if int_zero:
+        lo, hi = torch.clamp(lo, max=0), torch.clamp(hi, min=0)
     scale = (hi - lo) / (qmax - qmin)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero = lo - scale * qmin

@@ -149,12 +149,19 @@ def drop_padding(model) -> None:
             continue
         users = [user for user, _ in node.outputs[0].uses()]
         if not users or any(u.op_type != "MatMulNBits" or u.domain != "com.microsoft" or u.inputs[0] is not node.outputs[0]
-                            for u in users) or node.outputs[0].is_graph_output():
+                            or not _same_blocks(u, width) for u in users) or node.outputs[0].is_graph_output():
             continue
         for user in users:
             user.replace_input_with(0, node.inputs[0])
             user.attributes["K"] = ir.AttrInt64("K", user.attributes["K"].value - width)
         node.graph.remove(node, safe=True)
+
+
+def _same_blocks(matmul, width: int) -> bool:
+    """Whether K - width still spans as many blocks as K: B's shape is fixed by the block count ORT derives from K
+    (a model's own wider padding must stay)."""
+    k, block = matmul.attributes["K"].value, matmul.attributes["block_size"].value
+    return -(-(k - width) // block) == -(-k // block)
 
 
 def _constant(value):
