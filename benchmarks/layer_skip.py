@@ -177,9 +177,10 @@ def main() -> None:
                                      "mean_accepted_length": round(verified / steps, 3)}
             print("self-spec", pct, m[f"self_spec_{pct}"], flush=True)
     best = max(FRACTIONS, key=lambda pct: m.get(f"self_spec_{pct}", {}).get("speedup", 0))
-    m["self_spec_skipped_fraction"] = int(best) / 100
-    for key in ("identical_rate", "speedup", "mean_accepted_length"):
-        m[f"self_spec_{key}"] = m[f"self_spec_{best}"][key]
+    if f"self_spec_{best}" in m:  # self_spec ran now or came with --merge
+        m["self_spec_skipped_fraction"] = int(best) / 100
+        for key in ("identical_rate", "speedup", "mean_accepted_length"):
+            m[f"self_spec_{key}"] = m[f"self_spec_{best}"][key]
     if args.png:
         plot(m, args.png)
     emit(m, args.json)
