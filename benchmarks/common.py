@@ -1,12 +1,14 @@
-"""Shared benchmark plumbing: --quick / --json arguments, fixed seeds, and the result writer."""
+"""Shared benchmark plumbing: --quick / --json arguments, fixed seeds, interleaved timing, and the result writer."""
 from __future__ import annotations
 
 import argparse
 import json
 import platform
 import random
+import statistics
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -36,3 +38,13 @@ def emit(metrics: dict, path: Path | None) -> None:
     print(text)
     if path:
         path.write_text(text + "\n")
+
+
+def interleaved_medians(measures: dict[str, Callable[[], dict[str, float]]], rounds: int) -> dict[str, dict[str, float]]:
+    """Run every measurement once per round, in turn, and return each one's per-key medians: drift on a shared
+    machine (here +-10 % between runs) then hits all of them alike instead of whichever ran during a slow spell."""
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in measures}
+    for _ in range(rounds):
+        for name, measure in measures.items():
+            runs[name].append(measure())
+    return {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}

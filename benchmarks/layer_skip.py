@@ -9,7 +9,7 @@ blocks before the last; static = layer-skip{skip=N,heal=true} (lowest block infl
 first and last block kept, then the remaining norm weights tuned to the original's outputs):
 {naive,static}_{25,50}_rel_increase, static_{25,50}_noheal_rel_increase (heal=false) and loss_{25,50}_rel_increase
 (select=loss: greedy by calibration loss, no heal). Speed: ONNX Runtime greedy decode tokens/s of causal-lm bundles
-(batch 1, 4 prompts x 64 tokens): unskipped_tokens_per_s, static_{25,50}_tokens_per_s (naive skips as many blocks,
+(batch 1, 4 prompts x 64 tokens, end to end; median of 7 interleaved rounds, quick 3): unskipped_tokens_per_s, static_{25,50}_tokens_per_s (naive skips as many blocks,
 so it runs at the same speed). Self-speculative (layer-skip{skip=N,self_speculative=true,heal=true}, the skipped
 program drafts, the full one verifies): on 16 held-out prompts (quick: 4) x 128 tokens, batch 1, ORT:
 self_spec_identical_rate (output equal to plain greedy), self_spec_speedup (tokens/s over plain decoding of the same
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from common import emit, machine, parse_args
+from common import emit, interleaved_medians, machine, parse_args
 
 N_BLOCKS = 8
 FRACTIONS = {"25": 2, "50": 4}
@@ -135,28 +135,33 @@ def main() -> None:
             c.save(Path(tmp) / name)
             return graphopt.load(Path(tmp) / name)
 
-        def speed(engine) -> float:
-            engine.generate(prompts[0], 4)
+        def tokens_per_s(engine) -> dict[str, float]:
             t, n = time.perf_counter(), 0
             for p in prompts[:4]:
                 n += engine.generate(p, 64, eos_token_id=[]).shape[1]
-            return round(n / (time.perf_counter() - t), 1)
+            return {"tokens_per_s": n / (time.perf_counter() - t)}
+        engines = {}  # metric key -> engine; all built first, then timed in interleaved rounds
         if "speed" in parts:
-            m["unskipped_tokens_per_s"] = speed(build(None, "full"))
+            engines["unskipped_tokens_per_s"] = build(None, "full")
         for pct, k in FRACTIONS.items() if "speed" in parts else ():
-            m[f"static_{pct}_tokens_per_s"] = speed(build(f"layer-skip{{skip={k}}}", f"s{pct}"))
+            engines[f"static_{pct}_tokens_per_s"] = build(f"layer-skip{{skip={k}}}", f"s{pct}")
             for lowering in ("if", "where"):
                 c = graphopt.compile("zoo:tiny-code-lm", f"layer-skip{{mode=router,rate={k / N_BLOCKS},"
                                      f"onnx={lowering}}}", calibration=router_calibration)
                 c.save(Path(tmp) / f"r{pct}{lowering}")
                 engine = graphopt.load(Path(tmp) / f"r{pct}{lowering}")
-                key = f"router_{pct}_tokens_per_s" if lowering == "if" else f"router_{pct}_where_tokens_per_s"
-                m[key] = speed(engine)
+                engines[f"router_{pct}_tokens_per_s" if lowering == "if" else f"router_{pct}_where_tokens_per_s"] = engine
             kept = [engine.method("prefill")(p, torch.ones_like(p), torch.arange(p.shape[1])[None])[-1]
                     for p in prompts[:4]]
             m[f"router_{pct}_speed_prompts_skip_rate"] = round(
                 float(sum((1 - r).sum() for r in kept)) / (N_BLOCKS * 4), 4)
-            print(pct, {key: v for key, v in m.items() if "tokens_per_s" in key}, flush=True)
+        for engine in engines.values():
+            engine.generate(prompts[0], 4)  # warm-up
+        medians = interleaved_medians({key: (lambda e=e: tokens_per_s(e)) for key, e in engines.items()},
+                                      rounds=3 if args.quick else 7)
+        m.update({key: round(v["tokens_per_s"], 1) for key, v in medians.items()})
+        if medians:
+            print({key: m[key] for key in medians}, flush=True)
         for pct, k in FRACTIONS.items() if "self_spec" in parts else ():
             engine = build(f"layer-skip{{skip={k},self_speculative=true,heal=true}}", f"self{pct}")
             engine.generate(prompts[0], 4)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from common import emit, machine, parse_args
+from common import emit, interleaved_medians, machine, parse_args
 
 SETTINGS = {"w2pc": (2, -1), "w2g64": (2, 64), "w3g128": (3, 128), "w4g128": (4, 128)}
 METHODS = {"rtn": "rtn{{bits={bits},group={group}}}", "gptq": "gptq{{bits={bits},group={group}}}",
@@ -89,19 +89,13 @@ class TimedEngine:
 
 
 def decode_speeds(prompts, new: int, rounds: int) -> dict:
-    """Median over `rounds` interleaved passes (every model once per round), so drift on a shared machine hits all
-    models alike."""
-    import statistics
+    """Median over `rounds` interleaved passes (every model once per round)."""
     with tempfile.TemporaryDirectory() as tmp:
         engines = {}
         for name, spec in SPEED_SPECS.items():
             print(f"ORT speed: compiling {name} ({spec or 'no passes'})", flush=True)
             engines[name] = TimedEngine(spec, Path(tmp) / name)
-        runs: dict[str, list[dict]] = {name: [] for name in engines}
-        for _ in range(rounds):
-            for name, e in engines.items():
-                runs[name].append(e.measure(prompts, new))
-    med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
+        med = interleaved_medians({name: (lambda e=e: e.measure(prompts, new)) for name, e in engines.items()}, rounds)
     m = {}
     for name, x in med.items():
         m[f"ort_{name}_tokens_per_s"] = round(x["tokens_per_s"], 1)
