@@ -136,11 +136,10 @@ def _check_zero_mode(zero: str) -> bool:
     return zero == "int"
 
 
-def _snap_zero(scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """The zero nearest to `zero` that is an integer multiple of `scale`, within the zero-point range."""
-    cmin, cmax = zero_multiple_range(bits)
+def _zero_multiple(scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """The integer c, within the zero-point range, for which c·scale is nearest to `zero`."""
     safe_scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    return scale * torch.clamp(torch.round(zero / safe_scale), cmin, cmax)
+    return torch.clamp(torch.round(zero / safe_scale), *zero_multiple_range(bits))
 
 
 def _resolve_group(group: int, K: int) -> int:
@@ -200,7 +199,7 @@ def _grid_from_range(lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int, i
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero = lo - scale * qmin
     if int_zero:
-        zero = _snap_zero(scale, zero, (qmax - qmin + 1).bit_length() - 1)
+        zero = scale * _zero_multiple(scale, zero, (qmax - qmin + 1).bit_length() - 1)
     return scale, zero
 
 
@@ -430,9 +429,7 @@ def _fit_scale_zero(w0: torch.Tensor, q: torch.Tensor, H: torch.Tensor, group: i
         theta = _solve_rows(M, rhs, degenerate)
         scale[rows], zero[rows] = theta[:, :G], theta[:, G:]
         if int_zero_bits:
-            s, z = scale[rows], zero[rows]
-            safe = torch.where(s == 0, torch.ones_like(s), s)
-            c = torch.clamp(torch.round(z / safe), *zero_multiple_range(int_zero_bits))
+            c = _zero_multiple(scale[rows], zero[rows], int_zero_bits)
             shifted = q[rows] + _per_column(c, group)  # Ŵ = s ⊙ (q + c): linear in s alone
             M, rhs = _normal_equations(w0[rows], shifted, H, group)
             all_zero = (shifted.view(-1, G, group) == 0).all(dim=2).any(dim=1)

@@ -73,17 +73,17 @@ def dq_linear_onnx(x, packed, scale, zero, bias, bits: int, group: int, in_featu
     original_scale, original_zero = scale, zero
     if repeat > 1:  # one scale per block: repeat each group's scale over its blocks
         scale = op.Reshape(op.Expand(op.Unsqueeze(scale, [2]), op.Constant(value_ints=[1, 1, repeat])), [0, -1])
-    # No zero-point input: MatMulNBits then uses its default 2^(sb-1), i.e. computes x @ (s*q)ᵀ, and ORT's fast
-    # CPU path (int8 activations at accuracy_level 4) applies; float zero points would force a slow fallback.
-    # The zeros' part, x @ zᵀ per group, is a small exact side product: (Σ_{k in group} x_k) @ zeroᵀ.
     b = op.Reshape(packed, op.Constant(value_ints=[n_out, n_blocks, block * sb // 8]))
+    # Zeros that are integer multiples of the scales (zero="int") are MatMulNBits' own zero points: exact, one node.
+    # Float zeros get no zero-point input: MatMulNBits then uses its default 2^(sb-1), i.e. computes x @ (s*q)ᵀ on
+    # ORT's fast CPU path (int8 activations at accuracy_level 4; float zero points would force a slow fallback), and
+    # the zeros' part, x @ zᵀ per group, is a small exact side product: (Σ_{k in group} x_k) @ zeroᵀ.
     zero_points = _integer_zero_points(original_scale, original_zero, bits, repeat)
-    if zero_points is not None:  # zeros that are integer multiples of the scales (zero="int"): exact, no side product
-        return _add_bias(MSFT.MatMulNBits(x, b, op.Reshape(scale, [-1]), zero_points, K=in_features, N=n_out, bits=sb,
-                                          block_size=block, accuracy_level=int(settings["accuracy_level"])), bias)
-    y = MSFT.MatMulNBits(x, b, op.Reshape(scale, [-1]), K=in_features, N=n_out, bits=sb, block_size=block,
+    y = MSFT.MatMulNBits(x, b, op.Reshape(scale, [-1]), *([] if zero_points is None else [zero_points]),
+                         K=in_features, N=n_out, bits=sb, block_size=block,
                          accuracy_level=int(settings["accuracy_level"]))
-    y = op.Add(y, _zero_part(x, original_zero, in_features // group, group))
+    if zero_points is None:
+        y = op.Add(y, _zero_part(x, original_zero, in_features // group, group))
     return _add_bias(y, bias)
 
 
