@@ -2,12 +2,15 @@
 
     python benchmarks/dq_kernels.py [--quick] [--json FILE]        (needs a CUDA GPU; exits 2 without one)
 
-1. Correctness on this GPU: bits 2/3/4/8 x group 32/128/per channel x M 1, 3, 70 (the three GEMV kernels at
-   M <= 4) with fp16 activations, bits 2/4 group 64 with bf16, against dq_linear_reference (rel L2 error); key
-   `check_failures`. Every swept configuration is checked too before it is timed.
-2. Sweep at M = 1 (the "units" GEMV: rows per program x warps x K step; and the "dequant" GEMV) and M = 16, 64
-   (GEMM BLOCK_N x BLOCK_K x warps) for W4g128 and W2g64: the best configuration per shape and its time, and the
-   default configuration's time.
+1. Correctness on this GPU: bits 2/3/4/8 x group 32/128/per channel x M 1, 3, 70 (the GEMV kernels at M <= 4,
+   both GEMMs at 70) with fp16 activations, bits 2/4 group 64 with bf16, and bits 2/3/4/8 x group 128/per channel
+   x M 16 with bf16 and fp32 (all GEMMs), against dq_linear_reference (rel L2 error); key `check_failures`.
+   Every swept configuration is checked too before it is timed.
+2. Sweep (on the two larger shapes) at M = 1 (the "units" GEMV: rows per program x K step; the "dequant" GEMV;
+   the planes GEMM with a 16-row tile) and M = 16, 64 (the "planes" GEMM over BLOCK_N x BLOCK_K x warps x
+   pipeline stages, and the older "dequant" GEMM) for W4g128 and W2g64: the best configuration per shape and its
+   time, and the default configuration's time. At M = 1 also `*_read_ceiling_us`: a kernel that only streams the
+   same number of bytes.
 3. For (K, N) in {(4096, 4096), (8192, 8192), (4096, 14336)}, M in {1, 16, 64}, bits 2 (group 64) and 4 (group
    128), bf16 activations: GPU microseconds per call (graph_us: calls replayed in a CUDA graph, so Python launch
    overhead is excluded, over enough rotated copies of the weights that every call reads them from HBM, not
@@ -22,18 +25,27 @@ import itertools
 import sys
 
 import torch
+import triton
+import triton.language as tl
 
 from common import emit, parse_args
 
 SHAPES = [(4096, 4096), (8192, 8192), (4096, 14336)]
 SETTINGS = {4: 128, 2: 64}  # bits -> group
 # M = 1: the "units" GEMV over rows per program x warps x K step (in threads' runs), and the older "dequant" GEMV.
-GEMV_SWEEP = [dict(gemv="units", block_n=bn, num_warps=nw, k_runs=kr) for bn, nw, kr in
-              itertools.product((4, 8, 16), (4, 8), (1, 2))] + [dict(gemv="dequant")]
-GEMM_SWEEP = {16: [dict(block_n=bn, block_k=bk, num_warps=nw) for bn, bk, nw in
-                   itertools.product((16, 32, 64), (128, 256), (4,))],
-              64: [dict(block_n=bn, block_k=bk, num_warps=nw) for bn, bk, nw in
-                   itertools.product((32, 64, 128), (64, 128), (4, 8))]}
+GEMV_SWEEP = ([dict(gemv="units", block_n=bn, num_warps=nw, k_runs=kr) for bn, nw, kr in
+               itertools.product((4, 8, 16), (4,), (1, 2))] + [dict(gemv="dequant")]
+              + [dict(gemv="planes", block_n=bn, block_k=bk) for bn, bk in itertools.product((32, 64), (256, 512))])
+# M = 16, 64: the "planes" GEMM (the default) over tiles and pipeline depth, and the older "dequant" GEMM.
+GEMM_SWEEP = {16: [dict(gemm="planes", block_n=bn, block_k=bk, num_warps=nw, num_stages=st) for bn, bk, nw, st in
+                   itertools.product((16, 32, 64), (128, 256, 512), (4,), (2, 4))]
+              + [dict(gemm="planes", block_n=bn, block_k=256, num_warps=8) for bn in (64, 128)]
+              + [dict(gemm="dequant", block_n=32, block_k=256)],
+              64: [dict(gemm="planes", block_n=bn, block_k=bk, num_warps=nw) for bn, bk, nw in
+                   itertools.product((32, 64, 128), (128, 256), (4, 8))]
+              + [dict(gemm="dequant", block_n=32, block_k=128)]}
+# --sweep gemm16: the three planes kernels at the M = 16 defaults' tile
+GEMM16_VARIANTS = [dict(gemm=g) for g in ("planes", "planes8", "dequant")]
 L2_SPAN = 160 << 20  # bytes the rotated copies of a problem cover: > 3x the H100's 50 MB L2
 
 
@@ -51,25 +63,32 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def correctness(gen: torch.Generator) -> tuple[int, int, float, list[str]]:
-    from graphopt.kernels.dq_triton import dq_linear_reference, dq_linear_triton
+    from graphopt.kernels.dq_triton import dq_linear_reference, dq_linear_triton, planes_fit
     K, N, runs, worst, failures = 1024, 320, 0, 0.0, []
     cases = list(itertools.product((2, 3, 4, 8), (32, 128, -1), (1, 3, 70), (torch.float16,)))
     cases += list(itertools.product((2, 4), (64,), (1, 3, 70), (torch.bfloat16,)))  # M = 16: checked in the sweep
+    cases += list(itertools.product((2, 3, 4, 8), (128, -1), (16,), (torch.bfloat16, torch.float32)))
     for bits, group, M, dt in cases:
         packed, scale, zero = quantized(bits, group, N, K, dt, gen)
         x = torch.randn(M, K, generator=gen).to("cuda", dt)
         bias = torch.randn(N, generator=gen).to("cuda", dt)
         ref = dq_linear_reference(x, packed, scale, zero, bits, group, K, bias=bias)
-        for gemv in (("units", "reduce", "dequant") if M <= 4 else ("reduce",)):
+        variants = ([dict(gemv=v) for v in ("units", "reduce", "dequant")] if M <= 4 else
+                    [dict(gemm="dequant")] + [dict(gemm=g, block_k=256) for g, u in (("planes", 16), ("planes8", 8))
+                                              if dt != torch.float32 and planes_fit(bits, max(group, 0), 256, u)])
+        if M <= 4 and dt != torch.float32:
+            variants.append(dict(gemv="planes", block_k=256))
+        for kw in variants:
+            gemv = str(kw)
             runs += 1
             try:
-                y = dq_linear_triton(x, packed, scale, zero, bits, group, K, bias=bias, gemv=gemv)
+                y = dq_linear_triton(x, packed, scale, zero, bits, group, K, bias=bias, **kw)
                 err = rel_l2(y, ref)
             except Exception as e:  # report and go on: one broken variant must not hide the others
                 failures.append(f"w{bits} g{group} M={M} {dt} {gemv}: {type(e).__name__}: {str(e)[:200]}")
                 continue
             worst = max(worst, err)
-            if not err <= (2e-3 if dt == torch.float16 else 1e-2):
+            if not err <= {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}[dt]:
                 failures.append(f"w{bits} g{group} M={M} {dt} {gemv}: rel_l2 {err:.3g}")
     return runs, len(failures), worst, failures
 
@@ -108,6 +127,26 @@ def graph_us(calls: list) -> float:
     return statistics.median(times)
 
 
+@triton.jit
+def _read_kernel(src_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    # Streams n int32s (one 16-byte vector per thread and step) and keeps one XOR per program: the time a
+    # kernel needs just to read that many bytes from HBM, the ceiling for a batch-1 GEMV over the same bytes.
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(src_ptr + offs, mask=offs < n, other=0)
+    tl.store(out_ptr + tl.program_id(0), tl.xor_sum(v, axis=0))
+
+
+def read_us(n_bytes: int) -> float:
+    """GPU microseconds to stream n_bytes (rotated copies over > 3x L2) with _read_kernel."""
+    n = -(-n_bytes // 4)
+    block = 4096
+    bufs = [torch.randint(0, 1 << 30, (n,), dtype=torch.int32, device="cuda")
+            for _ in range(max(2, -(-L2_SPAN // n_bytes)))]
+    out = torch.empty(triton.cdiv(n, block), dtype=torch.int32, device="cuda")
+    return graph_us([lambda b=b: _read_kernel[(triton.cdiv(n, block),)](b, out, n, BLOCK=block, num_warps=4)
+                     for b in bufs])
+
+
 def launch_cfg(cfg: dict, bits: int, group: int, dtype: torch.dtype) -> dict:
     """Sweep entry -> dq_linear_triton keyword arguments (k_runs: K step in thread runs of the units GEMV)."""
     from graphopt.kernels.dq_triton import units_run
@@ -119,7 +158,9 @@ def launch_cfg(cfg: dict, bits: int, group: int, dtype: torch.dtype) -> dict:
 
 
 def main() -> None:
-    args = parse_args(__doc__.splitlines()[0])
+    args = parse_args(__doc__.splitlines()[0], lambda ap: ap.add_argument(
+        "--sweep", choices=("full", "gemm16", "none"), default="full",
+        help="configurations to sweep: all, only the M = 16 GEMM variants, or none (defaults only)"))
     if not torch.cuda.is_available():
         print("dq_kernels: no CUDA GPU here; run it on the GPU machine", file=sys.stderr)
         sys.exit(2)
@@ -174,13 +215,22 @@ def main() -> None:
                     return graph_us([lambda p=p, s=s, z=z: dq_linear_triton(x, p, s, z, bits, group, K, **cfg)
                                      for p, s, z in copies])
 
-                m[f"{tag}_rel_l2"] = float(f"{rel_l2(dq_linear_triton(x, packed, scale, zero, bits, group, K), ref):.2g}")
-                us = timed({})
-                m[f"{tag}_us"] = round(us, 2)
-                m[f"{tag}_bw_fraction"] = round(moved(packed, scale, M, K, N) / (us * 1e-6) / copy_bw, 3)
-                m[f"{tag}_eager_us"] = round(eager_us(lambda: dq_linear_triton(x, packed, scale, zero, bits, group,
-                                                                              K)), 2)
-                sweep = GEMV_SWEEP if M == 1 else GEMM_SWEEP[M]
+                try:  # a default that fails to compile must not hide the sweep
+                    y = dq_linear_triton(x, packed, scale, zero, bits, group, K)
+                    m[f"{tag}_rel_l2"] = float(f"{rel_l2(y, ref):.2g}")
+                    us = timed({})
+                    m[f"{tag}_us"] = round(us, 2)
+                    m[f"{tag}_bw_fraction"] = round(moved(packed, scale, M, K, N) / (us * 1e-6) / copy_bw, 3)
+                    m[f"{tag}_eager_us"] = round(eager_us(lambda: dq_linear_triton(x, packed, scale, zero, bits,
+                                                                                  group, K)), 2)
+                except Exception as e:
+                    print(f"{tag} default: {type(e).__name__} {str(e)[:300]}", flush=True)
+                    us = float("inf")
+                sweep = (GEMV_SWEEP if M == 1 else GEMM_SWEEP[M]) if (K, N) != SHAPES[0] else []
+                if args.sweep == "none" or (args.sweep == "gemm16" and M != 16):
+                    sweep = []
+                elif args.sweep == "gemm16":
+                    sweep = GEMM16_VARIANTS
                 best = (us, "default")
                 for entry in sweep:
                     cfg = launch_cfg(entry, bits, group, dt)
@@ -199,6 +249,10 @@ def main() -> None:
                 m[f"{tag}_best_us"] = round(best[0], 2)
                 m[f"{tag}_best_bw_fraction"] = round(moved(packed, scale, M, K, N) / (best[0] * 1e-6) / copy_bw, 3)
                 m[f"{tag}_best_config"] = str(best[1])
+                if M == 1:  # how fast the same bytes can be read at all
+                    r = read_us(moved(packed, scale, M, K, N))
+                    m[f"{tag}_read_ceiling_us"] = round(r, 2)
+                    m[f"{tag}_read_ceiling_bw_fraction"] = round(moved(packed, scale, M, K, N) / (r * 1e-6) / copy_bw, 3)
             try:  # torch's int4 matmul (tinygemm): its packing API has changed between versions
                 wps = [torch.ops.aten._convert_weight_to_int4pack(qi, 8)]
                 wps += [wps[0].clone() for _ in range(max(1, -(-L2_SPAN // (N * K // 2))) - 1)]

@@ -251,7 +251,7 @@ def test_kernel_specs_signature_lists_kernel_arguments(m_small: bool) -> None:
     assert specs["signature"]["x_ptr"] == specs["signature"]["y_ptr"] == "*bf16"
     assert specs["signature"]["scale_ptr"] == "*fp32" and specs["signature"]["packed_ptr"] == "*u8"
     assert specs["constexprs"]["GROUP"] == 0 and specs["constexprs"]["BITS"] == 3
-    assert specs["name"] == ("_dq_gemv_dequant_kernel" if m_small else "_dq_gemm_kernel")
+    assert specs["name"] == ("_dq_gemv_dequant_kernel" if m_small else "_dq_gemm_planes_kernel")
     grid = specs["grid"](100, 1000)
     c = specs["constexprs"]
     assert grid == ((math.ceil(1000 / c["BLOCK_N"]), 1, 1) if m_small
@@ -304,3 +304,48 @@ def test_aot_compiles_to_ptx(tmp_path) -> None:
     out = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------
+# The planes GEMM (codes of each unit slot straight into tensor-core dots)
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("gemm", ["planes", "planes8"])
+@pytest.mark.parametrize("bits,group", [(2, 64), (2, 16), (3, 32), (4, 128), (4, 16), (8, 32), (2, -1), (4, -1)],
+                         ids=["w2g64", "w2g16", "w3g32", "w4g128", "w4g16", "w8g32", "w2pc", "w4pc"])
+def test_planes_gemm_matches_reference(gemm: str, bits: int, group: int) -> None:
+    # K=256 in one step: with 16-bit units W2 g16 puts 8 groups in one sub-block (masked partials per group);
+    # M=20 pads a 32-row tile, N=40 a partial column block; fp32 (exact) and fp16 activations.
+    block_k = max(32, 16 * (16 if gemm == "planes" else 8) // (4 if bits == 3 else bits))  # the least that fits
+    for dtype in (torch.float32, torch.float16):
+        case = make_case(bits, group, 20, N=40, K=256, dtype=dtype, scale_dtype=torch.float16, bias=True, seed=bits)
+        launch = dq._prepare(**case, block_n=16, block_k=block_k, gemm=gemm)
+        assert launch.specs["name"] == {"planes": "_dq_gemm_planes_kernel", "planes8": "_dq_gemm_planes8_kernel"}[gemm]
+        check(case, gemm=gemm, block_n=16, block_k=block_k)
+
+
+def test_planes_gemv_and_k_tail() -> None:
+    check(make_case(4, 128, 3, N=40, K=256, dtype=torch.float16, bias=True), gemv="planes")
+    tail = make_case(2, 90, 20, N=48, K=90, bias=True)  # per channel, K ends inside a byte and a sub-block
+    check(tail, gemm="planes8", block_k=64)
+
+
+def test_gemm_defaults_by_rows_and_group() -> None:
+    def name(bits: int, group: int, M: int, K: int = 512) -> str:
+        case = make_case(bits, group, M, N=40, K=K, dtype=torch.float16, scale_dtype=torch.float16)
+        return dq._prepare(**case, block_n=None, block_k=None).specs["name"]
+    assert name(4, 128, 16) == "_dq_gemm_planes_kernel"
+    assert name(2, 64, 16) == "_dq_gemm_planes8_kernel"  # 16-bit units would split its groups by masking
+    assert name(4, 128, 64) == "_dq_gemm_kernel"
+    assert name(2, -1, 16, K=90) == "_dq_gemm_kernel"  # 23-byte rows: no 16-bit units; fp16 planes8 needs bk>=64
+    check(make_case(2, 64, 16, N=40, K=512, dtype=torch.float16, scale_dtype=torch.float16, bias=True))
+
+
+def test_planes_refuses_what_it_cannot_take() -> None:
+    with pytest.raises(ValueError, match="planes GEMM needs"):
+        dq.kernel_specs(2, 64, torch.float16, False, m=16, gemm="planes", block_k=64)
+    with pytest.raises(ValueError, match="gemm must be one of"):
+        dq.kernel_specs(2, 64, torch.float16, False, m=16, gemm="fast")
+    odd = make_case(2, 90, 20, N=48, K=90)  # 23-byte rows
+    with pytest.raises(ValueError, match="2-byte aligned"):
+        dq.dq_linear_triton(**odd, gemm="planes", block_k=128)

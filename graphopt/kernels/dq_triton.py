@@ -131,11 +131,20 @@ def _split_last(x, P: tl.constexpr):
     elif P == 2:
         a, b = tl.split(x)
         return (a, b)
-    else:
+    elif P == 4:
         lo, hi = tl.split(tl.reshape(x, [x.shape[0], x.shape[1], 2, 2]))  # lo: index 0, 2; hi: 1, 3
         x0, x2 = tl.split(lo)
         x1, x3 = tl.split(hi)
         return (x0, x1, x2, x3)
+    else:
+        ev, od = tl.split(tl.reshape(x, [x.shape[0], x.shape[1], 4, 2]))  # ev: 0, 2, 4, 6; od: 1, 3, 5, 7
+        e0, e1 = tl.split(tl.reshape(ev, [x.shape[0], x.shape[1], 2, 2]))  # e0: 0, 4; e1: 2, 6
+        o0, o1 = tl.split(tl.reshape(od, [x.shape[0], x.shape[1], 2, 2]))  # o0: 1, 5; o1: 3, 7
+        x0, x4 = tl.split(e0)
+        x2, x6 = tl.split(e1)
+        x1, x5 = tl.split(o0)
+        x3, x7 = tl.split(o1)
+        return (x0, x1, x2, x3, x4, x5, x6, x7)
 
 
 @triton.jit
@@ -491,6 +500,124 @@ def _dq_gemm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
 
 
 @triton.jit
+def _plane(w, j: tl.constexpr, SB: tl.constexpr, OFFSET: tl.constexpr, XT: tl.constexpr):
+    # Signed code j of each byte of w (widened to int16, or int32 for fp32 x) as an exact XT value, by OR-ing the
+    # unsigned code into the mantissa of a power of two whose last place is 1 (bf16 128, fp16 1024, fp32 2^23)
+    # and subtracting it again with the offset: no int-to-float conversion.
+    code = (w >> (j * SB)) & ((1 << SB) - 1)
+    if XT == tl.bfloat16 and SB == 8:  # 128 + code needs 9 significant bits: go through fp32
+        return ((code.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)).to(XT)
+    elif XT == tl.bfloat16:
+        return (code | 0x4300).to(tl.bfloat16, bitcast=True) - (128.0 + OFFSET)
+    elif XT == tl.float16:
+        return (code | 0x6400).to(tl.float16, bitcast=True) - (1024.0 + OFFSET)
+    else:
+        return (code | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
+
+
+@triton.jit
+def _planes_gemm(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
+                 M, N, K, stride_xm, stride_pn, stride_sn, stride_zn, stride_ym,
+                 BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, UB: tl.constexpr):
+    # Like _dq_gemm_kernel, but the codes are never put back in k order: code slot j of every UB-bit unit
+    # (k = i*P + j) is its own [BLOCK_N, KSUB / P] operand, an element-wise function of the loaded units,
+    # multiplied by the activations at stride P (split from one contiguous load in registers). Element-wise
+    # operands let Triton dequantize in the dot-operand registers. The codes enter the dot as exact small integers
+    # and each group's partial product is scaled afterwards: Σ_k x_k (s q_k + z) = s Σ x q + z Σ x (per channel:
+    # once, after the K loop). A sub-block of KSUB codes gives each slot >= 16 codes (one tensor-core K step);
+    # when it spans NG groups, each group's partial comes from x masked to that group's units.
+    SB: tl.constexpr = 4 if BITS == 3 else BITS
+    OFFSET: tl.constexpr = 1 << (SB - 1)
+    P: tl.constexpr = UB // SB  # codes per unit
+    KSUB: tl.constexpr = BLOCK_K if (GROUP == 0 or GROUP >= BLOCK_K) else (GROUP if GROUP >= 16 * P else 16 * P)
+    NG: tl.constexpr = KSUB // GROUP if (GROUP > 0 and GROUP < KSUB) else 1
+    KB: tl.constexpr = KSUB // P
+    XT: tl.constexpr = x_ptr.dtype.element_ty
+    WT: tl.constexpr = tl.int32 if XT == tl.float32 else tl.int16
+    units = packed_ptr.to(tl.pointer_type(tl.int16 if UB == 16 else tl.uint8))
+
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    offs_b = tl.arange(0, KB)
+    offs_k = tl.arange(0, KSUB)
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
+    w_rows = units + offs_n[:, None] * (stride_pn // (UB // 8))
+    # Σ_k x_k per row, broadcast over the tile's columns, comes from the tensor cores too (x times a ones
+    # operand): a row sum across threads would cost more instructions than the dequantization.
+    ones = tl.full([KB, BLOCK_N], 1.0, dtype=XT)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    x_sum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # per channel: Σ x over all of K
+
+    for k0 in range(0, K, BLOCK_K):
+        for sub in tl.static_range(BLOCK_K // KSUB):
+            kb = k0 + sub * KSUB
+            byte = kb // P + offs_b
+            k = kb + offs_k
+            if GROUP == 0:  # K may end inside the sub-block
+                w_ok = byte * P < K
+                x_ok = k < K
+            else:  # groups tile K and a sub-block holds whole groups: all in or all out, so loads stay vectors
+                w_ok = offs_b < tl.where(kb < K, KB, 0)
+                x_ok = offs_k < tl.where(kb < K, KSUB, 0)
+            w = tl.load(w_rows + byte[None, :], mask=n_mask[:, None] & w_ok[None, :], other=0).to(WT)
+            # codes past K (high bits of a row's last unit, masked units) meet x = 0
+            xk = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & x_ok[None, :], other=0.0)
+            a_list = _split_last(tl.reshape(xk, [BLOCK_M, KB, P]), P)
+            for gi in tl.static_range(NG):
+                part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                xs = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for j in tl.static_range(P):
+                    a = a_list[j]
+                    if NG > 1:
+                        a = tl.where((offs_b * P // GROUP == gi)[None, :], a, 0.0).to(XT)
+                    part = tl.dot(a, tl.trans(_plane(w, j, SB, OFFSET, XT)), part, input_precision="ieee")
+                    xs = tl.dot(a, ones, xs, input_precision="ieee")
+                if GROUP == 0:
+                    acc += part
+                    x_sum += xs
+                else:
+                    g_mask = offs_n < tl.where(kb < K, N, 0)  # sub-blocks past K have no group
+                    g = kb // GROUP + gi
+                    s = tl.load(scale_ptr + offs_n * stride_sn + g, mask=g_mask, other=0.0).to(tl.float32)
+                    z = tl.load(zero_ptr + offs_n * stride_zn + g, mask=g_mask, other=0.0).to(tl.float32)
+                    acc += part * s[None, :] + xs * z[None, :]
+
+    if GROUP == 0:
+        s = tl.load(scale_ptr + offs_n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
+        z = tl.load(zero_ptr + offs_n * stride_zn, mask=n_mask, other=0.0).to(tl.float32)
+        acc = acc * s[None, :] + x_sum * z[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _dq_gemm_planes_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
+                           M, N, K, stride_xm, stride_pn, stride_sn, stride_zn, stride_ym,
+                           BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # The planes GEMM reading 16-bit units (rows 2-byte aligned: the launcher checks).
+    _planes_gemm(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_pn,
+                 stride_sn, stride_zn, stride_ym, BITS, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, 16)
+
+
+@triton.jit
+def _dq_gemm_planes8_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
+                            M, N, K, stride_xm, stride_pn, stride_sn, stride_zn, stride_ym,
+                            BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # The planes GEMM reading bytes: twice the code slots of half the width (more byte permutes).
+    _planes_gemm(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_pn,
+                 stride_sn, stride_zn, stride_ym, BITS, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, 8)
+
+
+@triton.jit
 def _dq_gemv_trt_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr,
                         M, N, K, stride_xm, stride_pn, stride_sn, stride_zn, stride_ym, y_ptr,
                         BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -509,10 +636,22 @@ def _dq_gemm_trt_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr,
                     stride_sn, stride_zn, stride_ym, BITS, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS)
 
 
-GEMV_KERNELS = {"units": _dq_gemv_units_kernel, "reduce": _dq_gemv_kernel, "dequant": _dq_gemv_dequant_kernel}
+GEMV_KERNELS = {"units": _dq_gemv_units_kernel, "reduce": _dq_gemv_kernel, "dequant": _dq_gemv_dequant_kernel,
+                "planes": _dq_gemm_planes_kernel}  # "planes": the GEMM kernel with a 16-row tile
 # "units" when the shape allows it (units_run divides K, rows aligned: the launcher checks), else "dequant"
 # (ahead-of-time kernels, which must take any K, always use "dequant").
 GEMV_DEFAULT = "dequant"
+GEMM_KERNELS = {"planes": _dq_gemm_planes_kernel, "planes8": _dq_gemm_planes8_kernel, "dequant": _dq_gemm_kernel}
+
+
+def _default_gemm(bits: int, group: int, block_m: int) -> str:
+    """The large-M kernel by default (where planes_fit allows it; the TensorRT entry points wrap "dequant").
+    H100 (2026-11-27): up to 16 rows the planes GEMM, over bytes where a 16-bit unit's code slots would
+    need groups split by masking (W2 g64: the masked activations go through shared memory once per group);
+    64 rows: the dequant GEMM (the planes GEMM doubles its tensor-core work for Σ x there)."""
+    if block_m > 16:
+        return "dequant"
+    return "planes" if group == 0 or group >= 16 * (16 // _storage_bits(bits)) else "planes8"
 
 
 # ---------------------------------------------------------------------------------------
@@ -554,6 +693,13 @@ def units_run(bits: int, group: int, dtype: torch.dtype | str) -> tuple[int, int
     return cpu, r * cpu
 
 
+def planes_fit(bits: int, group: int, block_k: int, unit_bits: int = 16) -> bool:
+    """Whether the planes GEMM reading unit_bits-wide units takes this setting: a K step must give each of the
+    unit's code slots >= 16 codes (a tensor-core K step), i.e. block_k * storage bits / unit_bits >= 16, and a
+    group that spans several sub-blocks must hold whole sub-blocks (powers of two: always)."""
+    return block_k * _storage_bits(bits) // unit_bits >= 16
+
+
 def _kernel_group(group: int, in_features: int | None) -> int:
     """The GROUP constexpr: 0 for per channel, else the group size (a power of two >= 16)."""
     if group in (-1, 0) or (in_features is not None and group == in_features):
@@ -567,16 +713,19 @@ def _kernel_group(group: int, in_features: int | None) -> int:
 def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool, *, m: int | None = None,
                  in_features: int | None = None, scale_dtype: torch.dtype | str | None = None,
                  block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
-                 gemv: str = GEMV_DEFAULT, convention: str = "triton") -> dict[str, Any]:
+                 num_stages: int | None = None, gemv: str = GEMV_DEFAULT, gemm: str | None = None,
+                 convention: str = "triton") -> dict[str, Any]:
     """Everything needed to launch or AOT-compile one kernel variant.
 
     group: -1 (or in_features) for per channel, else a power of two >= 16. dtype: the activation (= x, y, bias)
     dtype; scale_dtype defaults to it. m: the row count if known (picks BLOCK_M; without it the variant covers
-    every M up to GEMV_MAX_M when m_small, and uses 64-row tiles otherwise). block_n / block_k / num_warps override
-    the H100-oriented defaults. gemv picks the small-M kernel: "reduce" (per-group partial sums, _dq_gemv_kernel)
-    or "dequant" (element-wise dequantization into a 3-D accumulator, _dq_gemv_dequant_kernel). convention
-    "tensorrt" gives entry points with TensorRT's AOT plugin argument order (input pointers, the i32 scalars, then
-    y_ptr; the dequant GEMV and the GEMM inside).
+    every M up to GEMV_MAX_M when m_small, and uses 64-row tiles otherwise). block_n / block_k / num_warps /
+    num_stages override the H100-oriented defaults. gemv picks the small-M kernel: "units", "reduce" (per-group
+    partial sums), "dequant" (element-wise dequantization into a 3-D accumulator) or "planes" (the planes GEMM
+    with a 16-row tile). gemm picks the large-M kernel: "planes" (the codes of each slot of a 16-bit unit straight
+    into tensor-core dots, scaled per group afterwards; needs planes_fit and 2-byte aligned rows), "planes8" (the
+    same over bytes) or "dequant" (tiles dequantized and put back in k order); _default_gemm picks by rows. convention "tensorrt" gives entry points with TensorRT's AOT plugin argument order (input
+    pointers, the i32 scalars, then y_ptr; the dequant GEMV and the dequant GEMM inside).
 
     Returns {"kernel", "name", "signature" (every kernel argument in order, constexprs marked "constexpr", as
     Triton >= 3.2's ASTSource expects), "constexprs", "grid" (M, N) -> 3-tuple, "num_warps", "num_stages"}.
@@ -588,16 +737,22 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
     g = _kernel_group(group, in_features)
     if m is not None and m < 1:
         raise ValueError(f"m must be >= 1, got {m}")
+    if convention not in ("triton", "tensorrt"):
+        raise ValueError(f"convention must be 'triton' or 'tensorrt', got {convention!r}")
+    if gemm is not None and gemm not in GEMM_KERNELS:
+        raise ValueError(f"gemm must be one of {', '.join(GEMM_KERNELS)}, got {gemm!r}")
 
     if m_small:
         if m is not None and m > GEMV_MAX_M:
             raise ValueError(f"the GEMV kernel handles at most {GEMV_MAX_M} rows, got m={m}")
         if gemv not in GEMV_KERNELS:
             raise ValueError(f"gemv must be one of {', '.join(GEMV_KERNELS)}, got {gemv!r}")
+    tiled = not m_small or (gemv == "planes" and convention == "triton")  # a 2-D grid of row x column tiles
+    if not tiled:
         kernel = GEMV_KERNELS[gemv]
         bm = _next_pow2(m) if m is not None else GEMV_MAX_M
         min_k = 16
-        default_warps, num_stages = 4, 2
+        default_warps, default_stages = 4, 2
         if gemv == "units":
             # One run per thread and K step (BLOCK_K = run * threads), 8 rows per program.
             run = units_run(bits, g, act)[1]
@@ -613,20 +768,39 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
             # Per channel a whole K step is one sub-block ([BLOCK_M, 16, BLOCK_K / P] accumulator): halve it.
             bk = block_k or ((512 if bm <= 2 else 256) // (2 if g == 0 else 1))
     else:
-        kernel = _dq_gemm_kernel
-        bm = min(64, max(16, _next_pow2(m))) if m is not None else 64
-        # H100 sweep: 32 columns per program (more programs than SMs at N = 4096) with 256-wide K steps at
-        # 16 rows, 128-wide at 64 rows; fp32 operands go through FMA ("ieee" dot) and need shorter steps.
-        bn = block_n or 32
+        bm = 16 if m_small else min(64, max(16, _next_pow2(m))) if m is not None else 64
+        if convention == "tensorrt":
+            choice = "dequant"
+        else:
+            choice = gemm or _default_gemm(bits, g, bm)
+        fp32 = act == "fp32"  # fp32 operands go through FMA ("ieee" dot) and need shorter steps
+        if choice == "dequant":
+            # H100 sweep: 32 columns per program (more programs than SMs at N = 4096) with 256-wide K steps at
+            # 16 rows, 128-wide at 64 rows.
+            bn = block_n or 32
+            bk = block_k or (64 if fp32 else 256 if bm <= 16 else 128)
+            default_warps, default_stages = (4 if bm <= 16 else 8), (2 if fp32 else 3)
+        else:
+            # H100 sweep (benchmarks/dq_kernels.py, 2026-11-27): at 16 rows 32 columns and 512-wide K steps,
+            # 4 stages; at 64 rows 64 columns and 128-wide steps. 8 warps were always slower.
+            bn = block_n or (32 if bm <= 16 else 64)
+            bk = block_k or (64 if fp32 else 512 if bm <= 16 else 128)
+            default_warps, default_stages = 4, (2 if fp32 else 4 if bm <= 16 else 3)
+            unit = 8 if choice == "planes8" else 16
+            if not planes_fit(bits, g, bk, unit):
+                if gemm is not None or m_small:
+                    raise ValueError(f"the {choice} GEMM needs block_k * bits / {unit} >= 16 ({bits} bits, "
+                                     f"block_k {bk}): use a larger block_k, or gemm='dequant'")
+                choice = "dequant"
+        kernel = GEMM_KERNELS[choice]
         min_k = 16
-        bk = block_k or (64 if act == "fp32" else 256 if bm <= 16 else 128)
-        default_warps, num_stages = (4 if bm <= 16 else 8), (2 if act == "fp32" else 3)
     if num_warps is not None:
         if num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {num_warps}")
         nw = num_warps
     else:
         nw = default_warps
+    stages = num_stages or default_stages
     min_n = 1 if (m_small and gemv == "units") else 16
     if not _is_pow2(bn) or bn < min_n:
         raise ValueError(f"block_n must be a power of two >= {min_n}, got {bn}")
@@ -639,12 +813,10 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
     if convention == "tensorrt":
         kernel = _dq_gemv_trt_kernel if m_small else _dq_gemm_trt_kernel
         signature["y_ptr"] = signature.pop("y_ptr")  # moved after the scalars
-    elif convention != "triton":
-        raise ValueError(f"convention must be 'triton' or 'tensorrt', got {convention!r}")
     constexprs = {"BITS": bits, "GROUP": g, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "HAS_BIAS": False}
     signature.update({name: "constexpr" for name in constexprs})
 
-    if m_small:
+    if not tiled:
         def grid(M: int, N: int) -> tuple[int, int, int]:
             return (triton.cdiv(N, bn), 1, 1)
     else:
@@ -653,7 +825,7 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
 
     return {"kernel": kernel, "name": kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__,
             "signature": signature, "constexprs": constexprs, "grid": grid,
-            "num_warps": nw, "num_stages": num_stages}
+            "num_warps": nw, "num_stages": stages}
 
 
 def with_bias(specs: dict[str, Any], has_bias: bool) -> dict[str, Any]:
@@ -746,7 +918,8 @@ class _Launch:
 
 def _prepare(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int,
              in_features: int, bias: torch.Tensor | None, block_n: int | None, block_k: int | None,
-             num_warps: int | None = None, gemv: str | None = None) -> _Launch:
+             num_warps: int | None = None, gemv: str | None = None, gemm: str | None = None,
+             num_stages: int | None = None) -> _Launch:
     c = _check_inputs(x, packed, scale, zero, bits, group, in_features, bias)
     interpreted = is_interpreted()
     if not interpreted and not x.is_cuda:
@@ -766,7 +939,7 @@ def _prepare(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: t
             raise ValueError(f"{name} has {t.numel()} elements; the kernels use i32 offsets (< 2^31)")
 
     m_small = M <= GEMV_MAX_M
-    if interpreted and not m_small and x.dtype == torch.bfloat16:
+    if interpreted and (not m_small or gemv == "planes") and x.dtype == torch.bfloat16:
         raise NotImplementedError("the Triton CPU interpreter computes bf16 tl.dot on raw bit patterns; the bf16 GEMM "
                                   "kernel can only run on a GPU (M <= 4 uses the GEMV kernel, which works)")
     if m_small and gemv in (None, "units"):
@@ -774,9 +947,17 @@ def _prepare(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: t
         if gemv == "units" and not fits:
             raise ValueError("the units GEMV needs in_features divisible by its run and unit-aligned packed rows")
         gemv = "units" if fits else GEMV_DEFAULT
-    specs = kernel_specs(bits, -1 if c.per_channel else c.group, x.dtype, m_small, m=max(M, 1),
-                         scale_dtype=scale.dtype, block_n=block_n, block_k=block_k, num_warps=num_warps,
-                         gemv=gemv or GEMV_DEFAULT)
+    def specs_for(gemm: str | None) -> dict[str, Any]:
+        return kernel_specs(bits, -1 if c.per_channel else c.group, x.dtype, m_small, m=max(M, 1),
+                            scale_dtype=scale.dtype, block_n=block_n, block_k=block_k, num_warps=num_warps,
+                            num_stages=num_stages, gemv=gemv or GEMV_DEFAULT, gemm=gemm)
+
+    specs = specs_for(gemm)
+    if specs["kernel"] is _dq_gemm_planes_kernel and (packed.data_ptr() % 2 or packed.stride(0) % 2):
+        if gemm is not None:
+            raise ValueError("the planes kernel reads 16-bit units and needs 2-byte aligned packed rows "
+                             "(gemm='planes8' reads bytes)")
+        specs = specs_for("planes8" if m_small else "dequant")
     specs = with_bias(specs, bias is not None)
     args = {"x_ptr": x2, "packed_ptr": packed, "scale_ptr": scale, "zero_ptr": zero,
             "bias_ptr": bias if bias is not None else y,  # never read when HAS_BIAS is False
@@ -788,14 +969,15 @@ def _prepare(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: t
 def dq_linear_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
                      group: int, in_features: int, bias: torch.Tensor | None = None, *,
                      block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
-                     gemv: str | None = None) -> torch.Tensor:
+                     num_stages: int | None = None, gemv: str | None = None, gemm: str | None = None) -> torch.Tensor:
     """y = x @ Ŵᵀ (+ bias) with the Triton kernels: GEMV for M <= 4 rows (leading dims of x flattened), else GEMM.
 
     group: -1 or in_features for per channel, else a power of two >= 16 dividing in_features. Tensors must be on
     CUDA, or on CPU when the kernels run under TRITON_INTERPRET=1. block_n / block_k / num_warps override the
-    default tiles; gemv ("reduce" or "dequant") the small-M kernel (see kernel_specs).
+    default tiles and num_stages the software pipelining depth; gemv / gemm the kernel (see kernel_specs).
     """
-    launch = _prepare(x, packed, scale, zero, bits, group, in_features, bias, block_n, block_k, num_warps, gemv)
+    launch = _prepare(x, packed, scale, zero, bits, group, in_features, bias, block_n, block_k, num_warps, gemv,
+                      gemm, num_stages)
     specs, args, y = launch.specs, launch.args, launch.y
     if y.numel() == 0:
         return y.reshape(launch.out_shape)
