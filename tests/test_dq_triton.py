@@ -336,7 +336,7 @@ def test_gemm_defaults_by_rows_and_group() -> None:
         return dq._prepare(**case, block_n=None, block_k=None).specs["name"]
     assert name(4, 128, 16) == "_dq_gemm_planes_kernel"
     assert name(2, 64, 16) == "_dq_gemm_planes8_kernel"  # 16-bit units would split its groups by masking
-    assert name(4, 128, 64) == "_dq_gemm_kernel"
+    assert name(4, 128, 64) == "_dq_gemm_planes_kernel" and name(2, 64, 64) == "_dq_gemm_kernel"
     assert name(2, -1, 16, K=90) == "_dq_gemm_kernel"  # 23-byte rows: no 16-bit units; fp16 planes8 needs bk>=64
     check(make_case(2, 64, 16, N=40, K=512, dtype=torch.float16, scale_dtype=torch.float16, bias=True))
 
