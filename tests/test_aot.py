@@ -61,6 +61,7 @@ def test_aot_plugin_kernels_compile_to_ptx_per_arch(plugin_dir: Path) -> None:
         assert k.num_warps * 32 <= 1024 and 0 < k.shared_bytes <= 227 * 1024
         if k.variant == "gemm":
             assert "mma" in k.ptx  # tensor-core tiles
+            assert k.entry.startswith("_dq_gemm_kernel")  # the dequant GEMM: any row alignment
     first = kernels[0]
     assert first.constexprs["HAS_BIAS"] is True and first.constexprs["BITS"] == 2 and first.constexprs["GROUP"] == 64
     assert kernels[4].constexprs["GROUP"] == 0  # per channel

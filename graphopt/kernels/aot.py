@@ -151,8 +151,10 @@ def dq_linear_plugin_kernels(bits: int, group: int, dtype: torch.dtype | str, *,
     out = []
     for arch in archs:
         for variant, m_small in (("gemv", True), ("gemm", False)):
+            # The dequant GEMM: plugins launch on any row alignment (the planes GEMM reads 16-bit units), and it
+            # is the kernel verified through the CUDA driver (benchmarks/plugin_ptx.py).
             specs = with_bias(kernel_specs(bits, group, act, m_small, in_features=in_features,
-                                           scale_dtype=scale_dtype, convention=convention), has_bias)
+                                           scale_dtype=scale_dtype, gemm="dequant", convention=convention), has_bias)
             k = compile_kernel(specs, arch, op="graphopt::dq_linear", variant=variant,
                                extra={"dtype": act, "max_m": GEMV_MAX_M if m_small else None,
                                       "convention": convention},
