@@ -33,19 +33,23 @@ from common import emit, parse_args
 SHAPES = [(4096, 4096), (8192, 8192), (4096, 14336)]
 SETTINGS = {4: 128, 2: 64}  # bits -> group
 # M = 1: the "units" GEMV over rows per program x warps x K step (in threads' runs), and the older "dequant" GEMV.
-GEMV_SWEEP = ([dict(gemv="units", block_n=bn, num_warps=nw, k_runs=kr) for bn, nw, kr in
-               itertools.product((4, 8, 16), (4,), (1, 2))] + [dict(gemv="dequant")]
-              + [dict(gemv="planes", block_n=bn, block_k=bk) for bn, bk in itertools.product((32, 64), (256, 512))])
-# M = 16, 64: the "planes" GEMM (the default) over tiles and pipeline depth, and the older "dequant" GEMM.
-GEMM_SWEEP = {16: [dict(gemm="planes", block_n=bn, block_k=bk, num_warps=nw, num_stages=st) for bn, bk, nw, st in
-                   itertools.product((16, 32, 64), (128, 256, 512), (4,), (2, 4))]
-              + [dict(gemm="planes", block_n=bn, block_k=256, num_warps=8) for bn in (64, 128)]
+GEMV_SWEEP = ([dict(gemv="units", block_n=bn, num_warps=4, k_runs=kr) for bn, kr in
+               itertools.product((4, 8, 16), (1, 2))] + [dict(gemv="dequant")]
+              + [dict(gemv="planes", block_n=32, block_k=512)])
+# M = 16, 64: the tensor-core GEMMs over tiles and pipeline depth ("planes"/"planes8": integer codes, scaled per
+# group after the dot; "scaled"/"scaled8": operand dequantized in registers), and the older "dequant" GEMM.
+# 8 warps or 16 columns per program were 2-7x slower on the H100 (2026-11-27) and are left out.
+GEMM_SWEEP = {16: [dict(gemm="planes", block_n=bn, block_k=bk, num_stages=st) for bn, bk, st in
+                   itertools.product((32, 64), (128, 256, 512), (2, 4))]
+              + [dict(gemm=g, block_n=bn, block_k=bk, num_stages=st) for g, bn, (bk, st) in
+                 itertools.product(("planes8", "scaled", "scaled8"), (32, 64), ((256, 2), (512, 4)))]
               + [dict(gemm="dequant", block_n=32, block_k=256)],
-              64: [dict(gemm="planes", block_n=bn, block_k=bk, num_warps=nw) for bn, bk, nw in
-                   itertools.product((32, 64, 128), (128, 256), (4, 8))]
+              64: [dict(gemm=g, block_n=bn, block_k=bk) for g, bn, bk in
+                   itertools.product(("planes", "scaled"), (32, 64), (128, 256))]
               + [dict(gemm="dequant", block_n=32, block_k=128)]}
 # --sweep gemm16: the three planes kernels at the M = 16 defaults' tile
-GEMM16_VARIANTS = [dict(gemm=g) for g in ("planes", "planes8", "dequant")]
+GEMM16_VARIANTS = ([dict(gemm=g) for g in ("planes", "planes8", "scaled", "scaled8", "dequant")]
+                   + [dict(gemm=g, block_n=64, block_k=256, num_stages=2) for g in ("planes8", "scaled", "scaled8")])
 L2_SPAN = 160 << 20  # bytes the rotated copies of a problem cover: > 3x the H100's 50 MB L2
 
 
@@ -74,7 +78,8 @@ def correctness(gen: torch.Generator) -> tuple[int, int, float, list[str]]:
         bias = torch.randn(N, generator=gen).to("cuda", dt)
         ref = dq_linear_reference(x, packed, scale, zero, bits, group, K, bias=bias)
         variants = ([dict(gemv=v) for v in ("units", "reduce", "dequant")] if M <= 4 else
-                    [dict(gemm="dequant")] + [dict(gemm=g, block_k=256) for g, u in (("planes", 16), ("planes8", 8))
+                    [dict(gemm="dequant")] + [dict(gemm=g, block_k=256) for g, u in (("planes", 16), ("planes8", 8),
+                                                                                     ("scaled", 16), ("scaled8", 8))
                                               if dt != torch.float32 and planes_fit(bits, max(group, 0), 256, u)])
         if M <= 4 and dt != torch.float32:
             variants.append(dict(gemv="planes", block_k=256))

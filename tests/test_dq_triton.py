@@ -310,17 +310,18 @@ def test_aot_compiles_to_ptx(tmp_path) -> None:
 # The planes GEMM (codes of each unit slot straight into tensor-core dots)
 # ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("gemm", ["planes", "planes8"])
+@pytest.mark.parametrize("gemm", ["planes", "planes8", "scaled", "scaled8"])
 @pytest.mark.parametrize("bits,group", [(2, 64), (2, 16), (3, 32), (4, 128), (4, 16), (8, 32), (2, -1), (4, -1)],
                          ids=["w2g64", "w2g16", "w3g32", "w4g128", "w4g16", "w8g32", "w2pc", "w4pc"])
 def test_planes_gemm_matches_reference(gemm: str, bits: int, group: int) -> None:
     # K=256 in one step: with 16-bit units W2 g16 puts 8 groups in one sub-block (masked partials per group);
     # M=20 pads a 32-row tile, N=40 a partial column block; fp32 (exact) and fp16 activations.
-    block_k = max(32, 16 * (16 if gemm == "planes" else 8) // (4 if bits == 3 else bits))  # the least that fits
+    # "scaled": the operand dequantized in registers, several groups per K step (scales broadcast per unit).
+    block_k = max(32, 16 * (8 if gemm.endswith("8") else 16) // (4 if bits == 3 else bits))  # the least that fits
     for dtype in (torch.float32, torch.float16):
         case = make_case(bits, group, 20, N=40, K=256, dtype=dtype, scale_dtype=torch.float16, bias=True, seed=bits)
         launch = dq._prepare(**case, block_n=16, block_k=block_k, gemm=gemm)
-        assert launch.specs["name"] == {"planes": "_dq_gemm_planes_kernel", "planes8": "_dq_gemm_planes8_kernel"}[gemm]
+        assert launch.specs["name"] == f"_dq_gemm_{gemm}_kernel"
         check(case, gemm=gemm, block_n=16, block_k=block_k)
 
 

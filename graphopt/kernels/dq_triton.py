@@ -519,7 +519,7 @@ def _plane(w, j: tl.constexpr, SB: tl.constexpr, OFFSET: tl.constexpr, XT: tl.co
 def _planes_gemm(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
                  M, N, K, stride_xm, stride_pn, stride_sn, stride_zn, stride_ym,
                  BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, UB: tl.constexpr):
+                 BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, UB: tl.constexpr, PRESCALE: tl.constexpr):
     # Like _dq_gemm_kernel, but the codes are never put back in k order: code slot j of every UB-bit unit
     # (k = i*P + j) is its own [BLOCK_N, KSUB / P] operand, an element-wise function of the loaded units,
     # multiplied by the activations at stride P (split from one contiguous load in registers). Element-wise
@@ -527,11 +527,13 @@ def _planes_gemm(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
     # and each group's partial product is scaled afterwards: Σ_k x_k (s q_k + z) = s Σ x q + z Σ x (per channel:
     # once, after the K loop). A sub-block of KSUB codes gives each slot >= 16 codes (one tensor-core K step);
     # when it spans NG groups, each group's partial comes from x masked to that group's units.
+    # PRESCALE instead dequantizes the operand in x's dtype (s q + z, one rounding as in _dq_gemm_kernel, packed
+    # half-precision FMAs): one dot per slot and K step whatever the groups, no Σ x dots, no per-group partials.
     SB: tl.constexpr = 4 if BITS == 3 else BITS
     OFFSET: tl.constexpr = 1 << (SB - 1)
     P: tl.constexpr = UB // SB  # codes per unit
-    KSUB: tl.constexpr = BLOCK_K if (GROUP == 0 or GROUP >= BLOCK_K) else (GROUP if GROUP >= 16 * P else 16 * P)
-    NG: tl.constexpr = KSUB // GROUP if (GROUP > 0 and GROUP < KSUB) else 1
+    KSUB: tl.constexpr = BLOCK_K if (PRESCALE or GROUP == 0 or GROUP >= BLOCK_K) else max(GROUP, 16 * P)
+    NG: tl.constexpr = KSUB // GROUP if (GROUP > 0 and GROUP < KSUB and not PRESCALE) else 1
     KB: tl.constexpr = KSUB // P
     XT: tl.constexpr = x_ptr.dtype.element_ty
     WT: tl.constexpr = tl.int32 if XT == tl.float32 else tl.int16
@@ -552,6 +554,9 @@ def _planes_gemm(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
     ones = tl.full([KB, BLOCK_N], 1.0, dtype=XT)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     x_sum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # per channel: Σ x over all of K
+    if PRESCALE and GROUP == 0:
+        s_pc = tl.load(scale_ptr + offs_n * stride_sn, mask=n_mask, other=0.0).to(XT)[:, None]
+        z_pc = tl.load(zero_ptr + offs_n * stride_zn, mask=n_mask, other=0.0).to(XT)[:, None]
 
     for k0 in range(0, K, BLOCK_K):
         for sub in tl.static_range(BLOCK_K // KSUB):
@@ -568,7 +573,26 @@ def _planes_gemm(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
             # codes past K (high bits of a row's last unit, masked units) meet x = 0
             xk = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & x_ok[None, :], other=0.0)
             a_list = _split_last(tl.reshape(xk, [BLOCK_M, KB, P]), P)
-            for gi in tl.static_range(NG):
+            if PRESCALE:
+                if GROUP == 0:
+                    s_t = s_pc
+                    z_t = z_pc
+                elif GROUP >= KSUB:  # one group
+                    g_mask = offs_n < tl.where(kb < K, N, 0)
+                    s_t = tl.load(scale_ptr + offs_n * stride_sn + kb // GROUP, mask=g_mask, other=0.0).to(XT)[:, None]
+                    z_t = tl.load(zero_ptr + offs_n * stride_zn + kb // GROUP, mask=g_mask, other=0.0).to(XT)[:, None]
+                else:  # KSUB // GROUP groups, each KB // NGS consecutive units: load once, broadcast in registers
+                    NGS: tl.constexpr = KSUB // GROUP
+                    gq = kb // GROUP + tl.arange(0, NGS)
+                    sz_mask = n_mask[:, None] & (gq * GROUP < K)[None, :]
+                    s2 = tl.load(scale_ptr + offs_n[:, None] * stride_sn + gq[None, :], mask=sz_mask, other=0.0)
+                    z2 = tl.load(zero_ptr + offs_n[:, None] * stride_zn + gq[None, :], mask=sz_mask, other=0.0)
+                    s_t = tl.reshape(tl.broadcast_to(s2.to(XT)[:, :, None], [BLOCK_N, NGS, KB // NGS]), [BLOCK_N, KB])
+                    z_t = tl.reshape(tl.broadcast_to(z2.to(XT)[:, :, None], [BLOCK_N, NGS, KB // NGS]), [BLOCK_N, KB])
+                for j in tl.static_range(P):
+                    wq = _plane(w, j, SB, OFFSET, XT) * s_t + z_t
+                    acc = tl.dot(a_list[j], tl.trans(wq), acc, input_precision="ieee")
+            for gi in tl.static_range(0 if PRESCALE else NG):
                 part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
                 xs = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
                 for j in tl.static_range(P):
@@ -587,7 +611,7 @@ def _planes_gemm(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
                     z = tl.load(zero_ptr + offs_n * stride_zn + g, mask=g_mask, other=0.0).to(tl.float32)
                     acc += part * s[None, :] + xs * z[None, :]
 
-    if GROUP == 0:
+    if GROUP == 0 and not PRESCALE:
         s = tl.load(scale_ptr + offs_n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
         z = tl.load(zero_ptr + offs_n * stride_zn, mask=n_mask, other=0.0).to(tl.float32)
         acc = acc * s[None, :] + x_sum * z[None, :]
@@ -598,13 +622,32 @@ def _planes_gemm(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
 
 
 @triton.jit
+def _dq_gemm_scaled_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
+                           M, N, K, stride_xm, stride_pn, stride_sn, stride_zn, stride_ym,
+                           BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # The planes GEMM over 16-bit units with the operand dequantized in registers (PRESCALE).
+    _planes_gemm(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_pn,
+                 stride_sn, stride_zn, stride_ym, BITS, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, 16, True)
+
+
+@triton.jit
+def _dq_gemm_scaled8_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
+                            M, N, K, stride_xm, stride_pn, stride_sn, stride_zn, stride_ym,
+                            BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    _planes_gemm(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_pn,
+                 stride_sn, stride_zn, stride_ym, BITS, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, 8, True)
+
+
+@triton.jit
 def _dq_gemm_planes_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
                            M, N, K, stride_xm, stride_pn, stride_sn, stride_zn, stride_ym,
                            BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
     # The planes GEMM reading 16-bit units (rows 2-byte aligned: the launcher checks).
     _planes_gemm(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_pn,
-                 stride_sn, stride_zn, stride_ym, BITS, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, 16)
+                 stride_sn, stride_zn, stride_ym, BITS, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, 16, False)
 
 
 @triton.jit
@@ -614,7 +657,7 @@ def _dq_gemm_planes8_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_
                             BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
     # The planes GEMM reading bytes: twice the code slots of half the width (more byte permutes).
     _planes_gemm(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_pn,
-                 stride_sn, stride_zn, stride_ym, BITS, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, 8)
+                 stride_sn, stride_zn, stride_ym, BITS, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, 8, False)
 
 
 @triton.jit
@@ -641,7 +684,8 @@ GEMV_KERNELS = {"units": _dq_gemv_units_kernel, "reduce": _dq_gemv_kernel, "dequ
 # "units" when the shape allows it (units_run divides K, rows aligned: the launcher checks), else "dequant"
 # (ahead-of-time kernels, which must take any K, always use "dequant").
 GEMV_DEFAULT = "dequant"
-GEMM_KERNELS = {"planes": _dq_gemm_planes_kernel, "planes8": _dq_gemm_planes8_kernel, "dequant": _dq_gemm_kernel}
+GEMM_KERNELS = {"planes": _dq_gemm_planes_kernel, "planes8": _dq_gemm_planes8_kernel,
+                "scaled": _dq_gemm_scaled_kernel, "scaled8": _dq_gemm_scaled8_kernel, "dequant": _dq_gemm_kernel}
 
 
 def _default_gemm(bits: int, group: int, block_m: int) -> str:
@@ -789,7 +833,7 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
             bn = block_n or (32 if bm <= 16 else 64)
             bk = block_k or (64 if fp32 else 512 if bm <= 16 else 128)
             default_warps, default_stages = 4, (2 if fp32 else 4 if bm <= 16 else 3)
-            unit = 8 if choice == "planes8" else 16
+            unit = 8 if choice.endswith("8") else 16
             if not planes_fit(bits, g, bk, unit):
                 if gemm is not None or m_small:
                     raise ValueError(f"the {choice} GEMM needs block_k * bits / {unit} >= 16 ({bits} bits, "
@@ -956,7 +1000,8 @@ def _prepare(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: t
                             num_stages=num_stages, gemv=gemv or GEMV_DEFAULT, gemm=gemm)
 
     specs = specs_for(gemm)
-    if specs["kernel"] is _dq_gemm_planes_kernel and (packed.data_ptr() % 2 or packed.stride(0) % 2):
+    if specs["kernel"] in (_dq_gemm_planes_kernel, _dq_gemm_scaled_kernel) and (packed.data_ptr() % 2
+                                                                                or packed.stride(0) % 2):
         if gemm is not None:
             raise ValueError("the planes kernel reads 16-bit units and needs 2-byte aligned packed rows "
                              "(gemm='planes8' reads bytes)")
