@@ -35,6 +35,8 @@ SETTINGS = {4: 128, 2: 64}  # bits -> group
 # M = 1: the "units" GEMV over rows per program x warps x K step (in threads' runs), and the older "dequant" GEMV.
 GEMV_SWEEP = ([dict(gemv="units", block_n=bn, num_warps=4, k_runs=kr) for bn, kr in
                itertools.product((4, 8, 16), (1, 2))] + [dict(gemv="dequant")]
+              + [dict(gemv="units_hi", block_n=bn, num_warps=4, k_runs=kr) for bn, kr in
+                 itertools.product((8, 16), (1, 2))]
               + [dict(gemv="planes", block_n=32, block_k=512)])
 # M = 16, 64: the tensor-core GEMMs over tiles and pipeline depth ("planes"/"planes8": integer codes, scaled per
 # group after the dot; "scaled"/"scaled8": operand dequantized in registers), and the older "dequant" GEMM.
@@ -77,7 +79,7 @@ def correctness(gen: torch.Generator) -> tuple[int, int, float, list[str]]:
         x = torch.randn(M, K, generator=gen).to("cuda", dt)
         bias = torch.randn(N, generator=gen).to("cuda", dt)
         ref = dq_linear_reference(x, packed, scale, zero, bits, group, K, bias=bias)
-        variants = ([dict(gemv=v) for v in ("units", "reduce", "dequant")] if M <= 4 else
+        variants = ([dict(gemv=v) for v in ("units", "units_hi", "reduce", "dequant")] if M <= 4 else
                     [dict(gemm="dequant")] + [dict(gemm=g, block_k=256) for g, u in (("planes", 16), ("planes8", 8),
                                                                                      ("scaled", 16), ("scaled8", 8))
                                               if dt != torch.float32 and planes_fit(bits, max(group, 0), 256, u)])

@@ -130,11 +130,17 @@ def test_dequant_gemv_k_tail_and_half_precision() -> None:
                          ids=["w4g128", "w2g64", "w3g32", "w8g32", "w4pc", "w2pc", "w4g16"])
 def test_units_gemv_matches_reference(bits: int, group: int, M: int) -> None:
     # One warp, 4 rows per program: K=256 is one partial K step, N=20 leaves a partial row block; M=3 pads to 4
-    # activation rows. g16 at 4 bits gives runs of 2 units, the others runs of 4; x in fp16 and fp32.
-    for dtype in (torch.float16, torch.float32):
+    # activation rows. g16 at 4 bits gives runs of 2 units, the others runs of 4; x in fp16, bf16 and fp32.
+    # "units_hi" reads 16-bit activations' codes biased (shifted into a high mantissa window, no subtraction per
+    # code, Σ bias x removed per run): it must agree with the exact codes to well within the output rounding.
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
         case = make_case(bits, group, M, N=20, K=256, dtype=dtype, scale_dtype=torch.float16, bias=True,
                          seed=bits + M)
-        check(case, gemv="units", block_n=4, num_warps=1)
+        exact = check(case, gemv="units", block_n=4, num_warps=1)
+        hi = check(case, gemv="units_hi", block_n=4, num_warps=1)
+        ref = dq.dq_linear_reference(**{**case, "x": case["x"].float(), "bias": case["bias"].float()})
+        err = ((hi.float() - ref).norm() / ref.norm()).item()
+        assert err <= ((exact.float() - ref).norm() / ref.norm()).item() * 1.1 + 1e-6
 
 
 def test_units_gemv_is_the_default_when_it_fits() -> None:

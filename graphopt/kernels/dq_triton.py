@@ -5,7 +5,7 @@
 `packed` is uint8 [N, ceil(K * sb / 8)] in the layout of graphopt.compiler.quantize.pack: codes stored
 unsigned (q + 2^(sb-1)), 8 // sb per byte, first value in the lowest bits; sb = 4 for b = 3.
 
-Kernels (both accumulate in fp32 and write y in x's dtype)
+Kernels (all accumulate in fp32 and write y in x's dtype)
   _dq_gemv_kernel  small M (1-4 rows). Grid (cdiv(N, BLOCK_N),): each program owns BLOCK_N output columns for
                    all M rows (BLOCK_M = next power of two >= M, padded rows masked) and walks K in BLOCK_K chunks.
                    A chunk is split into sub-blocks that each lie inside one quantization group, and per group
@@ -17,9 +17,19 @@ Kernels (both accumulate in fp32 and write y in x's dtype)
   _dq_gemv_dequant_kernel  the same grid; codes dequantized element-wise (s q + z) into a 3-D register tile
                    reduced over K once at the end (no cross-thread reduction per group). kernel_specs(gemv=...)
                    picks one of the GEMVs; benchmarks/dq_kernels.py measures them.
-  _dq_gemm_kernel  larger M. Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)); the M index varies fastest so programs that
-                   share a weight tile run close together (L2 reuse). Each BLOCK_K × BLOCK_N weight tile is
-                   dequantized to x's dtype and fed to tl.dot.
+  _dq_gemv_units_hi_kernel  the units GEMV with biased codes for 16-bit activations: each code is shifted by a
+                   multiple of 8 bits into a high mantissa window and read as 2^(23-shift) + code, and Σ bias x is
+                   removed once per run for all rows, so no subtraction per code (~7-10 % fewer instructions in the
+                   loop; not a default until timed on a GPU).
+  _dq_gemm_planes_kernel / _dq_gemm_planes8_kernel  the default GEMM up to 16 rows (and at 3/4 bits above): code
+                   slot j of every 16-bit (8-bit) unit is its own operand, element-wise in the loaded units, so Triton
+                   dequantizes in the tensor-core operand registers; integer codes go into tl.dot and each group's
+                   partial is scaled afterwards (see _planes_gemm). _dq_gemm_scaled(8)_kernel: the same operands
+                   dequantized (s q + z) in registers before the dot (not a default until timed on a GPU).
+  _dq_gemm_kernel  the "dequant" GEMM (the default at 2/8 bits above 16 rows; also the ahead-of-time GEMM).
+                   Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)) for all GEMMs; the M index varies fastest so programs
+                   that share a weight tile run close together (L2 reuse). Each BLOCK_K × BLOCK_N weight tile is
+                   dequantized to x's dtype, put back in k order and fed to tl.dot.
 
 Unpacking: a chunk of BLOCK_K codes is BLOCK_K // P bytes per row (P = 8 // sb codes per byte), loaded once and
 contiguously. Code j of byte i is k = i*P + j, extracted as (byte >> (j*sb)) & (2^sb - 1) for each j in a static
@@ -231,6 +241,33 @@ def _unit_code(w, j: tl.constexpr, SB: tl.constexpr, MASK: tl.constexpr, zero):
 
 
 @triton.jit
+def _code_biased(h, SH: tl.constexpr, MASK: tl.constexpr, zero):
+    # 2^(23-SH) + the code at bit SH of h (the exponent trick of _code_exact without the subtraction).
+    EXP: tl.constexpr = (150 - SH) << 23
+    return ((h & (MASK << SH)) | (zero + EXP)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _hi_code(w, PJ: tl.constexpr, SB: tl.constexpr, MASK: tl.constexpr, zero):
+    # The code at bit PJ of w moved by a multiple of 8 bits into the window [12, 23 - SB] and read as
+    # 2^(23-SH) + code (bias <= 2^11): no subtraction per code; the caller removes Σ bias_j x_j once per run for
+    # all rows (the bias of each slot is this function at w = 0). Codes the window cannot take are read exactly.
+    TOP: tl.constexpr = 23 - SB
+    if PJ >= 12 and PJ <= TOP:
+        return _code_biased(w, PJ, MASK, zero)
+    elif PJ + 8 >= 12 and PJ + 8 <= TOP:
+        return _code_biased(w << 8, PJ + 8, MASK, zero)
+    elif PJ + 16 >= 12 and PJ + 16 <= TOP:
+        return _code_biased(w << 16, PJ + 16, MASK, zero)
+    elif PJ - 8 >= 12 and PJ - 8 <= TOP:
+        return _code_biased(w >> 8, PJ - 8, MASK, zero)
+    elif PJ - 16 >= 12 and PJ - 16 <= TOP:
+        return _code_biased(w >> 16, PJ - 16, MASK, zero)
+    else:
+        return _unit_code(w, PJ // SB, SB, MASK, zero)  # exact; bias 0
+
+
+@triton.jit
 def _split_cols(x, C: tl.constexpr):
     # x [R, C] (C in 1, 2, 4, 8) with each row in one thread -> its C columns as [R] tensors, in register moves.
     R: tl.constexpr = x.shape[0]
@@ -299,7 +336,8 @@ def _x_cols_r4(x_ptr, m, stride_xm, k_end, kx, CPU: tl.constexpr):
 
 
 @triton.jit
-def _units_row_partial(f_list, x_ptr, m, stride_xm, M, K, kx, R: tl.constexpr, CPU: tl.constexpr):
+def _units_row_partial(f_list, b_list, x_ptr, m, stride_xm, M, K, kx, R: tl.constexpr, CPU: tl.constexpr,
+                       HI: tl.constexpr):
     # Σ_k x[m, k] u_k per (weight row, run) and Σ_k x[m, k] per run, for activation row m.
     # x[m] for the R unit slots of every run as CPU column tensors [R, T] (column j: code j of each unit). Each
     # slot is its own [T, CPU] load: no two dims of equal contiguity, whose order Triton versions break
@@ -313,9 +351,14 @@ def _units_row_partial(f_list, x_ptr, m, stride_xm, M, K, kx, R: tl.constexpr, C
         xc = _x_cols_r1(x_ptr, m, stride_xm, k_end, kx, CPU)
     p = tl.zeros(f_list[0].shape, dtype=tl.float32)
     xs = tl.zeros(xc[0].shape, dtype=tl.float32)
+    cb = tl.zeros(xc[0].shape, dtype=tl.float32)  # HI: Σ_j bias_j x_j, shared by every weight row
     for j in tl.static_range(CPU):
         p += f_list[j] * xc[j][None, :, :]
         xs += xc[j]
+        if HI:
+            cb += b_list[j] * xc[j]
+    if HI:
+        return tl.sum(p, axis=1) - tl.sum(cb, axis=0)[None, :], tl.sum(xs, axis=0)
     return tl.sum(p, axis=1), tl.sum(xs, axis=0)
 
 
@@ -324,6 +367,25 @@ def _dq_gemv_units_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_pt
                           M, N, K, stride_xm, stride_pn, stride_sn, stride_zn, stride_ym,
                           BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    _units_gemv(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_pn, stride_sn,
+                stride_zn, stride_ym, BITS, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, False)
+
+
+@triton.jit
+def _dq_gemv_units_hi_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
+                             M, N, K, stride_xm, stride_pn, stride_sn, stride_zn, stride_ym,
+                             BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # The units GEMV reading 16-bit activations' codes biased (_hi_code): no subtraction per code.
+    _units_gemv(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_pn, stride_sn,
+                stride_zn, stride_ym, BITS, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, True)
+
+
+@triton.jit
+def _units_gemv(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
+                M, N, K, stride_xm, stride_pn, stride_sn, stride_zn, stride_ym,
+                BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, HI_CODES: tl.constexpr):
     # Codes are read in units whose activations are one 16-byte load (8 codes for fp16/bf16 x, 4 for fp32; at most
     # 32 bits). Each thread owns runs of R consecutive units inside one quantization group, for BLOCK_N rows:
     # its weights are one vector load per row, its x is R vector loads shared by all rows, and a code costs one
@@ -356,6 +418,13 @@ def _dq_gemv_units_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_pt
     q_idx = tl.arange(0, BLOCK_N * T)
     q_row = pid * BLOCK_N + q_idx // T
     zero = stride_ym >> 31  # 0 (strides are non-negative), opaque to the compiler
+    # Biased codes only with 16-bit activations: the bias (<= 2^11) costs fp32 accumulator bits that fp32
+    # activations' tolerance does not have.
+    HI: tl.constexpr = HI_CODES if XB == 16 else False
+    b_list = (_hi_code(zero, 0, SB, MASK, zero), _hi_code(zero, (1 % CPU) * SB, SB, MASK, zero),
+              _hi_code(zero, (2 % CPU) * SB, SB, MASK, zero), _hi_code(zero, (3 % CPU) * SB, SB, MASK, zero),
+              _hi_code(zero, (4 % CPU) * SB, SB, MASK, zero), _hi_code(zero, (5 % CPU) * SB, SB, MASK, zero),
+              _hi_code(zero, (6 % CPU) * SB, SB, MASK, zero), _hi_code(zero, (7 % CPU) * SB, SB, MASK, zero))
     acc0 = tl.zeros([BLOCK_N, T], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_N, T], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_N, T], dtype=tl.float32)
@@ -371,10 +440,16 @@ def _dq_gemv_units_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_pt
         okq = (q_row < N) & (k0 + (q_idx % T) * RUN < K)
         w = tl.load(units + uq[None, :] + i_idx[:, None], mask=okq[None, :], other=0).to(tl.int32)
         w = tl.permute(tl.reshape(w, [R, BLOCK_N, T]), (1, 0, 2))  # [BLOCK_N, R, T]
-        f_list = (_unit_code(w, 0, SB, MASK, zero), _unit_code(w, 1 % CPU, SB, MASK, zero),
-                  _unit_code(w, 2 % CPU, SB, MASK, zero), _unit_code(w, 3 % CPU, SB, MASK, zero),
-                  _unit_code(w, 4 % CPU, SB, MASK, zero), _unit_code(w, 5 % CPU, SB, MASK, zero),
-                  _unit_code(w, 6 % CPU, SB, MASK, zero), _unit_code(w, 7 % CPU, SB, MASK, zero))
+        if HI:
+            f_list = (_hi_code(w, 0, SB, MASK, zero), _hi_code(w, (1 % CPU) * SB, SB, MASK, zero),
+                      _hi_code(w, (2 % CPU) * SB, SB, MASK, zero), _hi_code(w, (3 % CPU) * SB, SB, MASK, zero),
+                      _hi_code(w, (4 % CPU) * SB, SB, MASK, zero), _hi_code(w, (5 % CPU) * SB, SB, MASK, zero),
+                      _hi_code(w, (6 % CPU) * SB, SB, MASK, zero), _hi_code(w, (7 % CPU) * SB, SB, MASK, zero))
+        else:
+            f_list = (_unit_code(w, 0, SB, MASK, zero), _unit_code(w, 1 % CPU, SB, MASK, zero),
+                      _unit_code(w, 2 % CPU, SB, MASK, zero), _unit_code(w, 3 % CPU, SB, MASK, zero),
+                      _unit_code(w, 4 % CPU, SB, MASK, zero), _unit_code(w, 5 % CPU, SB, MASK, zero),
+                      _unit_code(w, 6 % CPU, SB, MASK, zero), _unit_code(w, 7 % CPU, SB, MASK, zero))
         kx = (k0 + t_idx * RUN)[:, None] + c_idx[None, :]  # [T, CPU]: the first unit of each run
         if GROUP == 0:
             s = tl.zeros([BLOCK_N, 1], dtype=tl.float32)  # unused
@@ -387,27 +462,27 @@ def _dq_gemv_units_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_pt
             s = tl.reshape(tl.load(scale_ptr + so, mask=smq, other=0.0).to(tl.float32), [BLOCK_N, T])
             z = tl.reshape(tl.load(zero_ptr + zo, mask=smq, other=0.0).to(tl.float32), [BLOCK_N, T])
             zz = z - OFFSET * s
-        p, xs = _units_row_partial(f_list, x_ptr, 0, stride_xm, M, K, kx, R, CPU)
+        p, xs = _units_row_partial(f_list, b_list, x_ptr, 0, stride_xm, M, K, kx, R, CPU, HI)
         if GROUP == 0:
             acc0 += p
             xt0 += xs
         else:
             acc0 += p * s + xs[None, :] * zz
         if BLOCK_M > 1:
-            p, xs = _units_row_partial(f_list, x_ptr, 1, stride_xm, M, K, kx, R, CPU)
+            p, xs = _units_row_partial(f_list, b_list, x_ptr, 1, stride_xm, M, K, kx, R, CPU, HI)
             if GROUP == 0:
                 acc1 += p
                 xt1 += xs
             else:
                 acc1 += p * s + xs[None, :] * zz
         if BLOCK_M > 2:
-            p, xs = _units_row_partial(f_list, x_ptr, 2, stride_xm, M, K, kx, R, CPU)
+            p, xs = _units_row_partial(f_list, b_list, x_ptr, 2, stride_xm, M, K, kx, R, CPU, HI)
             if GROUP == 0:
                 acc2 += p
                 xt2 += xs
             else:
                 acc2 += p * s + xs[None, :] * zz
-            p, xs = _units_row_partial(f_list, x_ptr, 3, stride_xm, M, K, kx, R, CPU)
+            p, xs = _units_row_partial(f_list, b_list, x_ptr, 3, stride_xm, M, K, kx, R, CPU, HI)
             if GROUP == 0:
                 acc3 += p
                 xt3 += xs
@@ -679,7 +754,8 @@ def _dq_gemm_trt_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr,
                     stride_sn, stride_zn, stride_ym, BITS, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS)
 
 
-GEMV_KERNELS = {"units": _dq_gemv_units_kernel, "reduce": _dq_gemv_kernel, "dequant": _dq_gemv_dequant_kernel,
+GEMV_KERNELS = {"units": _dq_gemv_units_kernel, "units_hi": _dq_gemv_units_hi_kernel, "reduce": _dq_gemv_kernel,
+                "dequant": _dq_gemv_dequant_kernel,
                 "planes": _dq_gemm_planes_kernel}  # "planes": the GEMM kernel with a 16-row tile
 # "units" when the shape allows it (units_run divides K, rows aligned: the launcher checks), else "dequant"
 # (ahead-of-time kernels, which must take any K, always use "dequant").
@@ -800,7 +876,7 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
         bm = _next_pow2(m) if m is not None else GEMV_MAX_M
         min_k = 16
         default_warps, default_stages = 4, 2
-        if gemv == "units":
+        if gemv in ("units", "units_hi"):
             # One run per thread and K step (BLOCK_K = run * threads), 8 rows per program.
             run = units_run(bits, g, act)[1]
             if g and g < run:
@@ -848,7 +924,7 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
     else:
         nw = default_warps
     stages = num_stages or default_stages
-    min_n = 1 if (m_small and gemv == "units") else 16
+    min_n = 1 if (m_small and gemv in ("units", "units_hi")) else 16
     if not _is_pow2(bn) or bn < min_n:
         raise ValueError(f"block_n must be a power of two >= {min_n}, got {bn}")
     if not _is_pow2(bk) or bk < min_k:
@@ -989,11 +1065,12 @@ def _prepare(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: t
     if interpreted and (not m_small or gemv == "planes") and x.dtype == torch.bfloat16:
         raise NotImplementedError("the Triton CPU interpreter computes bf16 tl.dot on raw bit patterns; the bf16 GEMM "
                                   "kernel can only run on a GPU (M <= 4 uses the GEMV kernel, which works)")
-    if m_small and gemv in (None, "units"):
+    if m_small and gemv in (None, "units", "units_hi"):
         fits = _units_fit(packed, bits, c, x.dtype)
-        if gemv == "units" and not fits:
+        if gemv in ("units", "units_hi") and not fits:
             raise ValueError("the units GEMV needs in_features divisible by its run and unit-aligned packed rows")
-        gemv = "units" if fits else GEMV_DEFAULT
+        gemv = (gemv or "units") if fits else GEMV_DEFAULT
+
     def specs_for(gemm: str | None) -> dict[str, Any]:
         return kernel_specs(bits, -1 if c.per_channel else c.group, x.dtype, m_small, m=max(M, 1),
                             scale_dtype=scale.dtype, block_n=block_n, block_k=block_k, num_warps=num_warps,
