@@ -356,3 +356,19 @@ def test_planes_refuses_what_it_cannot_take() -> None:
     odd = make_case(2, 90, 20, N=48, K=90)  # 23-byte rows
     with pytest.raises(ValueError, match="2-byte aligned"):
         dq.dq_linear_triton(**odd, gemm="planes", block_k=128)
+
+
+def test_kernel_choice_cache_keys_on_alignment() -> None:
+    # The launcher caches its kernel choice per shape/dtype/options; the packed rows' alignment is part of the key,
+    # so the same shapes at an odd address must not reuse the 16-bit-unit kernel.
+    case = make_case(4, 128, 16, N=40, K=512, dtype=torch.float16, scale_dtype=torch.float16, bias=True)
+    first = dq._prepare(**case, block_n=None, block_k=None)
+    assert first.specs["name"] == "_dq_gemm_planes_kernel"
+    assert dq._prepare(**case, block_n=None, block_k=None).specs is first.specs  # cached
+    buf = torch.empty(case["packed"].numel() + 1, dtype=torch.uint8)
+    odd = buf[1:].view(case["packed"].shape)
+    odd.copy_(case["packed"])
+    assert odd.data_ptr() % 2 == 1
+    shifted = {**case, "packed": odd}
+    assert dq._prepare(**shifted, block_n=None, block_k=None).specs["name"] == "_dq_gemm_kernel"
+    check(shifted)

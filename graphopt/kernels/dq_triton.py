@@ -781,10 +781,17 @@ def _default_gemm(bits: int, group: int, block_m: int) -> str:
 # Kernel selection (shared by the launcher and ahead-of-time compilation)
 # ---------------------------------------------------------------------------------------
 
-def is_interpreted() -> bool:
-    """Whether the kernels were decorated under TRITON_INTERPRET=1 (they then run on CPU tensors)."""
+def _decorated_for_interpreter() -> bool:
     from triton.runtime.interpreter import InterpretedFunction
     return isinstance(_dq_gemv_kernel, InterpretedFunction)
+
+
+_INTERPRETED = _decorated_for_interpreter()  # fixed when the module was imported
+
+
+def is_interpreted() -> bool:
+    """Whether the kernels were decorated under TRITON_INTERPRET=1 (they then run on CPU tensors)."""
+    return _INTERPRETED
 
 
 def _is_pow2(v: int) -> bool:
@@ -1039,6 +1046,36 @@ class _Launch:
     out_shape: tuple[int, ...]
 
 
+_SPECS_CACHE: dict[tuple, dict[str, Any]] = {}
+
+
+def _select_specs(packed: torch.Tensor, bits: int, c: _Checked, dtype: torch.dtype, scale_dtype: torch.dtype, M: int,
+                  has_bias: bool, block_n: int | None, block_k: int | None, num_warps: int | None,
+                  num_stages: int | None, gemv: str | None, gemm: str | None) -> dict[str, Any]:
+    """kernel_specs for one call, with the launcher's choices: the units GEMV where it fits, the byte-wide planes
+    kernel or the dequant GEMM where 16-bit units would be misaligned."""
+    m_small = M <= GEMV_MAX_M
+    if m_small and gemv in (None, "units", "units_hi"):
+        fits = _units_fit(packed, bits, c, dtype)
+        if gemv in ("units", "units_hi") and not fits:
+            raise ValueError("the units GEMV needs in_features divisible by its run and unit-aligned packed rows")
+        gemv = (gemv or "units") if fits else GEMV_DEFAULT
+
+    def specs_for(gemm: str | None) -> dict[str, Any]:
+        return kernel_specs(bits, -1 if c.per_channel else c.group, dtype, m_small, m=max(M, 1),
+                            scale_dtype=scale_dtype, block_n=block_n, block_k=block_k, num_warps=num_warps,
+                            num_stages=num_stages, gemv=gemv or GEMV_DEFAULT, gemm=gemm)
+
+    specs = specs_for(gemm)
+    if specs["kernel"] in (_dq_gemm_planes_kernel, _dq_gemm_scaled_kernel) and (packed.data_ptr() % 2
+                                                                                or packed.stride(0) % 2):
+        if gemm is not None:
+            raise ValueError("the planes kernel reads 16-bit units and needs 2-byte aligned packed rows "
+                             "(gemm='planes8' reads bytes)")
+        specs = specs_for("planes8" if m_small else "dequant")
+    return with_bias(specs, has_bias)
+
+
 def _prepare(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int,
              in_features: int, bias: torch.Tensor | None, block_n: int | None, block_k: int | None,
              num_warps: int | None = None, gemv: str | None = None, gemm: str | None = None,
@@ -1065,25 +1102,18 @@ def _prepare(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: t
     if interpreted and (not m_small or gemv == "planes") and x.dtype == torch.bfloat16:
         raise NotImplementedError("the Triton CPU interpreter computes bf16 tl.dot on raw bit patterns; the bf16 GEMM "
                                   "kernel can only run on a GPU (M <= 4 uses the GEMV kernel, which works)")
-    if m_small and gemv in (None, "units", "units_hi"):
-        fits = _units_fit(packed, bits, c, x.dtype)
-        if gemv in ("units", "units_hi") and not fits:
-            raise ValueError("the units GEMV needs in_features divisible by its run and unit-aligned packed rows")
-        gemv = (gemv or "units") if fits else GEMV_DEFAULT
-
-    def specs_for(gemm: str | None) -> dict[str, Any]:
-        return kernel_specs(bits, -1 if c.per_channel else c.group, x.dtype, m_small, m=max(M, 1),
-                            scale_dtype=scale.dtype, block_n=block_n, block_k=block_k, num_warps=num_warps,
-                            num_stages=num_stages, gemv=gemv or GEMV_DEFAULT, gemm=gemm)
-
-    specs = specs_for(gemm)
-    if specs["kernel"] in (_dq_gemm_planes_kernel, _dq_gemm_scaled_kernel) and (packed.data_ptr() % 2
-                                                                                or packed.stride(0) % 2):
-        if gemm is not None:
-            raise ValueError("the planes kernel reads 16-bit units and needs 2-byte aligned packed rows "
-                             "(gemm='planes8' reads bytes)")
-        specs = specs_for("planes8" if m_small else "dequant")
-    specs = with_bias(specs, bias is not None)
+    # Kernel choice depends on the shapes, dtypes, options and the packed rows' alignment only: cached, since at
+    # batch 1 the host time of a call matters as much as the kernel's.
+    bucket = _next_pow2(M) if m_small else min(64, max(16, _next_pow2(M)))
+    key = (bits, c.K, c.N, c.group, c.per_channel, x.dtype, scale.dtype, bucket, bias is not None,
+           packed.data_ptr() % 16, packed.stride(0) % 16, block_n, block_k, num_warps, num_stages, gemv, gemm)
+    specs = _SPECS_CACHE.get(key)
+    if specs is None:
+        specs = _select_specs(packed, bits, c, x.dtype, scale.dtype, M, bias is not None, block_n, block_k,
+                              num_warps, num_stages, gemv, gemm)
+        if len(_SPECS_CACHE) >= 4096:
+            _SPECS_CACHE.clear()
+        _SPECS_CACHE[key] = specs
     args = {"x_ptr": x2, "packed_ptr": packed, "scale_ptr": scale, "zero_ptr": zero,
             "bias_ptr": bias if bias is not None else y,  # never read when HAS_BIAS is False
             "y_ptr": y, "M": M, "N": c.N, "K": c.K, "stride_xm": x2.stride(0), "stride_pn": packed.stride(0),
