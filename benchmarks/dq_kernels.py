@@ -82,7 +82,7 @@ def correctness(gen: torch.Generator) -> tuple[int, int, float, list[str]]:
         variants = ([dict(gemv=v) for v in ("units", "units_hi", "reduce", "dequant")] if M <= 4 else
                     [dict(gemm="dequant")] + [dict(gemm=g, block_k=256) for g, u in (("planes", 16), ("planes8", 8),
                                                                                      ("scaled", 16), ("scaled8", 8))
-                                              if dt != torch.float32 and planes_fit(bits, max(group, 0), 256, u)])
+                                              if planes_fit(bits, max(group, 0), 256, u)])
         if M <= 4 and dt != torch.float32:
             variants.append(dict(gemv="planes", block_k=256))
         for kw in variants:

@@ -320,8 +320,8 @@ def test_aot_compiles_to_ptx(tmp_path) -> None:
 @pytest.mark.parametrize("bits,group", [(2, 64), (2, 16), (3, 32), (4, 128), (4, 16), (8, 32), (2, -1), (4, -1)],
                          ids=["w2g64", "w2g16", "w3g32", "w4g128", "w4g16", "w8g32", "w2pc", "w4pc"])
 def test_planes_gemm_matches_reference(gemm: str, bits: int, group: int) -> None:
-    # K=256 in one step: with 16-bit units W2 g16 puts 8 groups in one sub-block (masked partials per group);
-    # M=20 pads a 32-row tile, N=40 a partial column block; fp32 (exact) and fp16 activations.
+    # K=256 in the least K step each kernel takes: with 16-bit units W2 g16 puts 8 groups in one sub-block (masked
+    # partials per group); M=20 pads a 32-row tile, N=40 a partial column block; fp32 (exact) and fp16.
     # "scaled": the operand dequantized in registers, several groups per K step (scales broadcast per unit).
     block_k = max(32, 16 * (8 if gemm.endswith("8") else 16) // (4 if bits == 3 else bits))  # the least that fits
     for dtype in (torch.float32, torch.float16):
@@ -344,7 +344,7 @@ def test_gemm_defaults_by_rows_and_group() -> None:
     assert name(4, 128, 16) == "_dq_gemm_planes_kernel"
     assert name(2, 64, 16) == "_dq_gemm_planes8_kernel"  # 16-bit units would split its groups by masking
     assert name(4, 128, 64) == "_dq_gemm_planes_kernel" and name(2, 64, 64) == "_dq_gemm_kernel"
-    assert name(2, -1, 16, K=90) == "_dq_gemm_kernel"  # 23-byte rows: no 16-bit units; fp16 planes8 needs bk>=64
+    assert name(2, -1, 16, K=90) == "_dq_gemm_kernel"  # 23-byte rows: no 16-bit units, M > 4 falls back to dequant
     check(make_case(2, 64, 16, N=40, K=512, dtype=torch.float16, scale_dtype=torch.float16, bias=True))
 
 
@@ -372,3 +372,37 @@ def test_kernel_choice_cache_keys_on_alignment() -> None:
     shifted = {**case, "packed": odd}
     assert dq._prepare(**shifted, block_n=None, block_k=None).specs["name"] == "_dq_gemm_kernel"
     check(shifted)
+
+
+@pytest.mark.parametrize("gemm", [None, "planes", "planes8", "scaled", "scaled8"])
+@pytest.mark.parametrize("bits,group,K,block_k", [(2, 16, 80, 128), (4, 32, 96, 64), (4, 128, 384, 256)],
+                         ids=["w2g16-K80", "w4g32-K96", "w4g128-K384"])
+def test_planes_k_tail_on_a_group_boundary(gemm: str | None, bits: int, group: int, K: int, block_k: int) -> None:
+    # K a multiple of the group but not of the sub-block / K step: the last step holds fewer groups. x is followed
+    # by NaN in memory, so a read past its rows would poison the output (it did before the masks covered this).
+    case = make_case(bits, group, 16, N=32, K=K, dtype=torch.float16, scale_dtype=torch.float16, bias=True, seed=7)
+    padded = torch.full((16 * K + 64,), float("nan"), dtype=torch.float16)
+    padded[:16 * K] = case["x"].reshape(-1)
+    case["x"] = padded[:16 * K].view(16, K)
+    kw = {} if gemm is None else {"gemm": gemm, "block_k": block_k}
+    check(case, **kw)
+
+
+def test_planes_error_messages_and_fallbacks() -> None:
+    with pytest.raises(ValueError, match="4 storage bits for 3-bit codes"):
+        dq.kernel_specs(3, 128, torch.float16, False, m=16, gemm="planes", block_k=32)
+    # 16-bit units do not fit a 64-wide fp32 step at 2 bits; the byte-wide kernel does
+    specs = dq.kernel_specs(2, 128, torch.float32, True, m=1, gemv="planes")
+    assert specs["name"] == "_dq_gemm_planes8_kernel"
+    odd = make_case(2, 90, 20, N=48, K=90)  # 23-byte rows
+    with pytest.raises(ValueError, match="gemm='scaled8'"):
+        dq.dq_linear_triton(**odd, gemm="scaled", block_k=128)
+    # even stride but an odd row length (a view): 16-bit units would read the byte after each row
+    wide = torch.zeros(48, 24, dtype=torch.uint8)
+    wide[:, :23] = odd["packed"]
+    view = {**odd, "packed": wide[:, :23]}
+    for dtype in (torch.float16, torch.float32):  # fp32's 64-wide step is already too short for 16-bit units
+        case16 = {**view, "x": torch.randn(16, 90).to(dtype)}
+        name = dq._prepare(**case16, block_n=None, block_k=None, gemm=None).specs["name"]
+        assert name == ("_dq_gemm_kernel" if dtype == torch.float16 else "_dq_gemm_planes8_kernel")
+        check(case16)

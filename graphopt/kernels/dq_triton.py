@@ -610,6 +610,7 @@ def _planes_gemm(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
     KSUB: tl.constexpr = BLOCK_K if (PRESCALE or GROUP == 0 or GROUP >= BLOCK_K) else max(GROUP, 16 * P)
     NG: tl.constexpr = KSUB // GROUP if (GROUP > 0 and GROUP < KSUB and not PRESCALE) else 1
     KB: tl.constexpr = KSUB // P
+    GRAIN: tl.constexpr = GROUP if (GROUP > 0 and GROUP < KSUB) else KSUB  # K ends on a multiple of it
     XT: tl.constexpr = x_ptr.dtype.element_ty
     WT: tl.constexpr = tl.int32 if XT == tl.float32 else tl.int16
     units = packed_ptr.to(tl.pointer_type(tl.int16 if UB == 16 else tl.uint8))
@@ -641,9 +642,10 @@ def _planes_gemm(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
             if GROUP == 0:  # K may end inside the sub-block
                 w_ok = byte * P < K
                 x_ok = k < K
-            else:  # groups tile K and a sub-block holds whole groups: all in or all out, so loads stay vectors
-                w_ok = offs_b < tl.where(kb < K, KB, 0)
-                x_ok = offs_k < tl.where(kb < K, KSUB, 0)
+            else:  # K ends on a group boundary: bounds in whole groups (or sub-blocks) keep the loads vectors
+                grains_left = (K - kb) // GRAIN
+                w_ok = offs_b < grains_left * (GRAIN // P)
+                x_ok = offs_k < grains_left * GRAIN
             w = tl.load(w_rows + byte[None, :], mask=n_mask[:, None] & w_ok[None, :], other=0).to(WT)
             # codes past K (high bits of a row's last unit, masked units) meet x = 0
             xk = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & x_ok[None, :], other=0.0)
@@ -680,7 +682,7 @@ def _planes_gemm(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
                     acc += part
                     x_sum += xs
                 else:
-                    g_mask = offs_n < tl.where(kb < K, N, 0)  # sub-blocks past K have no group
+                    g_mask = offs_n < tl.where(kb + gi * GROUP < K, N, 0)  # groups past K have no scale
                     g = kb // GROUP + gi
                     s = tl.load(scale_ptr + offs_n * stride_sn + g, mask=g_mask, other=0.0).to(tl.float32)
                     z = tl.load(zero_ptr + offs_n * stride_zn + g, mask=g_mask, other=0.0).to(tl.float32)
@@ -854,7 +856,9 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
     partial sums), "dequant" (element-wise dequantization into a 3-D accumulator) or "planes" (the planes GEMM
     with a 16-row tile). gemm picks the large-M kernel: "planes" (the codes of each slot of a 16-bit unit straight
     into tensor-core dots, scaled per group afterwards; needs planes_fit and 2-byte aligned rows), "planes8" (the
-    same over bytes) or "dequant" (tiles dequantized and put back in k order); _default_gemm picks by rows. convention "tensorrt" gives entry points with TensorRT's AOT plugin argument order (input
+    same over bytes), "scaled" / "scaled8" (the same operands dequantized in registers before the dot) or
+    "dequant" (tiles dequantized and put back in k order); _default_gemm picks by rows. gemm applies to the tiled
+    kernels only: M > 4, or gemv="planes". convention "tensorrt" gives entry points with TensorRT's AOT plugin argument order (input
     pointers, the i32 scalars, then y_ptr; the dequant GEMV and the dequant GEMM inside).
 
     Returns {"kernel", "name", "signature" (every kernel argument in order, constexprs marked "constexpr", as
@@ -918,10 +922,15 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
             default_warps, default_stages = 4, (2 if fp32 else 4 if bm <= 16 else 3)
             unit = 8 if choice.endswith("8") else 16
             if not planes_fit(bits, g, bk, unit):
-                if gemm is not None or m_small:
-                    raise ValueError(f"the {choice} GEMM needs block_k * bits / {unit} >= 16 ({bits} bits, "
-                                     f"block_k {bk}): use a larger block_k, or gemm='dequant'")
-                choice = "dequant"
+                byte_wide = choice + "8"
+                if gemm is None and unit == 16 and planes_fit(bits, g, bk, 8):
+                    choice = byte_wide  # half the code slots per unit: fits a shorter K step
+                elif gemm is not None or m_small:
+                    raise ValueError(f"the {choice} GEMM needs block_k * storage bits / {unit} >= 16 "
+                                     f"({_storage_bits(bits)} storage bits for {bits}-bit codes, block_k {bk}): "
+                                     f"use a larger block_k, or gemm='dequant'")
+                else:
+                    choice = "dequant"
         kernel = GEMM_KERNELS[choice]
         min_k = 16
     if num_warps is not None:
@@ -1067,11 +1076,12 @@ def _select_specs(packed: torch.Tensor, bits: int, c: _Checked, dtype: torch.dty
                             num_stages=num_stages, gemv=gemv or GEMV_DEFAULT, gemm=gemm)
 
     specs = specs_for(gemm)
-    if specs["kernel"] in (_dq_gemm_planes_kernel, _dq_gemm_scaled_kernel) and (packed.data_ptr() % 2
-                                                                                or packed.stride(0) % 2):
+    wide = {_dq_gemm_planes_kernel: "planes", _dq_gemm_scaled_kernel: "scaled"}.get(specs["kernel"])
+    if wide and (packed.data_ptr() % 2 or packed.stride(0) % 2 or packed.shape[1] % 2):
+        # 16-bit units need 2-byte aligned rows of whole units (an odd last byte would be read past)
         if gemm is not None:
-            raise ValueError("the planes kernel reads 16-bit units and needs 2-byte aligned packed rows "
-                             "(gemm='planes8' reads bytes)")
+            raise ValueError(f"the {wide} kernel reads 16-bit units and needs 2-byte aligned packed rows of an even "
+                             f"byte count (gemm='{wide}8' reads bytes)")
         specs = specs_for("planes8" if m_small else "dequant")
     return with_bias(specs, has_bias)
 
