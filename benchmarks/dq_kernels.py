@@ -10,7 +10,9 @@
    the planes GEMM with a 16-row tile) and M = 16, 64 (the "planes" GEMM over BLOCK_N x BLOCK_K x warps x
    pipeline stages, and the older "dequant" GEMM) for W4g128 and W2g64: the best configuration per shape and its
    time, and the default configuration's time. At M = 1 also `*_read_ceiling_us`: a kernel that only streams the
-   same number of bytes.
+   same number of bytes. Correctness checks and the compilation of every timed configuration run first in
+   `--jobs` processes (spawned; Triton's compiler is single-threaded and dominated the run time), so the timing loop
+   finds Triton's disk cache warm.
 3. For (K, N) in {(4096, 4096), (8192, 8192), (4096, 14336)}, M in {1, 16, 64}, bits 2 (group 64) and 4 (group
    128), bf16 activations: GPU microseconds per call (graph_us: calls replayed in a CUDA graph, so Python launch
    overhead is excluded, over enough rotated copies of the weights that every call reads them from HBM, not
@@ -22,7 +24,9 @@
 from __future__ import annotations
 
 import itertools
+import os
 import sys
+import time
 
 import torch
 import triton
@@ -55,29 +59,41 @@ GEMM16_VARIANTS = ([dict(gemm=g) for g in ("planes", "planes8", "scaled", "scale
 L2_SPAN = 160 << 20  # bytes the rotated copies of a problem cover: > 3x the H100's 50 MB L2
 
 
-def quantized(bits: int, group: int, N: int, K: int, dt: torch.dtype, gen: torch.Generator):
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def quantized(bits: int, group: int, N: int, K: int, dt: torch.dtype, gen: torch.Generator, device: str = "cuda"):
     from graphopt.compiler.quantize import pack
     q = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (N, K), dtype=torch.int8, generator=gen)
     G = 1 if group == -1 else K // group
-    scale = (torch.rand(N, G, generator=gen) * 0.02 + 0.005).to("cuda", dt)
-    zero = (torch.randn(N, G, generator=gen) * 0.01).to("cuda", dt)
-    return pack(q, bits).cuda(), scale, zero
+    scale = (torch.rand(N, G, generator=gen) * 0.02 + 0.005).to(device, dt)
+    zero = (torch.randn(N, G, generator=gen) * 0.01).to(device, dt)
+    return pack(q, bits).to(device), scale, zero
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def correctness(gen: torch.Generator) -> tuple[int, int, float, list[str]]:
+def correctness_cases() -> list[tuple]:
+    """(index, bits, group, M, dtype name) of every correctness case."""
+    cases = list(itertools.product((2, 3, 4, 8), (32, 128, -1), (1, 3, 70), ("fp16",)))
+    cases += list(itertools.product((2, 4), (64,), (1, 3, 70), ("bf16",)))  # M = 16: checked in the sweep
+    cases += list(itertools.product((2, 3, 4, 8), (128, -1), (16,), ("bf16", "fp32")))
+    return [(i, *c) for i, c in enumerate(cases)]
+
+
+def check_cases(cases: list[tuple], device: str = "cuda") -> tuple[int, float, list[str]]:
+    """Every kernel variant of each case against dq_linear_reference: (runs, worst rel L2, failures). Each case's
+    data comes from its own seed, so the cases can be split across processes."""
     from graphopt.kernels.dq_triton import dq_linear_reference, dq_linear_triton, planes_fit
     K, N, runs, worst, failures = 1024, 320, 0, 0.0, []
-    cases = list(itertools.product((2, 3, 4, 8), (32, 128, -1), (1, 3, 70), (torch.float16,)))
-    cases += list(itertools.product((2, 4), (64,), (1, 3, 70), (torch.bfloat16,)))  # M = 16: checked in the sweep
-    cases += list(itertools.product((2, 3, 4, 8), (128, -1), (16,), (torch.bfloat16, torch.float32)))
-    for bits, group, M, dt in cases:
-        packed, scale, zero = quantized(bits, group, N, K, dt, gen)
-        x = torch.randn(M, K, generator=gen).to("cuda", dt)
-        bias = torch.randn(N, generator=gen).to("cuda", dt)
+    for index, bits, group, M, dt_name in cases:
+        dt = DTYPES[dt_name]
+        gen = torch.Generator().manual_seed(1000 + index)
+        packed, scale, zero = quantized(bits, group, N, K, dt, gen, device)
+        x = torch.randn(M, K, generator=gen).to(device, dt)
+        bias = torch.randn(N, generator=gen).to(device, dt)
         ref = dq_linear_reference(x, packed, scale, zero, bits, group, K, bias=bias)
         variants = ([dict(gemv=v) for v in ("units", "units_hi", "reduce", "dequant")] if M <= 4 else
                     [dict(gemm="dequant")] + [dict(gemm=g, block_k=256) for g, u in (("planes", 16), ("planes8", 8),
@@ -86,18 +102,47 @@ def correctness(gen: torch.Generator) -> tuple[int, int, float, list[str]]:
         if M <= 4 and dt != torch.float32:
             variants.append(dict(gemv="planes", block_k=256))
         for kw in variants:
-            gemv = str(kw)
             runs += 1
             try:
                 y = dq_linear_triton(x, packed, scale, zero, bits, group, K, bias=bias, **kw)
                 err = rel_l2(y, ref)
             except Exception as e:  # report and go on: one broken variant must not hide the others
-                failures.append(f"w{bits} g{group} M={M} {dt} {gemv}: {type(e).__name__}: {str(e)[:200]}")
+                failures.append(f"w{bits} g{group} M={M} {dt_name} {kw}: {type(e).__name__}: {str(e)[:200]}")
                 continue
             worst = max(worst, err)
-            if not err <= {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}[dt]:
-                failures.append(f"w{bits} g{group} M={M} {dt} {gemv}: rel_l2 {err:.3g}")
-    return runs, len(failures), worst, failures
+            if not err <= {"fp16": 2e-3, "bf16": 1e-2, "fp32": 1e-5}[dt_name]:
+                failures.append(f"w{bits} g{group} M={M} {dt_name} {kw}: rel_l2 {err:.3g}")
+    return runs, worst, failures
+
+
+def warm(tasks: list[tuple], device: str = "cuda") -> int:
+    """Compile (call once) each (K, N, M, bits, group, launch kwargs) so that later timing finds Triton's disk cache
+    warm; returns how many calls failed (the timing loop reports those)."""
+    from graphopt.kernels.dq_triton import dq_linear_triton
+    data, failed = {}, 0
+    for K, N, M, bits, group, kw in tasks:
+        if (K, N, bits) not in data:
+            data[(K, N, bits)] = quantized(bits, group, N, K, torch.bfloat16, torch.Generator().manual_seed(0), device)
+        x = torch.zeros(M, K, dtype=torch.bfloat16, device=device)
+        try:
+            dq_linear_triton(x, *data[(K, N, bits)], bits, group, K, **kw)
+        except Exception:
+            failed += 1
+    return failed
+
+
+def in_parallel(fn, chunks: list[list], jobs: int) -> list:
+    """fn over the chunks in `jobs` processes (compilation is single-threaded and dominates these phases)."""
+    if jobs <= 1:
+        return [fn(c) for c in chunks]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(fn, chunks))
+
+
+def split(items: list, parts: int) -> list[list]:
+    return [items[i::parts] for i in range(parts) if items[i::parts]]
 
 
 def graph_us(calls: list) -> float:
@@ -165,9 +210,13 @@ def launch_cfg(cfg: dict, bits: int, group: int, dtype: torch.dtype) -> dict:
 
 
 def main() -> None:
-    args = parse_args(__doc__.splitlines()[0], lambda ap: ap.add_argument(
-        "--sweep", choices=("full", "gemm16", "none"), default="full",
-        help="configurations to sweep: all, only the M = 16 GEMM variants, or none (defaults only)"))
+    def options(ap) -> None:
+        ap.add_argument("--sweep", choices=("full", "gemm16", "none"), default="full",
+                        help="configurations to sweep: all, only the M = 16 GEMM variants, or none (defaults only)")
+        ap.add_argument("--jobs", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)),
+                        help="processes that compile in parallel for the correctness and warm-up phases")
+
+    args = parse_args(__doc__.splitlines()[0], options)
     if not torch.cuda.is_available():
         print("dq_kernels: no CUDA GPU here; run it on the GPU machine", file=sys.stderr)
         sys.exit(2)
@@ -188,13 +237,31 @@ def main() -> None:
                "copy_tb_per_s": round(copy_bw / 1e12, 3)}
     print("copy TB/s", m["copy_tb_per_s"], flush=True)
 
-    runs, n_fail, worst, failures = correctness(gen)
+    t0 = time.perf_counter()
+    results = in_parallel(check_cases, split(correctness_cases(), args.jobs), args.jobs)
+    runs, worst = sum(r[0] for r in results), max(r[1] for r in results)
+    failures = [f for r in results for f in r[2]]
+    n_fail = len(failures)
     m.update(check_runs=runs, check_failures=n_fail, check_max_rel_l2=float(f"{worst:.3g}"))
     for f in failures[:20]:
         print("FAIL", f, flush=True)
-    print(f"correctness: {runs} runs, {n_fail} failures, worst rel_l2 {worst:.3g}", flush=True)
+    print(f"correctness: {runs} runs, {n_fail} failures, worst rel_l2 {worst:.3g} "
+          f"({time.perf_counter() - t0:.0f} s, {args.jobs} processes)", flush=True)
 
     shapes = SHAPES[:1] if args.quick else SHAPES
+
+    def sweep_for(K: int, N: int, M: int) -> list[dict]:
+        if (K, N) == SHAPES[0] or args.sweep == "none" or (args.sweep == "gemm16" and M != 16):
+            return []
+        if args.sweep == "gemm16":
+            return GEMM16_VARIANTS
+        return GEMV_SWEEP if M == 1 else GEMM_SWEEP[M]
+
+    t0 = time.perf_counter()  # compile every timed configuration in parallel first
+    tasks = [(K, N, M, bits, group, launch_cfg(entry, bits, group, dt)) for K, N in shapes for M in (1, 16, 64)
+             for bits, group in SETTINGS.items() for entry in [{}] + sweep_for(K, N, M)]
+    failed = sum(in_parallel(warm, split(tasks, args.jobs), args.jobs))
+    print(f"warm-up: {len(tasks)} configurations, {failed} failed ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     def moved(packed, scale, M, K, N) -> int:
         return packed.numel() + 2 * scale.numel() * scale.element_size() + 2 * M * K + 2 * M * N
@@ -233,11 +300,7 @@ def main() -> None:
                 except Exception as e:
                     print(f"{tag} default: {type(e).__name__} {str(e)[:300]}", flush=True)
                     us = float("inf")
-                sweep = (GEMV_SWEEP if M == 1 else GEMM_SWEEP[M]) if (K, N) != SHAPES[0] else []
-                if args.sweep == "none" or (args.sweep == "gemm16" and M != 16):
-                    sweep = []
-                elif args.sweep == "gemm16":
-                    sweep = GEMM16_VARIANTS
+                sweep = sweep_for(K, N, M)
                 best = (us, "default")
                 for entry in sweep:
                     cfg = launch_cfg(entry, bits, group, dt)
