@@ -576,7 +576,7 @@ def _dq_gemm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
 
 @triton.jit
 def _plane(w, j: tl.constexpr, SB: tl.constexpr, OFFSET: tl.constexpr, XT: tl.constexpr):
-    # Signed code j of each byte of w (widened to int16, or int32 for fp32 x) as an exact XT value, by OR-ing the
+    # Signed code j of each unit of w (widened to int16, or int32 for fp32 x) as an exact XT value, by OR-ing the
     # unsigned code into the mantissa of a power of two whose last place is 1 (bf16 128, fp16 1024, fp32 2^23)
     # and subtracting it again with the offset: no int-to-float conversion.
     code = (w >> (j * SB)) & ((1 << SB) - 1)
@@ -1115,7 +1115,7 @@ def _prepare(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: t
     # Kernel choice depends on the shapes, dtypes, options and the packed rows' alignment only: cached, since at
     # batch 1 the host time of a call matters as much as the kernel's.
     bucket = _next_pow2(M) if m_small else min(64, max(16, _next_pow2(M)))
-    key = (bits, c.K, c.N, c.group, c.per_channel, x.dtype, scale.dtype, bucket, bias is not None,
+    key = (bits, c.K, c.group, c.per_channel, x.dtype, scale.dtype, bucket, bias is not None,
            packed.data_ptr() % 16, packed.stride(0) % 16, block_n, block_k, num_warps, num_stages, gemv, gemm)
     specs = _SPECS_CACHE.get(key)
     if specs is None:
