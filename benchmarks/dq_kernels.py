@@ -6,9 +6,9 @@
    both GEMMs at 70) with fp16 activations, bits 2/4 group 64 with bf16, and bits 2/3/4/8 x group 128/per channel
    x M 16 with bf16 and fp32 (all GEMMs), against dq_linear_reference (rel L2 error); key `check_failures`.
    Every swept configuration is checked too before it is timed.
-2. Sweep (on the two larger shapes) at M = 1 (the "units" GEMV: rows per program x K step; the "dequant" GEMV;
-   the planes GEMM with a 16-row tile) and M = 16, 64 (the "planes" GEMM over BLOCK_N x BLOCK_K x warps x
-   pipeline stages, and the older "dequant" GEMM) for W4g128 and W2g64: the best configuration per shape and its
+2. Sweep (on the two larger shapes) at M = 1 (the "units" GEMV family, plain, with biased codes and software
+   pipelined, over rows per program x warps; the "dequant" GEMV) and M = 16, 64 (the "planes", "planes8", "scaled"
+   and "scaled8" GEMMs over tiles and pipeline stages, and the older "dequant" GEMM) for W4g128 and W2g64: the best configuration per shape and its
    time, and the default configuration's time. At M = 1 also `*_read_ceiling_us`: a kernel that only streams the
    same number of bytes. Correctness checks and the compilation of every timed configuration run first in
    `--jobs` processes (spawned; Triton's compiler is single-threaded and dominated the run time), so the timing loop
@@ -36,22 +36,24 @@ from common import emit, parse_args
 
 SHAPES = [(4096, 4096), (8192, 8192), (4096, 14336)]
 SETTINGS = {4: 128, 2: 64}  # bits -> group
-# M = 1: the "units" GEMV over rows per program x warps x K step (in threads' runs), and the older "dequant" GEMV.
-GEMV_SWEEP = ([dict(gemv="units", block_n=bn, num_warps=4, k_runs=kr) for bn, kr in
-               itertools.product((4, 8, 16), (1, 2))] + [dict(gemv="dequant")]
-              + [dict(gemv="units_hi", block_n=bn, num_warps=4, k_runs=kr) for bn, kr in
-                 itertools.product((8, 16), (1, 2))]
-              + [dict(gemv="planes", block_n=32, block_k=512)])
+# M = 1: the "units" GEMV family: plain (the default; the two runs that were within 2 % of it on the H100,
+# 2026-11-27), "units_hi" (biased codes), and both software-pipelined ("_pf": next K step in registers; "_sw":
+# Triton's pipeliner, 3 stages) over rows per program x warps (fewer warps: shorter K steps, more of them to
+# overlap); and the older "dequant" GEMV. Block_n 4, "reduce" and the planes GEMV at M = 1 were slower (2026-11-27).
+GEMV_SWEEP = ([dict(gemv="units", block_n=8, num_warps=4, k_runs=2), dict(gemv="units", block_n=16, num_warps=4),
+               dict(gemv="units_hi", block_n=8, num_warps=4)]
+              + [dict(gemv=g, block_n=bn, num_warps=nw) for g, bn, nw in
+                 itertools.product(("units_pf", "units_sw", "units_hi_pf", "units_hi_sw"), (8, 16), (1, 2, 4))]
+              + [dict(gemv="dequant")])
 # M = 16, 64: the tensor-core GEMMs over tiles and pipeline depth ("planes"/"planes8": integer codes, scaled per
-# group after the dot; "scaled"/"scaled8": operand dequantized in registers), and the older "dequant" GEMM.
-# 8 warps or 16 columns per program were 2-7x slower on the H100 (2026-11-27) and are left out.
-GEMM_SWEEP = {16: [dict(gemm="planes", block_n=bn, block_k=bk, num_stages=st) for bn, bk, st in
-                   itertools.product((32, 64), (128, 256, 512), (2, 4))]
-              + [dict(gemm=g, block_n=bn, block_k=bk, num_stages=st) for g, bn, (bk, st) in
-                 itertools.product(("planes8", "scaled", "scaled8"), (32, 64), ((256, 2), (512, 4)))]
+# group after the dot; "scaled"/"scaled8": operand dequantized in registers), and the older "dequant" GEMM; the
+# tiles are the best four of the 2026-11-27 sweep. 8 warps or 16 columns per program were 2-7x slower then.
+TILES16 = ((32, 512, 4), (64, 128, 4), (64, 256, 2), (32, 256, 2))  # (block_n, block_k, num_stages)
+GEMM_SWEEP = {16: [dict(gemm=g, block_n=bn, block_k=bk, num_stages=st) for g, (bn, bk, st) in
+                   itertools.product(("planes", "planes8", "scaled", "scaled8"), TILES16)]
               + [dict(gemm="dequant", block_n=32, block_k=256)],
-              64: [dict(gemm=g, block_n=bn, block_k=bk) for g, bn, bk in
-                   itertools.product(("planes", "scaled"), (32, 64), (128, 256))]
+              64: [dict(gemm=g, block_n=bn, block_k=bk) for g, (bn, bk) in
+                   itertools.product(("planes", "scaled"), ((64, 128), (32, 256)))]
               + [dict(gemm="dequant", block_n=32, block_k=128)]}
 # --sweep gemm16: the three planes kernels at the M = 16 defaults' tile
 GEMM16_VARIANTS = ([dict(gemm=g) for g in ("planes", "planes8", "scaled", "scaled8", "dequant")]
@@ -95,7 +97,10 @@ def check_cases(cases: list[tuple], device: str = "cuda") -> tuple[int, float, l
         x = torch.randn(M, K, generator=gen).to(device, dt)
         bias = torch.randn(N, generator=gen).to(device, dt)
         ref = dq_linear_reference(x, packed, scale, zero, bits, group, K, bias=bias)
-        variants = ([dict(gemv=v) for v in ("units", "units_hi", "reduce", "dequant")] if M <= 4 else
+        # the pipelined GEMVs with 256-wide K steps: 4 steps, so the prefetch of a next step is exercised
+        variants = ([dict(gemv=v) for v in ("units", "units_hi", "reduce", "dequant")]
+                    + [dict(gemv=v, block_k=256) for v in ("units_pf", "units_sw", "units_hi_pf", "units_hi_sw")]
+                    if M <= 4 else
                     [dict(gemm="dequant")] + [dict(gemm=g, block_k=256) for g, u in (("planes", 16), ("planes8", 8),
                                                                                      ("scaled", 16), ("scaled8", 8))
                                               if planes_fit(bits, max(group, 0), 256, u)])

@@ -143,6 +143,21 @@ def test_units_gemv_matches_reference(bits: int, group: int, M: int) -> None:
         assert err <= ((exact.float() - ref).norm() / ref.norm()).item() * 1.1 + 1e-6
 
 
+@pytest.mark.parametrize("variant", ["units_pf", "units_sw", "units_hi_pf", "units_hi_sw"])
+@pytest.mark.parametrize("bits,group,K", [(4, 128, 384), (2, 64, 320), (3, 32, 224), (4, -1, 224)],
+                         ids=["w4g128", "w2g64", "w3g32", "w4pc"])
+def test_pipelined_units_gemv_equals_unpipelined(variant: str, bits: int, group: int, K: int) -> None:
+    # Software pipelining only moves loads a K step earlier: same arithmetic in the same order, so the output must
+    # be bit-identical to the kernel without it. 128-wide K steps over K = 224..384 give 2-3 steps and a partial
+    # last one (the prefetch past K must load nothing); M = 3 pads to 4 rows (rows 1-3 are not prefetched).
+    base = variant.replace("_pf", "").replace("_sw", "")
+    for dtype, M in ((torch.bfloat16, 1), (torch.float32, 3)):
+        case = make_case(bits, group, M, N=20, K=K, dtype=dtype, scale_dtype=torch.bfloat16, bias=True,
+                         seed=bits + K)
+        y = check(case, gemv=variant, block_n=4, block_k=128, num_warps=1)
+        assert torch.equal(y, dq.dq_linear_triton(**case, gemv=base, block_n=4, block_k=128, num_warps=1))
+
+
 def test_units_gemv_is_the_default_when_it_fits() -> None:
     fits = make_case(4, 128, 1, K=256)
     assert dq._prepare(**fits, block_n=None, block_k=None).specs["name"] == "_dq_gemv_units_kernel"

@@ -21,6 +21,12 @@ Kernels (all accumulate in fp32 and write y in x's dtype)
                    multiple of 8 bits into a high mantissa window and read as 2^(23-shift) + code, and Σ bias x is
                    removed once per run for all rows, so no subtraction per code (~7-10 % fewer instructions in the
                    loop; not a default until timed on a GPU).
+  _dq_gemv_units(_hi)_pf_kernel / _dq_gemv_units(_hi)_sw_kernel  the same, software pipelined: the next K step's
+                   loads issued before this step's arithmetic, into registers (_pf) or through shared memory by
+                   Triton's pipeliner with 3 stages (_sw; scales and zeros one step ahead in registers). With one or
+                   two waves of programs and 1-2 K steps each, the plain kernel alternates load and arithmetic
+                   phases in lockstep on every SM (H100 batch-1 times match the sum of both). Not defaults until
+                   timed on a GPU.
   _dq_gemm_planes_kernel / _dq_gemm_planes8_kernel  the default GEMM up to 16 rows (and at 3/4 bits above): code
                    slot j of every 16-bit (8-bit) unit is its own operand, element-wise in the loaded units, so Triton
                    dequantizes in the tensor-core operand registers; integer codes go into tl.dot and each group's
@@ -301,54 +307,64 @@ def _stack4(a, b, c, d):
 
 
 @triton.jit
-def _x_slot(x_ptr, m, stride_xm, k_end, kx, CPU: tl.constexpr):
-    # x[m] at kx ([T, CPU]: one 16-byte vector per thread) split into its CPU columns
-    return _split_cols(tl.load(x_ptr + m * stride_xm + kx, mask=kx < k_end, other=0.0).to(tl.float32), CPU)
-
-
-@triton.jit
-def _x_cols_r1(x_ptr, m, stride_xm, k_end, kx, CPU: tl.constexpr):
-    x0 = _x_slot(x_ptr, m, stride_xm, k_end, kx, CPU)
-    return (x0[0][None, :], x0[1][None, :], x0[2][None, :], x0[3][None, :],
-            x0[4][None, :], x0[5][None, :], x0[6][None, :], x0[7][None, :])
-
-
-@triton.jit
-def _x_cols_r2(x_ptr, m, stride_xm, k_end, kx, CPU: tl.constexpr):
-    x0 = _x_slot(x_ptr, m, stride_xm, k_end, kx, CPU)
-    x1 = _x_slot(x_ptr, m, stride_xm, k_end, kx + CPU, CPU)
-    return (tl.trans(tl.join(x0[0], x1[0])), tl.trans(tl.join(x0[1], x1[1])),
-            tl.trans(tl.join(x0[2], x1[2])), tl.trans(tl.join(x0[3], x1[3])),
-            tl.trans(tl.join(x0[4], x1[4])), tl.trans(tl.join(x0[5], x1[5])),
-            tl.trans(tl.join(x0[6], x1[6])), tl.trans(tl.join(x0[7], x1[7])))
-
-
-@triton.jit
-def _x_cols_r4(x_ptr, m, stride_xm, k_end, kx, CPU: tl.constexpr):
-    x0 = _x_slot(x_ptr, m, stride_xm, k_end, kx, CPU)
-    x1 = _x_slot(x_ptr, m, stride_xm, k_end, kx + CPU, CPU)
-    x2 = _x_slot(x_ptr, m, stride_xm, k_end, kx + 2 * CPU, CPU)
-    x3 = _x_slot(x_ptr, m, stride_xm, k_end, kx + 3 * CPU, CPU)
-    return (_stack4(x0[0], x1[0], x2[0], x3[0]), _stack4(x0[1], x1[1], x2[1], x3[1]),
-            _stack4(x0[2], x1[2], x2[2], x3[2]), _stack4(x0[3], x1[3], x2[3], x3[3]),
-            _stack4(x0[4], x1[4], x2[4], x3[4]), _stack4(x0[5], x1[5], x2[5], x3[5]),
-            _stack4(x0[6], x1[6], x2[6], x3[6]), _stack4(x0[7], x1[7], x2[7], x3[7]))
-
-
-@triton.jit
-def _units_row_partial(f_list, b_list, x_ptr, m, stride_xm, M, K, kx, R: tl.constexpr, CPU: tl.constexpr,
-                       HI: tl.constexpr):
-    # Σ_k x[m, k] u_k per (weight row, run) and Σ_k x[m, k] per run, for activation row m.
-    # x[m] for the R unit slots of every run as CPU column tensors [R, T] (column j: code j of each unit). Each
-    # slot is its own [T, CPU] load: no two dims of equal contiguity, whose order Triton versions break
-    # differently (3.6 and 3.9 would then disagree on the thread layout).
-    k_end = tl.where(m < M, K, 0)  # padded rows load nothing
+def _x_load(x_ptr, m, stride_xm, M, K, kx, R: tl.constexpr, CPU: tl.constexpr):
+    # x[m] for the R unit slots of every run, as loaded: R [T, CPU] tensors (one 16-byte vector per thread each;
+    # unused slots repeat the first). Each slot is its own load: no two dims of equal contiguity, whose order
+    # Triton versions break differently (3.6 and 3.9 would then disagree on the thread layout).
+    x0 = _x_slot(x_ptr, m, stride_xm, M, K, kx)
+    x1 = x0
+    x2 = x0
+    x3 = x0
+    if R >= 2:
+        x1 = _x_slot(x_ptr, m, stride_xm, M, K, kx + CPU)
     if R == 4:
-        xc = _x_cols_r4(x_ptr, m, stride_xm, k_end, kx, CPU)
-    elif R == 2:
-        xc = _x_cols_r2(x_ptr, m, stride_xm, k_end, kx, CPU)
+        x2 = _x_slot(x_ptr, m, stride_xm, M, K, kx + 2 * CPU)
+        x3 = _x_slot(x_ptr, m, stride_xm, M, K, kx + 3 * CPU)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _x_slot(x_ptr, m, stride_xm, M, K, kx):
+    k_end = tl.where(m < M, K, 0)  # padded rows load nothing
+    return tl.load(x_ptr + m * stride_xm + kx, mask=kx < k_end, other=0.0)
+
+
+@triton.jit
+def _x_cols(xr, x_ptr, m, stride_xm, M, K, kx, R: tl.constexpr, CPU: tl.constexpr, LOADED: tl.constexpr):
+    # The R unit slots of x[m] as CPU column tensors (column j: code j of each unit), [1, T] for R = 1, else
+    # [R, T]: from _x_load's slots when LOADED, else each slot loaded just before it is split (in that order
+    # ptxas keeps fewer registers live than with all loads first).
+    if LOADED:
+        c0 = _split_cols(xr[0].to(tl.float32), CPU)
     else:
-        xc = _x_cols_r1(x_ptr, m, stride_xm, k_end, kx, CPU)
+        c0 = _split_cols(_x_slot(x_ptr, m, stride_xm, M, K, kx).to(tl.float32), CPU)
+    if R == 1:
+        return (c0[0][None, :], c0[1][None, :], c0[2][None, :], c0[3][None, :],
+                c0[4][None, :], c0[5][None, :], c0[6][None, :], c0[7][None, :])
+    if LOADED:
+        c1 = _split_cols(xr[1].to(tl.float32), CPU)
+    else:
+        c1 = _split_cols(_x_slot(x_ptr, m, stride_xm, M, K, kx + CPU).to(tl.float32), CPU)
+    if R == 2:
+        return (tl.trans(tl.join(c0[0], c1[0])), tl.trans(tl.join(c0[1], c1[1])),
+                tl.trans(tl.join(c0[2], c1[2])), tl.trans(tl.join(c0[3], c1[3])),
+                tl.trans(tl.join(c0[4], c1[4])), tl.trans(tl.join(c0[5], c1[5])),
+                tl.trans(tl.join(c0[6], c1[6])), tl.trans(tl.join(c0[7], c1[7])))
+    if LOADED:
+        c2 = _split_cols(xr[2].to(tl.float32), CPU)
+        c3 = _split_cols(xr[3].to(tl.float32), CPU)
+    else:
+        c2 = _split_cols(_x_slot(x_ptr, m, stride_xm, M, K, kx + 2 * CPU).to(tl.float32), CPU)
+        c3 = _split_cols(_x_slot(x_ptr, m, stride_xm, M, K, kx + 3 * CPU).to(tl.float32), CPU)
+    return (_stack4(c0[0], c1[0], c2[0], c3[0]), _stack4(c0[1], c1[1], c2[1], c3[1]),
+            _stack4(c0[2], c1[2], c2[2], c3[2]), _stack4(c0[3], c1[3], c2[3], c3[3]),
+            _stack4(c0[4], c1[4], c2[4], c3[4]), _stack4(c0[5], c1[5], c2[5], c3[5]),
+            _stack4(c0[6], c1[6], c2[6], c3[6]), _stack4(c0[7], c1[7], c2[7], c3[7]))
+
+
+@triton.jit
+def _units_row_partial(f_list, b_list, xc, CPU: tl.constexpr, HI: tl.constexpr):
+    # Σ_k x[m, k] u_k per (weight row, run) and Σ_k x[m, k] per run, for one activation row (its _x_cols).
     p = tl.zeros(f_list[0].shape, dtype=tl.float32)
     xs = tl.zeros(xc[0].shape, dtype=tl.float32)
     cb = tl.zeros(xc[0].shape, dtype=tl.float32)  # HI: Σ_j bias_j x_j, shared by every weight row
@@ -363,12 +379,40 @@ def _units_row_partial(f_list, b_list, x_ptr, m, stride_xm, M, K, kx, R: tl.cons
 
 
 @triton.jit
+def _units_w(units, k0, q_idx, q_row, i_idx, N, K, stride_pn, T: tl.constexpr, CPU: tl.constexpr,
+             RUN: tl.constexpr, UB: tl.constexpr):
+    # The weight units of the K step at k0 as [R, BLOCK_N * T] (column q: row q // T, run q % T: again no
+    # contiguity tie), nothing past K. Offsets come straight from q (Triton 3.6 loses the alignment facts through
+    # a reshape and would not vectorize).
+    uq = k0 // CPU + (q_idx % T) * (RUN // CPU) + q_row * (stride_pn // (UB // 8))
+    okq = (q_row < N) & (k0 + (q_idx % T) * RUN < K)
+    return tl.load(units + uq[None, :] + i_idx[:, None], mask=okq[None, :], other=0)
+
+
+@triton.jit
+def _units_sz(scale_ptr, zero_ptr, k0, q_idx, q_row, N, K, stride_sn, stride_zn, BLOCK_N: tl.constexpr,
+              T: tl.constexpr, RUN: tl.constexpr, GROUP: tl.constexpr):
+    # The group scales and zeros [BLOCK_N * T] of the K step at k0, as stored (per channel: unused zeros).
+    if GROUP == 0:
+        s = tl.zeros([BLOCK_N * T], dtype=scale_ptr.dtype.element_ty)
+        z = s
+    else:
+        okq = (q_row < N) & (k0 + (q_idx % T) * RUN < K)
+        gq = (k0 + (q_idx % T) * RUN) // GROUP
+        so = q_row * stride_sn + gq
+        zo = q_row * stride_zn + gq
+        s = tl.load(scale_ptr + so, mask=okq, other=0.0)
+        z = tl.load(zero_ptr + zo, mask=okq, other=0.0)
+    return s, z
+
+
+@triton.jit
 def _dq_gemv_units_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
                           M, N, K, stride_xm, stride_pn, stride_sn, stride_zn, stride_ym,
                           BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
     _units_gemv(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_pn, stride_sn,
-                stride_zn, stride_ym, BITS, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, False)
+                stride_zn, stride_ym, BITS, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, False, 0)
 
 
 @triton.jit
@@ -378,14 +422,54 @@ def _dq_gemv_units_hi_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y
                              BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
     # The units GEMV reading 16-bit activations' codes biased (_hi_code): no subtraction per code.
     _units_gemv(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_pn, stride_sn,
-                stride_zn, stride_ym, BITS, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, True)
+                stride_zn, stride_ym, BITS, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, True, 0)
+
+
+@triton.jit
+def _dq_gemv_units_pf_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
+                             M, N, K, stride_xm, stride_pn, stride_sn, stride_zn, stride_ym,
+                             BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # The units GEMV loading each K step's weights one step ahead into registers (PIPE 1).
+    _units_gemv(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_pn, stride_sn,
+                stride_zn, stride_ym, BITS, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, False, 1)
+
+
+@triton.jit
+def _dq_gemv_units_hi_pf_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
+                                M, N, K, stride_xm, stride_pn, stride_sn, stride_zn, stride_ym,
+                                BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # units_hi with PIPE 1.
+    _units_gemv(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_pn, stride_sn,
+                stride_zn, stride_ym, BITS, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, True, 1)
+
+
+@triton.jit
+def _dq_gemv_units_sw_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
+                             M, N, K, stride_xm, stride_pn, stride_sn, stride_zn, stride_ym,
+                             BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # The units GEMV with Triton's pipeliner, 3 stages (PIPE 3).
+    _units_gemv(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_pn, stride_sn,
+                stride_zn, stride_ym, BITS, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, False, 3)
+
+
+@triton.jit
+def _dq_gemv_units_hi_sw_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
+                                M, N, K, stride_xm, stride_pn, stride_sn, stride_zn, stride_ym,
+                                BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # units_hi with PIPE 3.
+    _units_gemv(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_pn, stride_sn,
+                stride_zn, stride_ym, BITS, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, True, 3)
 
 
 @triton.jit
 def _units_gemv(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
                 M, N, K, stride_xm, stride_pn, stride_sn, stride_zn, stride_ym,
                 BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, HI_CODES: tl.constexpr):
+                BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, HI_CODES: tl.constexpr, PIPE: tl.constexpr):
     # Codes are read in units whose activations are one 16-byte load (8 codes for fp16/bf16 x, 4 for fp32; at most
     # 32 bits). Each thread owns runs of R consecutive units inside one quantization group, for BLOCK_N rows:
     # its weights are one vector load per row, its x is R vector loads shared by all rows, and a code costs one
@@ -433,13 +517,31 @@ def _units_gemv(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
     xt1 = tl.zeros([T], dtype=tl.float32)
     xt2 = tl.zeros([T], dtype=tl.float32)
     xt3 = tl.zeros([T], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        # Weights as [R, BLOCK_N * T] (column q: row q // T, run q % T): again no contiguity tie. Offsets come
-        # straight from q (Triton 3.6 loses the alignment facts through a reshape and would not vectorize).
-        uq = k0 // CPU + (q_idx % T) * R + q_row * (stride_pn // (UB // 8))
-        okq = (q_row < N) & (k0 + (q_idx % T) * RUN < K)
-        w = tl.load(units + uq[None, :] + i_idx[:, None], mask=okq[None, :], other=0).to(tl.int32)
-        w = tl.permute(tl.reshape(w, [R, BLOCK_N, T]), (1, 0, 2))  # [BLOCK_N, R, T]
+    # Software pipelining (PIPE): without it, a grid that fits in one or two waves alternates load and arithmetic
+    # phases in lockstep on every SM. PIPE 1: the next K step's weights, scales, zeros and row-0 activations are
+    # loaded into registers before this step's arithmetic. PIPE >= 2: Triton's pipeliner keeps PIPE - 1 K steps of
+    # weights and activations in flight through shared memory (cp.async), and the scales and zeros (2-byte loads,
+    # which cp.async cannot take) are loaded one step ahead into registers.
+    NS: tl.constexpr = PIPE if PIPE >= 2 else None
+    REG_W: tl.constexpr = PIPE == 1
+    REG_SZ: tl.constexpr = PIPE >= 1
+    if REG_W:
+        w_nx = _units_w(units, 0, q_idx, q_row, i_idx, N, K, stride_pn, T, CPU, RUN, UB)
+        x_nx = _x_load(x_ptr, 0, stride_xm, M, K, t_idx[:, None] * RUN + c_idx[None, :], R, CPU)
+    if REG_SZ:
+        s_nx, z_nx = _units_sz(scale_ptr, zero_ptr, 0, q_idx, q_row, N, K, stride_sn, stride_zn, BLOCK_N, T, RUN, GROUP)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=NS):
+        if REG_W:
+            w_raw, x_r0 = w_nx, x_nx
+            w_nx = _units_w(units, k0 + BLOCK_K, q_idx, q_row, i_idx, N, K, stride_pn, T, CPU, RUN, UB)
+            x_nx = _x_load(x_ptr, 0, stride_xm, M, K, (k0 + BLOCK_K + t_idx * RUN)[:, None] + c_idx[None, :], R, CPU)
+        else:
+            w_raw = _units_w(units, k0, q_idx, q_row, i_idx, N, K, stride_pn, T, CPU, RUN, UB)
+        if REG_SZ:
+            s_raw, z_raw = s_nx, z_nx
+            s_nx, z_nx = _units_sz(scale_ptr, zero_ptr, k0 + BLOCK_K, q_idx, q_row, N, K, stride_sn, stride_zn,
+                                   BLOCK_N, T, RUN, GROUP)
+        w = tl.permute(tl.reshape(w_raw.to(tl.int32), [R, BLOCK_N, T]), (1, 0, 2))  # [BLOCK_N, R, T]
         if HI:
             f_list = (_hi_code(w, 0, SB, MASK, zero), _hi_code(w, (1 % CPU) * SB, SB, MASK, zero),
                       _hi_code(w, (2 % CPU) * SB, SB, MASK, zero), _hi_code(w, (3 % CPU) * SB, SB, MASK, zero),
@@ -451,38 +553,38 @@ def _units_gemv(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
                       _unit_code(w, 4 % CPU, SB, MASK, zero), _unit_code(w, 5 % CPU, SB, MASK, zero),
                       _unit_code(w, 6 % CPU, SB, MASK, zero), _unit_code(w, 7 % CPU, SB, MASK, zero))
         kx = (k0 + t_idx * RUN)[:, None] + c_idx[None, :]  # [T, CPU]: the first unit of each run
-        if GROUP == 0:
-            s = tl.zeros([BLOCK_N, 1], dtype=tl.float32)  # unused
-            zz = s
-        else:
-            gq = (k0 + (q_idx % T) * RUN) // GROUP
-            so = q_row * stride_sn + gq
-            zo = q_row * stride_zn + gq
-            smq = okq
-            s = tl.reshape(tl.load(scale_ptr + so, mask=smq, other=0.0).to(tl.float32), [BLOCK_N, T])
-            z = tl.reshape(tl.load(zero_ptr + zo, mask=smq, other=0.0).to(tl.float32), [BLOCK_N, T])
-            zz = z - OFFSET * s
-        p, xs = _units_row_partial(f_list, b_list, x_ptr, 0, stride_xm, M, K, kx, R, CPU, HI)
+        if not REG_SZ:  # loaded in this order, ptxas keeps fewer registers live
+            s_raw, z_raw = _units_sz(scale_ptr, zero_ptr, k0, q_idx, q_row, N, K, stride_sn, stride_zn, BLOCK_N, T,
+                                     RUN, GROUP)
+        if not REG_W:
+            x_r0 = (kx, kx, kx, kx)  # unused: _x_cols loads the slots itself
+        s = tl.reshape(s_raw.to(tl.float32), [BLOCK_N, T])
+        zz = tl.reshape(z_raw.to(tl.float32), [BLOCK_N, T]) - OFFSET * s
+        xc = _x_cols(x_r0, x_ptr, 0, stride_xm, M, K, kx, R, CPU, REG_W)
+        p, xs = _units_row_partial(f_list, b_list, xc, CPU, HI)
         if GROUP == 0:
             acc0 += p
             xt0 += xs
         else:
             acc0 += p * s + xs[None, :] * zz
         if BLOCK_M > 1:
-            p, xs = _units_row_partial(f_list, b_list, x_ptr, 1, stride_xm, M, K, kx, R, CPU, HI)
+            xc = _x_cols(x_r0, x_ptr, 1, stride_xm, M, K, kx, R, CPU, False)
+            p, xs = _units_row_partial(f_list, b_list, xc, CPU, HI)
             if GROUP == 0:
                 acc1 += p
                 xt1 += xs
             else:
                 acc1 += p * s + xs[None, :] * zz
         if BLOCK_M > 2:
-            p, xs = _units_row_partial(f_list, b_list, x_ptr, 2, stride_xm, M, K, kx, R, CPU, HI)
+            xc = _x_cols(x_r0, x_ptr, 2, stride_xm, M, K, kx, R, CPU, False)
+            p, xs = _units_row_partial(f_list, b_list, xc, CPU, HI)
             if GROUP == 0:
                 acc2 += p
                 xt2 += xs
             else:
                 acc2 += p * s + xs[None, :] * zz
-            p, xs = _units_row_partial(f_list, b_list, x_ptr, 3, stride_xm, M, K, kx, R, CPU, HI)
+            xc = _x_cols(x_r0, x_ptr, 3, stride_xm, M, K, kx, R, CPU, False)
+            p, xs = _units_row_partial(f_list, b_list, xc, CPU, HI)
             if GROUP == 0:
                 acc3 += p
                 xt3 += xs
@@ -756,9 +858,13 @@ def _dq_gemm_trt_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr,
                     stride_sn, stride_zn, stride_ym, BITS, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS)
 
 
-GEMV_KERNELS = {"units": _dq_gemv_units_kernel, "units_hi": _dq_gemv_units_hi_kernel, "reduce": _dq_gemv_kernel,
+GEMV_KERNELS = {"units": _dq_gemv_units_kernel, "units_hi": _dq_gemv_units_hi_kernel,
+                "units_pf": _dq_gemv_units_pf_kernel, "units_hi_pf": _dq_gemv_units_hi_pf_kernel,
+                "units_sw": _dq_gemv_units_sw_kernel, "units_hi_sw": _dq_gemv_units_hi_sw_kernel,
+                "reduce": _dq_gemv_kernel,
                 "dequant": _dq_gemv_dequant_kernel,
                 "planes": _dq_gemm_planes_kernel}  # "planes": the GEMM kernel with a 16-row tile
+UNITS_GEMVS = ("units", "units_hi", "units_pf", "units_hi_pf", "units_sw", "units_hi_sw")  # the _units_gemv family (same shape rules)
 # "units" when the shape allows it (units_run divides K, rows aligned: the launcher checks), else "dequant"
 # (ahead-of-time kernels, which must take any K, always use "dequant").
 GEMV_DEFAULT = "dequant"
@@ -852,7 +958,8 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
     group: -1 (or in_features) for per channel, else a power of two >= 16. dtype: the activation (= x, y, bias)
     dtype; scale_dtype defaults to it. m: the row count if known (picks BLOCK_M; without it the variant covers
     every M up to GEMV_MAX_M when m_small, and uses 64-row tiles otherwise). block_n / block_k / num_warps /
-    num_stages override the H100-oriented defaults. gemv picks the small-M kernel: "units", "reduce" (per-group
+    num_stages override the H100-oriented defaults. gemv picks the small-M kernel: "units" (or one of UNITS_GEMVS:
+    biased codes "_hi", software pipelined "_pf" / "_sw"), "reduce" (per-group
     partial sums), "dequant" (element-wise dequantization into a 3-D accumulator) or "planes" (the planes GEMM
     with a 16-row tile). gemm picks the large-M kernel: "planes" (the codes of each slot of a 16-bit unit straight
     into tensor-core dots, scaled per group afterwards; needs planes_fit and 2-byte aligned rows), "planes8" (the
@@ -887,7 +994,7 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
         bm = _next_pow2(m) if m is not None else GEMV_MAX_M
         min_k = 16
         default_warps, default_stages = 4, 2
-        if gemv in ("units", "units_hi"):
+        if gemv in UNITS_GEMVS:
             # One run per thread and K step (BLOCK_K = run * threads), 8 rows per program.
             run = units_run(bits, g, act)[1]
             if g and g < run:
@@ -940,7 +1047,7 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
     else:
         nw = default_warps
     stages = num_stages or default_stages
-    min_n = 1 if (m_small and gemv in ("units", "units_hi")) else 16
+    min_n = 1 if (m_small and gemv in UNITS_GEMVS) else 16
     if not _is_pow2(bn) or bn < min_n:
         raise ValueError(f"block_n must be a power of two >= {min_n}, got {bn}")
     if not _is_pow2(bk) or bk < min_k:
@@ -1064,9 +1171,9 @@ def _select_specs(packed: torch.Tensor, bits: int, c: _Checked, dtype: torch.dty
     """kernel_specs for one call, with the launcher's choices: the units GEMV where it fits, the byte-wide planes
     kernel or the dequant GEMM where 16-bit units would be misaligned."""
     m_small = M <= GEMV_MAX_M
-    if m_small and gemv in (None, "units", "units_hi"):
+    if m_small and gemv in (None, *UNITS_GEMVS):
         fits = _units_fit(packed, bits, c, dtype)
-        if gemv in ("units", "units_hi") and not fits:
+        if gemv in UNITS_GEMVS and not fits:
             raise ValueError("the units GEMV needs in_features divisible by its run and unit-aligned packed rows")
         gemv = (gemv or "units") if fits else GEMV_DEFAULT
 
