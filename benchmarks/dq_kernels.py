@@ -38,12 +38,15 @@ SHAPES = [(4096, 4096), (8192, 8192), (4096, 14336)]
 SETTINGS = {4: 128, 2: 64}  # bits -> group
 # M = 1: the "units" GEMV family: plain (the default; the two runs that were within 2 % of it on the H100,
 # 2026-11-27), "units_hi" (biased codes), and both software-pipelined ("_pf": next K step in registers; "_sw":
-# Triton's pipeliner, 3 stages) over rows per program x warps (fewer warps: shorter K steps, more of them to
-# overlap); and the older "dequant" GEMV. Block_n 4, "reduce" and the planes GEMV at M = 1 were slower (2026-11-27).
+# Triton's pipeliner, 3 stages; runs of up to 8 units) over rows per program x warps x K step (>= 2 steps at
+# K = 4096: pipelining needs several); and the older "dequant" GEMV. Block_n 4, "reduce" and the planes GEMM at
+# M = 1 were slower (2026-11-27); "_pf" needs ~255 registers at 8 rows, so fewer of its forms are swept.
 GEMV_SWEEP = ([dict(gemv="units", block_n=8, num_warps=4, k_runs=2), dict(gemv="units", block_n=16, num_warps=4),
                dict(gemv="units_hi", block_n=8, num_warps=4)]
-              + [dict(gemv=g, block_n=bn, num_warps=nw) for g, bn, nw in
-                 itertools.product(("units_pf", "units_sw", "units_hi_pf", "units_hi_sw"), (8, 16), (1, 2, 4))]
+              + [dict(gemv=g, block_n=bn, num_warps=nw, block_k=bk) for g, bn, nw, bk in
+                 itertools.product(("units_sw", "units_hi_sw"), (8, 16), (1, 2, 4), (512, 1024, 2048))]
+              + [dict(gemv=g, block_n=8, num_warps=nw, block_k=bk) for g, nw, bk in
+                 itertools.product(("units_pf", "units_hi_pf"), (1, 2), (1024, 2048))]
               + [dict(gemv="dequant")])
 # M = 16, 64: the tensor-core GEMMs over tiles and pipeline depth ("planes"/"planes8": integer codes, scaled per
 # group after the dot; "scaled"/"scaled8": operand dequantized in registers), and the older "dequant" GEMM; the
@@ -210,7 +213,7 @@ def launch_cfg(cfg: dict, bits: int, group: int, dtype: torch.dtype) -> dict:
     cfg = dict(cfg)
     k_runs = cfg.pop("k_runs", None)
     if k_runs:
-        cfg["block_k"] = units_run(bits, group, dtype)[1] * 32 * cfg.get("num_warps", 4) * k_runs
+        cfg["block_k"] = units_run(bits, group, dtype, cfg.get("gemv", "units"))[1] * 32 * cfg.get("num_warps", 4) * k_runs
     return cfg
 
 

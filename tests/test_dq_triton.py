@@ -143,19 +143,26 @@ def test_units_gemv_matches_reference(bits: int, group: int, M: int) -> None:
         assert err <= ((exact.float() - ref).norm() / ref.norm()).item() * 1.1 + 1e-6
 
 
-@pytest.mark.parametrize("variant", ["units_pf", "units_sw", "units_hi_pf", "units_hi_sw"])
+@pytest.mark.parametrize("hi", [False, True], ids=["exact", "hi"])
 @pytest.mark.parametrize("bits,group,K", [(4, 128, 384), (2, 64, 320), (3, 32, 224), (4, -1, 224)],
                          ids=["w4g128", "w2g64", "w3g32", "w4pc"])
-def test_pipelined_units_gemv_equals_unpipelined(variant: str, bits: int, group: int, K: int) -> None:
-    # Software pipelining only moves loads a K step earlier: same arithmetic in the same order, so the output must
-    # be bit-identical to the kernel without it. 128-wide K steps over K = 224..384 give 2-3 steps and a partial
-    # last one (the prefetch past K must load nothing); M = 3 pads to 4 rows (rows 1-3 are not prefetched).
-    base = variant.replace("_pf", "").replace("_sw", "")
+def test_pipelined_units_gemvs(hi: bool, bits: int, group: int, K: int) -> None:
+    # Software pipelining only moves loads a K step earlier, so "_pf" (registers) and "_sw" (Triton's pipeliner)
+    # must agree bit for bit. Both take runs of up to 8 units (the plain kernel 4): where the run is the same
+    # (32-bit units, here 3/4 bits with 16-bit x) they must equal the plain kernel bit for bit too. 128-wide K
+    # steps over K = 224..384 give 2-3 steps and a partial last one (the prefetch past K must load nothing);
+    # M = 3 pads to 4 rows (rows 1-3 are not prefetched).
+    base = "units_hi" if hi else "units"
     for dtype, M in ((torch.bfloat16, 1), (torch.float32, 3)):
         case = make_case(bits, group, M, N=20, K=K, dtype=dtype, scale_dtype=torch.bfloat16, bias=True,
                          seed=bits + K)
-        y = check(case, gemv=variant, block_n=4, block_k=128, num_warps=1)
-        assert torch.equal(y, dq.dq_linear_triton(**case, gemv=base, block_n=4, block_k=128, num_warps=1))
+        blocks = dict(block_n=4, block_k=128, num_warps=1)
+        y_pf = check(case, gemv=base + "_pf", **blocks)
+        assert torch.equal(y_pf, check(case, gemv=base + "_sw", **blocks))
+        g = max(group, 0)  # units_run takes 0 for per channel
+        if dq.units_run(bits, g, dtype, base + "_pf") == dq.units_run(bits, g, dtype, base):
+            assert torch.equal(y_pf, dq.dq_linear_triton(**case, gemv=base, **blocks))
+    assert dq.units_run(2, 64, torch.bfloat16, "units_sw") == (8, 64)  # 8 16-bit units: one 16-byte load per row
 
 
 def test_units_gemv_is_the_default_when_it_fits() -> None:

@@ -308,19 +308,37 @@ def _stack4(a, b, c, d):
 
 @triton.jit
 def _x_load(x_ptr, m, stride_xm, M, K, kx, R: tl.constexpr, CPU: tl.constexpr):
-    # x[m] for the R unit slots of every run, as loaded: R [T, CPU] tensors (one 16-byte vector per thread each;
-    # unused slots repeat the first). Each slot is its own load: no two dims of equal contiguity, whose order
+    # x[m] for the R unit slots of every run, as loaded: 8 [T, CPU] tensors (one 16-byte vector per thread each;
+    # slots past R repeat the first). Each slot is its own load: no two dims of equal contiguity, whose order
     # Triton versions break differently (3.6 and 3.9 would then disagree on the thread layout).
     x0 = _x_slot(x_ptr, m, stride_xm, M, K, kx)
     x1 = x0
     x2 = x0
     x3 = x0
+    x4 = x0
+    x5 = x0
+    x6 = x0
+    x7 = x0
     if R >= 2:
         x1 = _x_slot(x_ptr, m, stride_xm, M, K, kx + CPU)
-    if R == 4:
+    if R >= 4:
         x2 = _x_slot(x_ptr, m, stride_xm, M, K, kx + 2 * CPU)
         x3 = _x_slot(x_ptr, m, stride_xm, M, K, kx + 3 * CPU)
-    return x0, x1, x2, x3
+    if R == 8:
+        x4 = _x_slot(x_ptr, m, stride_xm, M, K, kx + 4 * CPU)
+        x5 = _x_slot(x_ptr, m, stride_xm, M, K, kx + 5 * CPU)
+        x6 = _x_slot(x_ptr, m, stride_xm, M, K, kx + 6 * CPU)
+        x7 = _x_slot(x_ptr, m, stride_xm, M, K, kx + 7 * CPU)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _stack8(c0, c1, c2, c3, c4, c5, c6, c7, j: tl.constexpr):
+    # column j of eight slots' column tuples -> [8, T] (row i = slot i), by in-thread joins
+    T: tl.constexpr = c0[j].shape[0]
+    ev = tl.join(tl.join(c0[j], c4[j]), tl.join(c2[j], c6[j]))  # slots 0, 2, 4, 6 as [T, 2, 2]
+    od = tl.join(tl.join(c1[j], c5[j]), tl.join(c3[j], c7[j]))
+    return tl.trans(tl.reshape(tl.join(ev, od), [T, 8]))
 
 
 @triton.jit
@@ -330,36 +348,51 @@ def _x_slot(x_ptr, m, stride_xm, M, K, kx):
 
 
 @triton.jit
+def _x_col_slot(xr, i: tl.constexpr, x_ptr, m, stride_xm, M, K, kx, CPU: tl.constexpr, LOADED: tl.constexpr):
+    # slot i of x[m] split into its CPU columns: from _x_load's slots when LOADED, else loaded here
+    if LOADED:
+        return _split_cols(xr[i].to(tl.float32), CPU)
+    else:
+        return _split_cols(_x_slot(x_ptr, m, stride_xm, M, K, kx + i * CPU).to(tl.float32), CPU)
+
+
+@triton.jit
 def _x_cols(xr, x_ptr, m, stride_xm, M, K, kx, R: tl.constexpr, CPU: tl.constexpr, LOADED: tl.constexpr):
-    # The R unit slots of x[m] as CPU column tensors (column j: code j of each unit), [1, T] for R = 1, else
-    # [R, T]: from _x_load's slots when LOADED, else each slot loaded just before it is split (in that order
-    # ptxas keeps fewer registers live than with all loads first).
-    if LOADED:
-        c0 = _split_cols(xr[0].to(tl.float32), CPU)
-    else:
-        c0 = _split_cols(_x_slot(x_ptr, m, stride_xm, M, K, kx).to(tl.float32), CPU)
+    # The R (1, 2, 4 or 8) unit slots of x[m] as CPU column tensors (column j: code j of each unit), [1, T] for
+    # R = 1, else [R, T]. Unless LOADED, each slot is loaded just before it is split (in that order ptxas keeps
+    # fewer registers live than with all loads first). One if/elif chain: Triton type-checks every return that
+    # follows a taken constexpr branch, so the shapes may not differ between fall-through returns.
+    c0 = _x_col_slot(xr, 0, x_ptr, m, stride_xm, M, K, kx, CPU, LOADED)
     if R == 1:
-        return (c0[0][None, :], c0[1][None, :], c0[2][None, :], c0[3][None, :],
-                c0[4][None, :], c0[5][None, :], c0[6][None, :], c0[7][None, :])
-    if LOADED:
-        c1 = _split_cols(xr[1].to(tl.float32), CPU)
+        xc = (c0[0][None, :], c0[1][None, :], c0[2][None, :], c0[3][None, :],
+              c0[4][None, :], c0[5][None, :], c0[6][None, :], c0[7][None, :])
+    elif R == 2:
+        c1 = _x_col_slot(xr, 1, x_ptr, m, stride_xm, M, K, kx, CPU, LOADED)
+        xc = (tl.trans(tl.join(c0[0], c1[0])), tl.trans(tl.join(c0[1], c1[1])),
+              tl.trans(tl.join(c0[2], c1[2])), tl.trans(tl.join(c0[3], c1[3])),
+              tl.trans(tl.join(c0[4], c1[4])), tl.trans(tl.join(c0[5], c1[5])),
+              tl.trans(tl.join(c0[6], c1[6])), tl.trans(tl.join(c0[7], c1[7])))
+    elif R == 4:
+        c1 = _x_col_slot(xr, 1, x_ptr, m, stride_xm, M, K, kx, CPU, LOADED)
+        c2 = _x_col_slot(xr, 2, x_ptr, m, stride_xm, M, K, kx, CPU, LOADED)
+        c3 = _x_col_slot(xr, 3, x_ptr, m, stride_xm, M, K, kx, CPU, LOADED)
+        xc = (_stack4(c0[0], c1[0], c2[0], c3[0]), _stack4(c0[1], c1[1], c2[1], c3[1]),
+              _stack4(c0[2], c1[2], c2[2], c3[2]), _stack4(c0[3], c1[3], c2[3], c3[3]),
+              _stack4(c0[4], c1[4], c2[4], c3[4]), _stack4(c0[5], c1[5], c2[5], c3[5]),
+              _stack4(c0[6], c1[6], c2[6], c3[6]), _stack4(c0[7], c1[7], c2[7], c3[7]))
     else:
-        c1 = _split_cols(_x_slot(x_ptr, m, stride_xm, M, K, kx + CPU).to(tl.float32), CPU)
-    if R == 2:
-        return (tl.trans(tl.join(c0[0], c1[0])), tl.trans(tl.join(c0[1], c1[1])),
-                tl.trans(tl.join(c0[2], c1[2])), tl.trans(tl.join(c0[3], c1[3])),
-                tl.trans(tl.join(c0[4], c1[4])), tl.trans(tl.join(c0[5], c1[5])),
-                tl.trans(tl.join(c0[6], c1[6])), tl.trans(tl.join(c0[7], c1[7])))
-    if LOADED:
-        c2 = _split_cols(xr[2].to(tl.float32), CPU)
-        c3 = _split_cols(xr[3].to(tl.float32), CPU)
-    else:
-        c2 = _split_cols(_x_slot(x_ptr, m, stride_xm, M, K, kx + 2 * CPU).to(tl.float32), CPU)
-        c3 = _split_cols(_x_slot(x_ptr, m, stride_xm, M, K, kx + 3 * CPU).to(tl.float32), CPU)
-    return (_stack4(c0[0], c1[0], c2[0], c3[0]), _stack4(c0[1], c1[1], c2[1], c3[1]),
-            _stack4(c0[2], c1[2], c2[2], c3[2]), _stack4(c0[3], c1[3], c2[3], c3[3]),
-            _stack4(c0[4], c1[4], c2[4], c3[4]), _stack4(c0[5], c1[5], c2[5], c3[5]),
-            _stack4(c0[6], c1[6], c2[6], c3[6]), _stack4(c0[7], c1[7], c2[7], c3[7]))
+        c1 = _x_col_slot(xr, 1, x_ptr, m, stride_xm, M, K, kx, CPU, LOADED)
+        c2 = _x_col_slot(xr, 2, x_ptr, m, stride_xm, M, K, kx, CPU, LOADED)
+        c3 = _x_col_slot(xr, 3, x_ptr, m, stride_xm, M, K, kx, CPU, LOADED)
+        c4 = _x_col_slot(xr, 4, x_ptr, m, stride_xm, M, K, kx, CPU, LOADED)
+        c5 = _x_col_slot(xr, 5, x_ptr, m, stride_xm, M, K, kx, CPU, LOADED)
+        c6 = _x_col_slot(xr, 6, x_ptr, m, stride_xm, M, K, kx, CPU, LOADED)
+        c7 = _x_col_slot(xr, 7, x_ptr, m, stride_xm, M, K, kx, CPU, LOADED)
+        xc = (_stack8(c0, c1, c2, c3, c4, c5, c6, c7, 0), _stack8(c0, c1, c2, c3, c4, c5, c6, c7, 1),
+              _stack8(c0, c1, c2, c3, c4, c5, c6, c7, 2), _stack8(c0, c1, c2, c3, c4, c5, c6, c7, 3),
+              _stack8(c0, c1, c2, c3, c4, c5, c6, c7, 4), _stack8(c0, c1, c2, c3, c4, c5, c6, c7, 5),
+              _stack8(c0, c1, c2, c3, c4, c5, c6, c7, 6), _stack8(c0, c1, c2, c3, c4, c5, c6, c7, 7))
+    return xc
 
 
 @triton.jit
@@ -488,7 +521,9 @@ def _units_gemv(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
     CPU: tl.constexpr = min(128 // XB, 32 // SB)  # codes per unit
     UB: tl.constexpr = CPU * SB  # unit bits: 8, 16 or 32
     UT: tl.constexpr = tl.int8 if UB == 8 else (tl.int16 if UB == 16 else tl.int32)
-    R: tl.constexpr = min(128 // UB, 4) if GROUP == 0 else min(128 // UB, 4, GROUP // CPU)  # units per run
+    # units per run: up to 4, 8 in the pipelined forms (16-byte weight loads for 16-bit units: W2 with 16-bit x)
+    RMAX: tl.constexpr = 8 if PIPE >= 1 else 4
+    R: tl.constexpr = min(128 // UB, RMAX) if GROUP == 0 else min(128 // UB, RMAX, GROUP // CPU)
     RUN: tl.constexpr = R * CPU  # codes per run
     T: tl.constexpr = BLOCK_K // RUN  # runs per K step
 
@@ -557,7 +592,7 @@ def _units_gemv(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
             s_raw, z_raw = _units_sz(scale_ptr, zero_ptr, k0, q_idx, q_row, N, K, stride_sn, stride_zn, BLOCK_N, T,
                                      RUN, GROUP)
         if not REG_W:
-            x_r0 = (kx, kx, kx, kx)  # unused: _x_cols loads the slots itself
+            x_r0 = (kx, kx, kx, kx, kx, kx, kx, kx)  # unused: _x_cols loads the slots itself
         s = tl.reshape(s_raw.to(tl.float32), [BLOCK_N, T])
         zz = tl.reshape(z_raw.to(tl.float32), [BLOCK_N, T]) - OFFSET * s
         xc = _x_cols(x_r0, x_ptr, 0, stride_xm, M, K, kx, R, CPU, REG_W)
@@ -922,12 +957,14 @@ def _dtype_name(dtype: torch.dtype | str, what: str) -> str:
     raise ValueError(f"{what} dtype must be float16, bfloat16 or float32, got {dtype}")
 
 
-def units_run(bits: int, group: int, dtype: torch.dtype | str) -> tuple[int, int]:
-    """(codes per unit, codes per thread run) of the "units" GEMV for this setting (group 0 = per channel)."""
+def units_run(bits: int, group: int, dtype: torch.dtype | str, gemv: str = "units") -> tuple[int, int]:
+    """(codes per unit, codes per thread run) of a units-family GEMV for this setting (group 0 = per channel)."""
     xbits = {"fp16": 16, "bf16": 16, "fp32": 32}[_dtype_name(dtype, "activation")]
     sb = _storage_bits(bits)
     cpu = min(128 // xbits, 32 // sb)
-    r = min(128 // (cpu * sb), 4) if group == 0 else min(128 // (cpu * sb), 4, group // cpu)
+    rmax = 8 if gemv.endswith(("_pf", "_sw")) else 4  # as RMAX in _units_gemv
+    group = max(group, 0)  # -1: per channel too
+    r = min(128 // (cpu * sb), rmax) if group == 0 else min(128 // (cpu * sb), rmax, group // cpu)
     return cpu, r * cpu
 
 
@@ -996,7 +1033,7 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
         default_warps, default_stages = 4, 2
         if gemv in UNITS_GEMVS:
             # One run per thread and K step (BLOCK_K = run * threads), 8 rows per program.
-            run = units_run(bits, g, act)[1]
+            run = units_run(bits, g, act, gemv)[1]
             if g and g < run:
                 raise ValueError(f"the units GEMV needs group >= {run} codes at {bits} bits, got {g}")
             bn = block_n or 8
@@ -1143,12 +1180,12 @@ def dq_linear_reference(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tens
     return y.to(x.dtype).reshape(*x.shape[:-1], c.N)
 
 
-def _units_fit(packed: torch.Tensor, bits: int, c: _Checked, dtype: torch.dtype) -> bool:
-    """Whether the "units" GEMV can read these weights: whole runs only, rows aligned to the unit size."""
+def _units_fit(packed: torch.Tensor, bits: int, c: _Checked, dtype: torch.dtype, gemv: str = "units") -> bool:
+    """Whether a units-family GEMV can read these weights: whole runs only, rows aligned to the unit size."""
     group = 0 if c.per_channel else c.group
     if group and not _is_pow2(group):
         return False
-    cpu, run = units_run(bits, group, dtype)
+    cpu, run = units_run(bits, group, dtype, gemv)
     unit_bytes = cpu * _storage_bits(bits) // 8
     return (c.K % run == 0 and (not group or group >= run) and packed.data_ptr() % unit_bytes == 0
             and packed.stride(0) % unit_bytes == 0)
@@ -1172,7 +1209,7 @@ def _select_specs(packed: torch.Tensor, bits: int, c: _Checked, dtype: torch.dty
     kernel or the dequant GEMM where 16-bit units would be misaligned."""
     m_small = M <= GEMV_MAX_M
     if m_small and gemv in (None, *UNITS_GEMVS):
-        fits = _units_fit(packed, bits, c, dtype)
+        fits = _units_fit(packed, bits, c, dtype, gemv or "units")
         if gemv in UNITS_GEMVS and not fits:
             raise ValueError("the units GEMV needs in_features divisible by its run and unit-aligned packed rows")
         gemv = (gemv or "units") if fits else GEMV_DEFAULT
