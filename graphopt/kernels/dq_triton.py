@@ -25,8 +25,8 @@ Kernels (all accumulate in fp32 and write y in x's dtype)
                    loads issued before this step's arithmetic, into registers (_pf) or through shared memory by
                    Triton's pipeliner with 3 stages (_sw; scales and zeros one step ahead in registers). With one or
                    two waves of programs and 1-2 K steps each, the plain kernel alternates load and arithmetic
-                   phases in lockstep on every SM (H100 batch-1 times match the sum of both). Not defaults until
-                   timed on a GPU.
+                   phases in lockstep on every SM (its H100 batch-1 times lie between the max and the sum of the
+                   pure read time and the issue time). Runs of up to 8 units. Not defaults until timed on a GPU.
   _dq_gemm_planes_kernel / _dq_gemm_planes8_kernel  the default GEMM up to 16 rows (and at 3/4 bits above): code
                    slot j of every 16-bit (8-bit) unit is its own operand, element-wise in the loaded units, so Triton
                    dequantizes in the tensor-core operand registers; integer codes go into tl.dot and each group's
