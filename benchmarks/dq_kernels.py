@@ -7,12 +7,12 @@
    x M 16 with bf16 and fp32 (all GEMMs), against dq_linear_reference (rel L2 error); key `check_failures`.
    Every swept configuration is checked too before it is timed.
 2. Sweep (on the two larger shapes) at M = 1 (the "units" GEMV family, plain, with biased codes and software
-   pipelined, over rows per program x warps; the "dequant" GEMV) and M = 16, 64 (the "planes", "planes8", "scaled"
-   and "scaled8" GEMMs over tiles and pipeline stages, and the older "dequant" GEMM) for W4g128 and W2g64: the best configuration per shape and its
-   time, and the default configuration's time. At M = 1 also `*_read_ceiling_us`: a kernel that only streams the
-   same number of bytes. Correctness checks and the compilation of every timed configuration run first in
-   `--jobs` processes (spawned; Triton's compiler is single-threaded and dominated the run time), so the timing loop
-   finds Triton's disk cache warm.
+   pipelined, over rows per program x warps x K step; the "dequant" GEMV) and M = 16, 64 (the "planes",
+   "planes8", "scaled" and "scaled8" GEMMs over tiles and pipeline stages, and the older "dequant" GEMM) for
+   W4g128 and W2g64: the best configuration per shape and its time, and the default configuration's time. At
+   M = 1 also `*_read_ceiling_us`: a kernel that only streams the same number of bytes. Correctness checks and
+   the compilation of every timed configuration run first in `--jobs` processes (spawned; Triton's compiler is
+   single-threaded and dominated the run time), so the timing loop finds Triton's disk cache warm.
 3. For (K, N) in {(4096, 4096), (8192, 8192), (4096, 14336)}, M in {1, 16, 64}, bits 2 (group 64) and 4 (group
    128), bf16 activations: GPU microseconds per call (graph_us: calls replayed in a CUDA graph, so Python launch
    overhead is excluded, over enough rotated copies of the weights that every call reads them from HBM, not
@@ -44,7 +44,8 @@ SETTINGS = {4: 128, 2: 64}  # bits -> group
 GEMV_SWEEP = ([dict(gemv="units", block_n=8, num_warps=4, k_runs=2), dict(gemv="units", block_n=16, num_warps=4),
                dict(gemv="units_hi", block_n=8, num_warps=4)]
               + [dict(gemv=g, block_n=bn, num_warps=nw, block_k=bk) for g, bn, nw, bk in
-                 itertools.product(("units_sw", "units_hi_sw"), (8, 16), (1, 2, 4), (512, 1024, 2048))]
+                 itertools.product(("units_sw", "units_hi_sw"), (8, 16), (1, 2, 4), (512, 1024, 2048))
+                 if (nw, bn, bk) != (4, 8, 512)]  # (8 rows x 8 runs of 64 codes: fewer runs than 128 threads)
               + [dict(gemv=g, block_n=8, num_warps=nw, block_k=bk) for g, nw, bk in
                  itertools.product(("units_pf", "units_hi_pf"), (1, 2), (1024, 2048))]
               + [dict(gemv="dequant")])
@@ -213,7 +214,8 @@ def launch_cfg(cfg: dict, bits: int, group: int, dtype: torch.dtype) -> dict:
     cfg = dict(cfg)
     k_runs = cfg.pop("k_runs", None)
     if k_runs:
-        cfg["block_k"] = units_run(bits, group, dtype, cfg.get("gemv", "units"))[1] * 32 * cfg.get("num_warps", 4) * k_runs
+        run = units_run(bits, group, dtype, cfg.get("gemv", "units"))[1]
+        cfg["block_k"] = run * 32 * cfg.get("num_warps", 4) * k_runs
     return cfg
 
 
@@ -330,7 +332,8 @@ def main() -> None:
                 if M == 1:  # how fast the same bytes can be read at all
                     r = read_us(moved(packed, scale, M, K, N))
                     m[f"{tag}_read_ceiling_us"] = round(r, 2)
-                    m[f"{tag}_read_ceiling_bw_fraction"] = round(moved(packed, scale, M, K, N) / (r * 1e-6) / copy_bw, 3)
+                    m[f"{tag}_read_ceiling_bw_fraction"] = round(moved(packed, scale, M, K, N) / (r * 1e-6)
+                                                                 / copy_bw, 3)
             try:  # torch's int4 matmul (tinygemm): its packing API has changed between versions
                 wps = [torch.ops.aten._convert_weight_to_int4pack(qi, 8)]
                 wps += [wps[0].clone() for _ in range(max(1, -(-L2_SPAN // (N * K // 2))) - 1)]

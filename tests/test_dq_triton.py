@@ -148,10 +148,11 @@ def test_units_gemv_matches_reference(bits: int, group: int, M: int) -> None:
                          ids=["w4g128", "w2g64", "w3g32", "w4pc"])
 def test_pipelined_units_gemvs(hi: bool, bits: int, group: int, K: int) -> None:
     # Software pipelining only moves loads a K step earlier, so "_pf" (registers) and "_sw" (Triton's pipeliner)
-    # must agree bit for bit. Both take runs of up to 8 units (the plain kernel 4): where the run is the same
-    # (32-bit units, here 3/4 bits with 16-bit x) they must equal the plain kernel bit for bit too. 128-wide K
-    # steps over K = 224..384 give 2-3 steps and a partial last one (the prefetch past K must load nothing);
-    # M = 3 pads to 4 rows (rows 1-3 are not prefetched).
+    # must agree bit for bit (the interpreter does not run Triton's pipeliner: this checks the register prefetch and
+    # the shared loop; the GPU benchmark checks "_sw" compiled). Both take runs of up to 8 units (the plain kernel
+    # 4): where the run is the same (32-bit units, here 3/4 bits with 16-bit x) they must equal the plain kernel
+    # bit for bit too. 128-wide K steps over K = 224..384 give 2-3 steps, and for K = 224 and 320 a partial last
+    # one (the prefetch past K must load nothing); M = 3 pads to 4 rows (rows 1-3 are not prefetched).
     base = "units_hi" if hi else "units"
     for dtype, M in ((torch.bfloat16, 1), (torch.float32, 3)):
         case = make_case(bits, group, M, N=20, K=K, dtype=dtype, scale_dtype=torch.bfloat16, bias=True,
@@ -159,10 +160,22 @@ def test_pipelined_units_gemvs(hi: bool, bits: int, group: int, K: int) -> None:
         blocks = dict(block_n=4, block_k=128, num_warps=1)
         y_pf = check(case, gemv=base + "_pf", **blocks)
         assert torch.equal(y_pf, check(case, gemv=base + "_sw", **blocks))
-        g = max(group, 0)  # units_run takes 0 for per channel
-        if dq.units_run(bits, g, dtype, base + "_pf") == dq.units_run(bits, g, dtype, base):
+        if dq.units_run(bits, group, dtype, base + "_pf") == dq.units_run(bits, group, dtype, base):
             assert torch.equal(y_pf, dq.dq_linear_triton(**case, gemv=base, **blocks))
     assert dq.units_run(2, 64, torch.bfloat16, "units_sw") == (8, 64)  # 8 16-bit units: one 16-byte load per row
+
+
+def test_pipelined_units_gemv_refusals() -> None:
+    # W2 bf16 per channel, K = 96: a multiple of the plain run (32 codes), not of the pipelined forms' 64
+    case = make_case(2, -1, 1, N=8, K=96, dtype=torch.bfloat16, scale_dtype=torch.bfloat16)
+    check(case, gemv="units")
+    with pytest.raises(ValueError, match=r"gemv='units_sw' needs in_features divisible by its run of 64 codes"):
+        dq.dq_linear_triton(**case, gemv="units_sw")
+    assert dq.kernel_specs(2, 64, "bf16", True, m=1, gemv="units_sw")["num_stages"] == 3
+    with pytest.raises(ValueError, match="pipelines 3 stages"):
+        dq.kernel_specs(2, 64, "bf16", True, m=1, gemv="units_sw", num_stages=2)
+    with pytest.raises(ValueError, match="gemv must be one of"):
+        dq.units_run(2, 64, torch.bfloat16, "units_fast")
 
 
 def test_units_gemv_is_the_default_when_it_fits() -> None:
@@ -172,7 +185,7 @@ def test_units_gemv_is_the_default_when_it_fits() -> None:
     tail = make_case(2, 90, 1, N=8, K=90)  # K not a multiple of the 32-code run: the element-wise GEMV instead
     assert dq._prepare(**tail, block_n=None, block_k=None).specs["name"] == "_dq_gemv_dequant_kernel"
     check(tail)
-    with pytest.raises(ValueError, match="units GEMV needs"):
+    with pytest.raises(ValueError, match="gemv='units' needs in_features divisible by its run of 16 codes"):
         dq.dq_linear_triton(**tail, gemv="units")
 
 
@@ -336,8 +349,9 @@ def test_aot_compiles_to_ptx(tmp_path) -> None:
 
 def test_every_kernel_form_compiles_for_sm90(tmp_path) -> None:
     """The interpreter runs Python, not Triton's compiler: a form it accepts can still fail to compile (e.g. constexpr
-    branches whose returns differ in shape). Each units GEMV at runs of 2 and 4-8 units (rows 1-3 included) and each
-    planes GEMM through the real compiler to sm_90 (no GPU needed)."""
+    branches whose returns differ in shape). Each units GEMV at runs of 2 units (4 rows), of 4-8 units with 16-bit x
+    (1 row) and with fp32 x (3 rows), and each planes GEMM, through the real compiler to sm_90 (no GPU needed),
+    with the 16-byte alignment facts a GPU launch passes (they enable vector loads and cp.async)."""
     pytest.importorskip("triton.backends.nvidia")
     script = textwrap.dedent("""
         import triton
@@ -346,10 +360,15 @@ def test_every_kernel_form_compiles_for_sm90(tmp_path) -> None:
         from graphopt.kernels.dq_triton import GEMM_KERNELS, UNITS_GEMVS, kernel_specs
         forms = [(2, 16, "bf16", True, dict(m=3, gemv=g)) for g in UNITS_GEMVS]
         forms += [(2, 64, "bf16", True, dict(m=1, gemv=g, num_warps=1)) for g in UNITS_GEMVS]
+        forms += [(4, 128, "fp32", True, dict(m=3, gemv=g, num_warps=1)) for g in UNITS_GEMVS[2:]]
         forms += [(4, 128, "bf16", False, dict(m=16, gemm=g)) for g in GEMM_KERNELS]
+        aligned = ("x_ptr", "packed_ptr", "scale_ptr", "zero_ptr", "bias_ptr", "y_ptr", "N", "K", "stride_xm",
+                   "stride_pn", "stride_sn", "stride_zn", "stride_ym")
         for bits, group, dt, m_small, kw in forms:
             sp = kernel_specs(bits, group, dt, m_small, **kw)
-            k = triton.compile(ASTSource(sp["kernel"], sp["signature"], sp["constexprs"]),
+            names = list(sp["signature"])
+            attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+            k = triton.compile(ASTSource(sp["kernel"], sp["signature"], sp["constexprs"], attrs),
                                target=GPUTarget("cuda", 90, 32),
                                options={"num_warps": sp["num_warps"], "num_stages": sp["num_stages"]})
             assert ".entry " + sp["name"] in k.asm["ptx"], sp["name"]

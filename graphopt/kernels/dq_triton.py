@@ -10,7 +10,8 @@ Kernels (all accumulate in fp32 and write y in x's dtype)
                    all M rows (BLOCK_M = next power of two >= M, padded rows masked) and walks K in BLOCK_K chunks.
                    A chunk is split into sub-blocks that each lie inside one quantization group, and per group
                    Σ_k x_k (s q_k + z) = s Σ_k x_k q_k + z Σ_k x_k, so codes are never dequantized element-wise.
-  _dq_gemv_units_kernel  the default at M <= 4 when in_features is a multiple of its run (16-32 codes) and the
+  _dq_gemv_units_kernel  the default at M <= 4 when in_features is a multiple of its run (16-32 codes; 16-64 in the
+                   pipelined forms below) and the
                    packed rows are aligned to its unit: codes read in units whose activations are one 16-byte
                    load, runs of up to 4 units per thread, each code one LOP3 + FADD + FFMA (_code_exact), the
                    group scale once per run (see the kernel's comment). Grid (cdiv(N, BLOCK_N),).
@@ -521,7 +522,8 @@ def _units_gemv(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
     CPU: tl.constexpr = min(128 // XB, 32 // SB)  # codes per unit
     UB: tl.constexpr = CPU * SB  # unit bits: 8, 16 or 32
     UT: tl.constexpr = tl.int8 if UB == 8 else (tl.int16 if UB == 16 else tl.int32)
-    # units per run: up to 4, 8 in the pipelined forms (16-byte weight loads for 16-bit units: W2 with 16-bit x)
+    # units per run: up to 4, 8 in the pipelined forms (16-byte weight loads for 16-bit units, i.e. W2 with 16-bit
+    # x or W3/W4 with fp32 x; 8-byte loads for W2 with fp32 x)
     RMAX: tl.constexpr = 8 if PIPE >= 1 else 4
     R: tl.constexpr = min(128 // UB, RMAX) if GROUP == 0 else min(128 // UB, RMAX, GROUP // CPU)
     RUN: tl.constexpr = R * CPU  # codes per run
@@ -554,9 +556,10 @@ def _units_gemv(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
     xt3 = tl.zeros([T], dtype=tl.float32)
     # Software pipelining (PIPE): without it, a grid that fits in one or two waves alternates load and arithmetic
     # phases in lockstep on every SM. PIPE 1: the next K step's weights, scales, zeros and row-0 activations are
-    # loaded into registers before this step's arithmetic. PIPE >= 2: Triton's pipeliner keeps PIPE - 1 K steps of
-    # weights and activations in flight through shared memory (cp.async), and the scales and zeros (2-byte loads,
-    # which cp.async cannot take) are loaded one step ahead into registers.
+    # loaded into loop-carried registers, issued during this step's arithmetic (where in the body is ptxas's
+    # choice: at W4 g128 it puts them in the last third). PIPE >= 2: Triton's pipeliner keeps PIPE - 1 K steps of
+    # weights and activations in flight through shared memory (cp.async), and the scales and zeros (2-byte loads
+    # for 16-bit scales, below cp.async's 4-byte minimum) are loaded one step ahead into registers.
     NS: tl.constexpr = PIPE if PIPE >= 2 else None
     REG_W: tl.constexpr = PIPE == 1
     REG_SZ: tl.constexpr = PIPE >= 1
@@ -592,7 +595,7 @@ def _units_gemv(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
             s_raw, z_raw = _units_sz(scale_ptr, zero_ptr, k0, q_idx, q_row, N, K, stride_sn, stride_zn, BLOCK_N, T,
                                      RUN, GROUP)
         if not REG_W:
-            x_r0 = (kx, kx, kx, kx, kx, kx, kx, kx)  # unused: _x_cols loads the slots itself
+            x_r0 = (kx, kx, kx, kx, kx, kx, kx, kx)  # a placeholder: _x_cols loads the slots itself (LOADED false)
         s = tl.reshape(s_raw.to(tl.float32), [BLOCK_N, T])
         zz = tl.reshape(z_raw.to(tl.float32), [BLOCK_N, T]) - OFFSET * s
         xc = _x_cols(x_r0, x_ptr, 0, stride_xm, M, K, kx, R, CPU, REG_W)
@@ -647,7 +650,8 @@ def _units_store(y_ptr, m, stride_ym, M, offs_n, n_mask, acc, xt, s_pc, zz_pc, b
     out = tl.sum(acc, axis=1)
     if GROUP == 0:
         out = out * s_pc + tl.sum(xt, axis=0) * zz_pc
-    tl.store(y_ptr + m * stride_ym + offs_n, (out + bias).to(y_ptr.dtype.element_ty), mask=n_mask & (offs_n * 0 + m < M))
+    tl.store(y_ptr + m * stride_ym + offs_n, (out + bias).to(y_ptr.dtype.element_ty),
+             mask=n_mask & (offs_n * 0 + m < M))
 
 
 @triton.jit
@@ -899,7 +903,10 @@ GEMV_KERNELS = {"units": _dq_gemv_units_kernel, "units_hi": _dq_gemv_units_hi_ke
                 "reduce": _dq_gemv_kernel,
                 "dequant": _dq_gemv_dequant_kernel,
                 "planes": _dq_gemm_planes_kernel}  # "planes": the GEMM kernel with a 16-row tile
-UNITS_GEMVS = ("units", "units_hi", "units_pf", "units_hi_pf", "units_sw", "units_hi_sw")  # the _units_gemv family (same shape rules)
+# The _units_gemv family: name -> its PIPE constexpr (0 none, 1 registers, 3 Triton's pipeliner with 3 stages).
+# Pipelined forms take runs of up to 8 units (units_run), so some need K to be a multiple of a longer run.
+UNITS_PIPE = {"units": 0, "units_hi": 0, "units_pf": 1, "units_hi_pf": 1, "units_sw": 3, "units_hi_sw": 3}
+UNITS_GEMVS = tuple(UNITS_PIPE)
 # "units" when the shape allows it (units_run divides K, rows aligned: the launcher checks), else "dequant"
 # (ahead-of-time kernels, which must take any K, always use "dequant").
 GEMV_DEFAULT = "dequant"
@@ -962,7 +969,9 @@ def units_run(bits: int, group: int, dtype: torch.dtype | str, gemv: str = "unit
     xbits = {"fp16": 16, "bf16": 16, "fp32": 32}[_dtype_name(dtype, "activation")]
     sb = _storage_bits(bits)
     cpu = min(128 // xbits, 32 // sb)
-    rmax = 8 if gemv.endswith(("_pf", "_sw")) else 4  # as RMAX in _units_gemv
+    if gemv not in UNITS_PIPE:
+        raise ValueError(f"gemv must be one of {', '.join(UNITS_PIPE)} for units_run, got {gemv!r}")
+    rmax = 8 if UNITS_PIPE[gemv] >= 1 else 4  # as RMAX in _units_gemv
     group = max(group, 0)  # -1: per channel too
     r = min(128 // (cpu * sb), rmax) if group == 0 else min(128 // (cpu * sb), rmax, group // cpu)
     return cpu, r * cpu
@@ -1002,8 +1011,9 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
     into tensor-core dots, scaled per group afterwards; needs planes_fit and 2-byte aligned rows), "planes8" (the
     same over bytes), "scaled" / "scaled8" (the same operands dequantized in registers before the dot) or
     "dequant" (tiles dequantized and put back in k order); _default_gemm picks by rows. gemm applies to the tiled
-    kernels only: M > 4, or gemv="planes". convention "tensorrt" gives entry points with TensorRT's AOT plugin argument order (input
-    pointers, the i32 scalars, then y_ptr; the dequant GEMV and the dequant GEMM inside).
+    kernels only: M > 4, or gemv="planes". convention "tensorrt" gives entry points with TensorRT's AOT plugin
+    argument order (input pointers, the i32 scalars, then y_ptr; the dequant GEMV and the dequant GEMM inside).
+    The "_sw" GEMVs pipeline 3 stages, fixed in the kernel: num_stages reports that and may only say 3.
 
     Returns {"kernel", "name", "signature" (every kernel argument in order, constexprs marked "constexpr", as
     Triton >= 3.2's ASTSource expects), "constexprs", "grid" (M, N) -> 3-tuple, "num_warps", "num_stages"}.
@@ -1039,6 +1049,11 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
             bn = block_n or 8
             bk = block_k or run * 32 * (num_warps or default_warps)
             min_k = run
+            if UNITS_PIPE[gemv] >= 2:  # the stages are the kernel's tl.range(num_stages=PIPE)
+                if num_stages not in (None, UNITS_PIPE[gemv]):
+                    raise ValueError(f"gemv={gemv!r} pipelines {UNITS_PIPE[gemv]} stages (fixed in the kernel), "
+                                     f"got num_stages={num_stages}")
+                default_stages = UNITS_PIPE[gemv]
         else:
             # Defaults from the H100 sweep of benchmarks/dq_kernels.py (2026-11-27, M = 1: "dequant", 16 columns,
             # 512-wide K steps were fastest for W4g128 and W2g64); the K step halves for 4 rows (registers).
@@ -1211,7 +1226,10 @@ def _select_specs(packed: torch.Tensor, bits: int, c: _Checked, dtype: torch.dty
     if m_small and gemv in (None, *UNITS_GEMVS):
         fits = _units_fit(packed, bits, c, dtype, gemv or "units")
         if gemv in UNITS_GEMVS and not fits:
-            raise ValueError("the units GEMV needs in_features divisible by its run and unit-aligned packed rows")
+            cpu, run = units_run(bits, 0 if c.per_channel else c.group, dtype, gemv)
+            raise ValueError(f"gemv={gemv!r} needs in_features divisible by its run of {run} codes (got {c.K}) and "
+                             f"packed rows aligned to its {cpu * _storage_bits(bits) // 8}-byte units; use gemv=None to let "
+                             f"the launcher choose")
         gemv = (gemv or "units") if fits else GEMV_DEFAULT
 
     def specs_for(gemm: str | None) -> dict[str, Any]:
@@ -1283,7 +1301,8 @@ def dq_linear_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
 
     group: -1 or in_features for per channel, else a power of two >= 16 dividing in_features. Tensors must be on
     CUDA, or on CPU when the kernels run under TRITON_INTERPRET=1. block_n / block_k / num_warps override the
-    default tiles and num_stages the software pipelining depth; gemv / gemm the kernel (see kernel_specs).
+    default tiles and num_stages the software pipelining depth (fixed at 3 in the "_sw" GEMVs); gemv / gemm the
+    kernel (see kernel_specs).
     """
     launch = _prepare(x, packed, scale, zero, bits, group, in_features, bias, block_n, block_k, num_warps, gemv,
                       gemm, num_stages)
