@@ -37,17 +37,20 @@ from common import emit, parse_args
 SHAPES = [(4096, 4096), (8192, 8192), (4096, 14336)]
 SETTINGS = {4: 128, 2: 64}  # bits -> group
 # M = 1: the "units" GEMV family: plain (the default; the two runs that were within 2 % of it on the H100,
-# 2026-11-27), "units_hi" (biased codes), and both software-pipelined ("_pf": next K step in registers; "_sw":
-# Triton's pipeliner, 3 stages; runs of up to 8 units) over rows per program x warps x K step (>= 2 steps at
-# K = 4096: pipelining needs several); and the older "dequant" GEMV. Block_n 4, "reduce" and the planes GEMM at
-# M = 1 were slower (2026-11-27); "_pf" needs ~255 registers at 8 rows, so fewer of its forms are swept.
+# 2026-11-27), "units_hi" (biased codes), and both software-pipelined forms ("_pf": next K step in registers; "_sw":
+# Triton's pipeliner, 3 stages; runs of up to 8 units) over rows per program x warps x K step in thread runs
+# (k_runs; offline SASS: a K step shorter than one run per thread replicates work across threads, 1.3-2x the
+# instructions per code, so none is swept; fewer warps give more, shorter K steps to overlap); and the older
+# "dequant" GEMV. Block_n 4, "reduce" and the planes GEMM at M = 1 were slower (2026-11-27); "_pf" needs ~250
+# registers at 8 rows, so fewer of its forms are swept.
 GEMV_SWEEP = ([dict(gemv="units", block_n=8, num_warps=4, k_runs=2), dict(gemv="units", block_n=16, num_warps=4),
                dict(gemv="units_hi", block_n=8, num_warps=4)]
-              + [dict(gemv=g, block_n=bn, num_warps=nw, block_k=bk) for g, bn, nw, bk in
-                 itertools.product(("units_sw", "units_hi_sw"), (8, 16), (1, 2, 4), (512, 1024, 2048))
-                 if (nw, bn, bk) != (4, 8, 512)]  # (8 rows x 8 runs of 64 codes: fewer runs than 128 threads)
-              + [dict(gemv=g, block_n=8, num_warps=nw, block_k=bk) for g, nw, bk in
-                 itertools.product(("units_pf", "units_hi_pf"), (1, 2), (1024, 2048))]
+              + [dict(gemv=g, block_n=bn, num_warps=nw, k_runs=1) for g, bn, nw in
+                 itertools.product(("units_sw", "units_hi_sw"), (8, 16), (1, 2, 4))]
+              + [dict(gemv=g, block_n=8, num_warps=nw, k_runs=2) for g, nw in
+                 itertools.product(("units_sw", "units_hi_sw"), (1, 2))]
+              + [dict(gemv=g, block_n=8, num_warps=nw, k_runs=1) for g, nw in
+                 itertools.product(("units_pf", "units_hi_pf"), (1, 2))]
               + [dict(gemv="dequant")])
 # M = 16, 64: the tensor-core GEMMs over tiles and pipeline depth ("planes"/"planes8": integer codes, scaled per
 # group after the dot; "scaled"/"scaled8": operand dequantized in registers), and the older "dequant" GEMM; the
