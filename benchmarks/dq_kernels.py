@@ -49,9 +49,6 @@ GEMV_SWEEP = ([dict(gemv="units", block_n=8, num_warps=4, k_runs=2), dict(gemv="
                  itertools.product(("units_sw", "units_hi_sw"), (8, 16), (1, 2, 4))]
               + [dict(gemv=g, block_n=8, num_warps=nw, k_runs=2) for g, nw in
                  itertools.product(("units_sw", "units_hi_sw"), (1, 2))]
-              # 16 rows whose K step is one run per thread of a single warp: the other warps take other rows
-              + [dict(gemv=g, block_n=16, num_warps=nw, k_runs=1 / nw) for g, nw in
-                 itertools.product(("units_sw", "units_hi_sw"), (2, 4))]
               + [dict(gemv=g, block_n=8, num_warps=nw, k_runs=1) for g, nw in
                  itertools.product(("units_pf", "units_hi_pf"), (1, 2))]
               + [dict(gemv="dequant")])
@@ -215,14 +212,13 @@ def read_us(n_bytes: int) -> float:
 
 
 def launch_cfg(cfg: dict, bits: int, group: int, dtype: torch.dtype) -> dict:
-    """Sweep entry -> dq_linear_triton keyword arguments (k_runs: K step in runs per thread of the units GEMV; a
-    fraction 1/num_warps makes the step one run per thread of one warp)."""
+    """Sweep entry -> dq_linear_triton keyword arguments (k_runs: K step in thread runs of the units GEMV)."""
     from graphopt.kernels.dq_triton import units_run
     cfg = dict(cfg)
     k_runs = cfg.pop("k_runs", None)
     if k_runs:
         run = units_run(bits, group, dtype, cfg.get("gemv", "units"))[1]
-        cfg["block_k"] = int(run * 32 * cfg.get("num_warps", 4) * k_runs)
+        cfg["block_k"] = run * 32 * cfg.get("num_warps", 4) * k_runs
     return cfg
 
 
