@@ -1310,6 +1310,7 @@ def dq_linear_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
     if y.numel() == 0:
         return y.reshape(launch.out_shape)
     grid = specs["grid"](args["M"], args["N"])
+    # FMA contraction explicitly: the kernels are written for FFMA/HFMA2 (Triton 3.10 turns the default off)
     specs["kernel"][grid](*args.values(), **specs["constexprs"],
-                          num_warps=specs["num_warps"], num_stages=specs["num_stages"])
+                          num_warps=specs["num_warps"], num_stages=specs["num_stages"], enable_fp_fusion=True)
     return y.reshape(launch.out_shape)
