@@ -4,11 +4,12 @@
 
 1. Correctness on this GPU: bits 2/3/4/8 x group 32/128/per channel x M 1, 3, 70 (the GEMV kernels at M <= 4,
    both GEMMs at 70) with fp16 activations, bits 2/4 group 64 with bf16, and bits 2/3/4/8 x group 128/per channel
-   x M 16 with bf16 and fp32 (all GEMMs), against dq_linear_reference (rel L2 error); key `check_failures`.
+   x M 16 with bf16 and fp32 (all GEMMs, whole and split over 3 K ranges, and split_k="auto"), against
+   dq_linear_reference (rel L2 error); key `check_failures`.
    Every swept configuration is checked too before it is timed.
 2. Sweep (on the two larger shapes) at M = 1 (the "units" GEMV family, plain, with biased codes and software
    pipelined, over rows per program x warps x K step; the "dequant" GEMV) and M = 16, 64 (the "planes",
-   "planes8", "scaled" and "scaled8" GEMMs over tiles and pipeline stages, and the older "dequant" GEMM) for
+   "planes8", "scaled" and "scaled8" GEMMs over tiles, pipeline stages and split K, and the "dequant" GEMM) for
    W4g128 and W2g64: the best configuration per shape and its time, and the default configuration's time. At
    M = 1 also `*_read_ceiling_us`: a kernel that only streams the same number of bytes. Correctness checks and
    the compilation of every timed configuration run first in `--jobs` processes (spawned; Triton's compiler is
@@ -55,16 +56,27 @@ GEMV_SWEEP = ([dict(gemv="units", block_n=8, num_warps=4, k_runs=2), dict(gemv="
 # M = 16, 64: the tensor-core GEMMs over tiles and pipeline depth ("planes"/"planes8": integer codes, scaled per
 # group after the dot; "scaled"/"scaled8": operand dequantized in registers), and the older "dequant" GEMM; the
 # tiles are the best four of the 2026-11-27 sweep. 8 warps or 16 columns per program were 2-7x slower then.
+# Split K (K ranges per tile, fp32 partials summed after): at 16 rows one tile per program gives N / block_n
+# programs, ~2 per SM at N = 8192, where the registers and shared memory would let 3-6 run (offline sm_90 SASS,
+# 2026-11-27: planes W4 64 x 128 x 4 stages 122 registers, scaled W2 same tile 80, scaled8 W2 32 x 256 x 2
+# stages 128); the splits below fill one wave of those slots, "auto" computes that from the compiled kernel.
 TILES16 = ((32, 512, 4), (64, 128, 4), (64, 256, 2), (32, 256, 2))  # (block_n, block_k, num_stages)
+SPLITS16 = ([dict(gemm=g, block_n=64, block_k=128, num_stages=4, split_k=sk)
+             for g, sk in itertools.product(("planes", "scaled"), (2, 4, "auto"))]
+            + [dict(gemm="planes", block_n=32, block_k=256, num_stages=3, split_k=2),
+               dict(gemm="scaled8", block_n=32, block_k=256, num_stages=2, split_k=2), dict(split_k="auto")])
 GEMM_SWEEP = {16: [dict(gemm=g, block_n=bn, block_k=bk, num_stages=st) for g, (bn, bk, st) in
                    itertools.product(("planes", "planes8", "scaled", "scaled8"), TILES16)]
-              + [dict(gemm="dequant", block_n=32, block_k=256)],
+              + SPLITS16 + [dict(gemm="dequant", block_n=32, block_k=256)],
               64: [dict(gemm=g, block_n=bn, block_k=bk) for g, (bn, bk) in
                    itertools.product(("planes", "scaled"), ((64, 128), (32, 256)))]
+              + [dict(gemm=g, block_n=64, block_k=128, split_k=sk) for g, sk in
+                 itertools.product(("planes", "scaled"), (2, 4, "auto"))]
               + [dict(gemm="dequant", block_n=32, block_k=128)]}
 # --sweep gemm16: the three planes kernels at the M = 16 defaults' tile
 GEMM16_VARIANTS = ([dict(gemm=g) for g in ("planes", "planes8", "scaled", "scaled8", "dequant")]
-                   + [dict(gemm=g, block_n=64, block_k=256, num_stages=2) for g in ("planes8", "scaled", "scaled8")])
+                   + [dict(gemm=g, block_n=64, block_k=256, num_stages=2) for g in ("planes8", "scaled", "scaled8")]
+                   + SPLITS16)
 L2_SPAN = 160 << 20  # bytes the rotated copies of a problem cover: > 3x the H100's 50 MB L2
 
 
@@ -108,9 +120,10 @@ def check_cases(cases: list[tuple], device: str = "cuda") -> tuple[int, float, l
         variants = ([dict(gemv=v) for v in ("units", "units_hi", "reduce", "dequant")]
                     + [dict(gemv=v, block_k=256) for v in ("units_pf", "units_sw", "units_hi_pf", "units_hi_sw")]
                     if M <= 4 else
-                    [dict(gemm="dequant")] + [dict(gemm=g, block_k=256) for g, u in (("planes", 16), ("planes8", 8),
-                                                                                     ("scaled", 16), ("scaled8", 8))
-                                              if planes_fit(bits, max(group, 0), 256, u)])
+                    [dict(gemm="dequant"), dict(split_k="auto")]
+                    + [dict(gemm=g, block_k=256, split_k=sk) for g, u in (("planes", 16), ("planes8", 8),
+                                                                          ("scaled", 16), ("scaled8", 8))
+                       for sk in (1, 3) if planes_fit(bits, max(group, 0), 256, u)])
         if M <= 4 and dt != torch.float32:
             variants.append(dict(gemv="planes", block_k=256))
         for kw in variants:
@@ -236,7 +249,7 @@ def main() -> None:
     import triton
     import triton.testing
 
-    from graphopt.kernels.dq_triton import dq_linear_reference, dq_linear_triton
+    from graphopt.kernels.dq_triton import _prepare, dq_linear_reference, dq_linear_triton
 
     def eager_us(fn) -> float:  # with Python launch overhead; L2 flushed before every run
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
@@ -298,6 +311,18 @@ def main() -> None:
                 ref = dq_linear_reference(x, packed, scale, zero, bits, group, K)
                 tag = f"{key}_w{bits}"
 
+                def chosen(cfg: dict) -> str:  # the kernel and split the launcher picked (for "auto" and defaults)
+                    if cfg and cfg.get("split_k") != "auto":
+                        return ""
+                    try:
+                        sp = _prepare(x, packed, scale, zero, bits, group, K, None, cfg.get("block_n"),
+                                      cfg.get("block_k"), gemm=cfg.get("gemm"), split_k=cfg.get("split_k"))
+                    except Exception as e:
+                        return f" ({type(e).__name__})"
+                    c = sp.specs["constexprs"]
+                    return (f" ({sp.specs['name']}, {c['BLOCK_N']} x {c['BLOCK_K']}, "
+                            f"split {c.get('SPLIT_K', 1)})")
+
                 def timed(cfg: dict) -> float:
                     return graph_us([lambda p=p, s=s, z=z: dq_linear_triton(x, p, s, z, bits, group, K, **cfg)
                                      for p, s, z in copies])
@@ -313,6 +338,7 @@ def main() -> None:
                 except Exception as e:
                     print(f"{tag} default: {type(e).__name__} {str(e)[:300]}", flush=True)
                     us = float("inf")
+                print(f"  {tag} default: {us:.2f} us{chosen({})}", flush=True)
                 sweep = sweep_for(K, N, M)
                 best = (us, "default")
                 for entry in sweep:
@@ -326,7 +352,7 @@ def main() -> None:
                     except Exception as e:
                         print(f"{tag} {entry}: {type(e).__name__} {str(e)[:120]}", flush=True)
                         continue
-                    print(f"  {tag} {entry}: {t:.2f} us", flush=True)
+                    print(f"  {tag} {entry}: {t:.2f} us{chosen(cfg)}", flush=True)
                     if t < best[0]:
                         best = (t, entry)
                 m[f"{tag}_best_us"] = round(best[0], 2)

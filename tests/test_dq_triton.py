@@ -362,6 +362,8 @@ def test_every_kernel_form_compiles_for_sm90(tmp_path) -> None:
         forms += [(2, 64, "bf16", True, dict(m=1, gemv=g, num_warps=1)) for g in UNITS_GEMVS]
         forms += [(4, 128, "fp32", True, dict(m=3, gemv=g, num_warps=1)) for g in UNITS_GEMVS[2:]]
         forms += [(4, 128, "bf16", False, dict(m=16, gemm=g)) for g in GEMM_KERNELS]
+        forms += [(2, 64, "bf16", False, dict(m=16, gemm=g, split_k=4, block_n=64, block_k=128))
+                  for g in ("planes", "scaled")]
         aligned = ("x_ptr", "packed_ptr", "scale_ptr", "zero_ptr", "bias_ptr", "y_ptr", "N", "K", "stride_xm",
                    "stride_pn", "stride_sn", "stride_zn", "stride_ym")
         for bits, group, dt, m_small, kw in forms:
@@ -372,6 +374,11 @@ def test_every_kernel_form_compiles_for_sm90(tmp_path) -> None:
                                target=GPUTarget("cuda", 90, 32),
                                options={"num_warps": sp["num_warps"], "num_stages": sp["num_stages"]})
             assert ".entry " + sp["name"] in k.asm["ptx"], sp["name"]
+        from graphopt.kernels.dq_triton import _sum_splits_kernel
+        k = triton.compile(ASTSource(_sum_splits_kernel, {"ws_ptr": "*fp32", "y_ptr": "*bf16", "MN": "i32",
+                                                          "SPLIT_K": "constexpr", "BLOCK": "constexpr"},
+                                     {"SPLIT_K": 5, "BLOCK": 1024}), target=GPUTarget("cuda", 90, 32))
+        assert ".entry _sum_splits_kernel" in k.asm["ptx"]
         print("ok", len(forms))
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -476,3 +483,66 @@ def test_planes_error_messages_and_fallbacks() -> None:
         name = dq._prepare(**case16, block_n=None, block_k=None, gemm=None).specs["name"]
         assert name == ("_dq_gemm_kernel" if dtype == torch.float16 else "_dq_gemm_planes8_kernel")
         check(case16)
+
+
+# ---------------------------------------------------------------------------------------
+# Split K (planes-family GEMMs): K ranges per output tile, fp32 partials summed by the launcher
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("gemm", ["planes", "planes8", "scaled", "scaled8"])
+@pytest.mark.parametrize("bits,group,K,split", [(4, 128, 1024, 2), (2, 64, 1024, 4), (4, -1, 1000, 3),
+                                                (2, 32, 768, 3), (3, 128, 512, 4)],
+                         ids=["w4g128-s2", "w2g64-s4", "w4pc-K1000-s3", "w2g32-s3", "w3g128-s4-empty"])
+def test_split_k_matches_reference(gemm: str, bits: int, group: int, K: int, split: int) -> None:
+    # 256-wide K steps: K = 1000 per channel ends inside a step (ranges 512 + 488 + an empty third); K = 512 in 4
+    # ranges of one step leaves two ranges empty (they must add zeros, and the bias only once).
+    case = make_case(bits, group, 20, N=48, K=K, dtype=torch.float16, scale_dtype=torch.float16, bias=True,
+                     seed=split)
+    launch = dq._prepare(**case, block_n=16, block_k=256, gemm=gemm, split_k=split)
+    assert launch.specs["constexprs"]["SPLIT_K"] == split and launch.specs["grid"](20, 48) == (1, 3, split)
+    whole = dq.dq_linear_triton(**case, block_n=16, block_k=256, gemm=gemm)
+    parts = check(case, block_n=16, block_k=256, gemm=gemm, split_k=split)
+    # the same products summed in another order: fp16 outputs within a rounding of each other
+    torch.testing.assert_close(parts.float(), whole.float(), rtol=2e-3, atol=2e-3 * whole.abs().max().item())
+    fp32 = {**case, "x": case["x"].float(), "bias": case["bias"].float()}
+    fit = 16 * (8 if gemm.endswith("8") else 16) // (4 if bits == 3 else bits)  # least K step the kernel takes
+    check(fp32, block_n=16, block_k=max(64, fit), gemm=gemm, split_k=split)
+
+
+def test_split_k_auto_and_refusals() -> None:
+    case = make_case(4, 128, 20, N=48, K=512, dtype=torch.float16, scale_dtype=torch.float16, bias=True)
+    # the interpreter has no occupancy to fill: "auto" keeps one range
+    assert dq._prepare(**case, block_n=None, block_k=None, split_k="auto").specs["constexprs"]["SPLIT_K"] == 1
+    check(case, split_k="auto")
+    check({**case, "x": case["x"][:3]}, split_k="auto")  # GEMV rows: "auto" means no split
+    with pytest.raises(ValueError, match="planes/scaled GEMMs only .*gemm='dequant'"):
+        dq.dq_linear_triton(**case, gemm="dequant", split_k=2)
+    with pytest.raises(ValueError, match="planes/scaled GEMMs only .*gemv='units'"):
+        dq.dq_linear_triton(**{**case, "x": case["x"][:2]}, split_k=2)
+    for bad, message in ((0, "between 1 and 64"), (65, "between 1 and 64"), ("many", "integer or 'auto'"),
+                         (2.0, "integer or 'auto'")):
+        with pytest.raises(ValueError, match=message):
+            dq.dq_linear_triton(**case, split_k=bad)
+    assert "SPLIT_K" not in dq.kernel_specs(4, 128, "fp16", True, m=1, gemv="units")["constexprs"]
+    with pytest.raises(ValueError, match="split_k applies"):
+        dq.kernel_specs(4, 128, "fp16", False, m=16, convention="tensorrt", split_k=2)
+
+
+@pytest.mark.parametrize("tiles,k_steps,per_sm,sms,expected", [
+    (128, 64, 4, 132, 4),    # 8192² at 64-column tiles, 4 programs per SM: 512 of 528 slots
+    (128, 64, 6, 132, 6),    # ranges of 11 steps (the last 9)
+    (256, 16, 2, 132, 1),    # the tiles already fill every slot
+    (224, 32, 4, 132, 2),
+    (16, 8, 8, 132, 2),      # at least 4 K steps per range
+    (1, 13, 16, 132, 3),     # 5 + 5 + 3 steps
+    (100, 16, 8, 132, 4),    # slots for 10, but 4 steps per range at most allow 4
+    (10, 40, 8, 132, 10),    # 4 steps each
+    (60, 64, 1, 132, 2),
+])
+def test_occupancy_split(tiles: int, k_steps: int, per_sm: int, sms: int, expected: int) -> None:
+    split = dq.occupancy_split(tiles, k_steps, per_sm, sms)
+    assert split == expected
+    assert tiles * split <= max(per_sm * sms, tiles)
+    steps = -(-k_steps // split)
+    assert split == 1 or (steps >= 4 and (split - 1) * steps < k_steps)  # no empty range
+    assert -(-k_steps // (split - 1)) > steps if split > 1 else True  # one range fewer would be slower

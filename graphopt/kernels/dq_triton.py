@@ -735,7 +735,8 @@ def _plane(w, j: tl.constexpr, SB: tl.constexpr, OFFSET: tl.constexpr, XT: tl.co
 def _planes_gemm(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
                  M, N, K, stride_xm, stride_pn, stride_sn, stride_zn, stride_ym,
                  BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, UB: tl.constexpr, PRESCALE: tl.constexpr):
+                 BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, UB: tl.constexpr, PRESCALE: tl.constexpr,
+                 SPLIT_K: tl.constexpr):
     # Like _dq_gemm_kernel, but the codes are never put back in k order: code slot j of every UB-bit unit
     # (k = i*P + j) is its own [BLOCK_N, KSUB / P] operand, an element-wise function of the loaded units,
     # multiplied by the activations at stride P (split from one contiguous load in registers). Element-wise
@@ -745,6 +746,9 @@ def _planes_gemm(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
     # when it spans NG groups, each group's partial comes from x masked to that group's units.
     # PRESCALE instead dequantizes the operand in x's dtype (s q + z, one rounding as in _dq_gemm_kernel, packed
     # half-precision FMAs): one dot per slot and K step whatever the groups, no Σ x dots, no per-group partials.
+    # SPLIT_K > 1: program_id(2) takes one of SPLIT_K consecutive K ranges (whole K steps) and writes its fp32
+    # partial to slice pid_k of a [SPLIT_K, M, N] workspace (y_ptr); the launcher sums the slices. At 16 rows
+    # a tile-per-program grid has only N / BLOCK_N programs, ~2 per SM at N = 8192: too few warps to hide latency.
     SB: tl.constexpr = 4 if BITS == 3 else BITS
     OFFSET: tl.constexpr = 1 << (SB - 1)
     P: tl.constexpr = UB // SB  # codes per unit
@@ -775,7 +779,15 @@ def _planes_gemm(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
         s_pc = tl.load(scale_ptr + offs_n * stride_sn, mask=n_mask, other=0.0).to(XT)[:, None]
         z_pc = tl.load(zero_ptr + offs_n * stride_zn, mask=n_mask, other=0.0).to(XT)[:, None]
 
-    for k0 in range(0, K, BLOCK_K):
+    if SPLIT_K > 1:
+        k_len = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+        k_start = tl.program_id(2) * k_len
+        k_end = tl.minimum(K, k_start + k_len)
+        y_ptr += tl.program_id(2) * M * stride_ym
+    else:
+        k_start = 0
+        k_end = K
+    for k0 in range(k_start, k_end, BLOCK_K):
         for sub in tl.static_range(BLOCK_K // KSUB):
             kb = k0 + sub * KSUB
             byte = kb // P + offs_b
@@ -833,8 +845,9 @@ def _planes_gemm(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
         s = tl.load(scale_ptr + offs_n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
         z = tl.load(zero_ptr + offs_n * stride_zn, mask=n_mask, other=0.0).to(tl.float32)
         acc = acc * s[None, :] + x_sum * z[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:  # once: in the first K range's partial
+        b_mask = (offs_n < tl.where(tl.program_id(2) == 0, N, 0)) if SPLIT_K > 1 else n_mask
+        acc += tl.load(bias_ptr + offs_n, mask=b_mask, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
@@ -843,39 +856,39 @@ def _planes_gemm(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
 def _dq_gemm_scaled_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
                            M, N, K, stride_xm, stride_pn, stride_sn, stride_zn, stride_ym,
                            BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+                           BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
     # The planes GEMM over 16-bit units with the operand dequantized in registers (PRESCALE).
     _planes_gemm(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_pn,
-                 stride_sn, stride_zn, stride_ym, BITS, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, 16, True)
+                 stride_sn, stride_zn, stride_ym, BITS, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, 16, True, SPLIT_K)
 
 
 @triton.jit
 def _dq_gemm_scaled8_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
                             M, N, K, stride_xm, stride_pn, stride_sn, stride_zn, stride_ym,
                             BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+                            BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
     _planes_gemm(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_pn,
-                 stride_sn, stride_zn, stride_ym, BITS, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, 8, True)
+                 stride_sn, stride_zn, stride_ym, BITS, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, 8, True, SPLIT_K)
 
 
 @triton.jit
 def _dq_gemm_planes_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
                            M, N, K, stride_xm, stride_pn, stride_sn, stride_zn, stride_ym,
                            BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+                           BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
     # The planes GEMM reading 16-bit units (rows 2-byte aligned: the launcher checks).
     _planes_gemm(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_pn,
-                 stride_sn, stride_zn, stride_ym, BITS, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, 16, False)
+                 stride_sn, stride_zn, stride_ym, BITS, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, 16, False, SPLIT_K)
 
 
 @triton.jit
 def _dq_gemm_planes8_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
                             M, N, K, stride_xm, stride_pn, stride_sn, stride_zn, stride_ym,
                             BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+                            BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
     # The planes GEMM reading bytes: twice the code slots of half the width (more byte permutes).
     _planes_gemm(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_pn,
-                 stride_sn, stride_zn, stride_ym, BITS, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, 8, False)
+                 stride_sn, stride_zn, stride_ym, BITS, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, 8, False, SPLIT_K)
 
 
 @triton.jit
@@ -897,6 +910,17 @@ def _dq_gemm_trt_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr,
                     stride_sn, stride_zn, stride_ym, BITS, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS)
 
 
+@triton.jit
+def _sum_splits_kernel(ws_ptr, y_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    # y = Σ_s ws[s] for split K's fp32 partials [SPLIT_K, M, N] (y contiguous [M, N]), cast to y's dtype.
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(ws_ptr + s * MN + offs, mask=mask, other=0.0)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
 GEMV_KERNELS = {"units": _dq_gemv_units_kernel, "units_hi": _dq_gemv_units_hi_kernel,
                 "units_pf": _dq_gemv_units_pf_kernel, "units_hi_pf": _dq_gemv_units_hi_pf_kernel,
                 "units_sw": _dq_gemv_units_sw_kernel, "units_hi_sw": _dq_gemv_units_hi_sw_kernel,
@@ -912,6 +936,7 @@ UNITS_GEMVS = tuple(UNITS_PIPE)
 GEMV_DEFAULT = "dequant"
 GEMM_KERNELS = {"planes": _dq_gemm_planes_kernel, "planes8": _dq_gemm_planes8_kernel,
                 "scaled": _dq_gemm_scaled_kernel, "scaled8": _dq_gemm_scaled8_kernel, "dequant": _dq_gemm_kernel}
+PLANES_KERNELS = (_dq_gemm_planes_kernel, _dq_gemm_planes8_kernel, _dq_gemm_scaled_kernel, _dq_gemm_scaled8_kernel)
 
 
 def _default_gemm(bits: int, group: int, block_m: int) -> str:
@@ -998,7 +1023,7 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
                  in_features: int | None = None, scale_dtype: torch.dtype | str | None = None,
                  block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
                  num_stages: int | None = None, gemv: str = GEMV_DEFAULT, gemm: str | None = None,
-                 convention: str = "triton") -> dict[str, Any]:
+                 split_k: int | None = None, convention: str = "triton") -> dict[str, Any]:
     """Everything needed to launch or AOT-compile one kernel variant.
 
     group: -1 (or in_features) for per channel, else a power of two >= 16. dtype: the activation (= x, y, bias)
@@ -1014,6 +1039,8 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
     kernels only: M > 4, or gemv="planes". convention "tensorrt" gives entry points with TensorRT's AOT plugin
     argument order (input pointers, the i32 scalars, then y_ptr; the dequant GEMV and the dequant GEMM inside).
     The "_sw" GEMVs pipeline 3 stages, fixed in the kernel: num_stages reports that and may only say 3.
+    split_k (planes-family GEMMs only; default 1) splits K over that many programs per tile (grid dim 2), each
+    writing an fp32 partial to a [split_k, M, N] workspace passed as y_ptr (dq_linear_triton sums them).
 
     Returns {"kernel", "name", "signature" (every kernel argument in order, constexprs marked "constexpr", as
     Triton >= 3.2's ASTSource expects), "constexprs", "grid" (M, N) -> 3-tuple, "num_warps", "num_stages"}.
@@ -1092,6 +1119,16 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
                     choice = "dequant"
         kernel = GEMM_KERNELS[choice]
         min_k = 16
+    splits = 1 if split_k is None else split_k
+    if not isinstance(splits, int) or isinstance(splits, bool):
+        raise ValueError(f"split_k must be an integer or 'auto' (dq_linear_triton), got {split_k!r}")
+    if splits != 1:
+        if not tiled or kernel not in PLANES_KERNELS:
+            what = f"gemv={gemv!r}" if not tiled else f"gemm={choice!r}"
+            raise ValueError(f"split_k applies to the planes/scaled GEMMs only (this call uses {what}); "
+                             f"leave split_k unset")
+        if not 1 <= splits <= 64:
+            raise ValueError(f"split_k must be between 1 and 64, got {split_k}")
     if num_warps is not None:
         if num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {num_warps}")
@@ -1112,6 +1149,8 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
         kernel = _dq_gemv_trt_kernel if m_small else _dq_gemm_trt_kernel
         signature["y_ptr"] = signature.pop("y_ptr")  # moved after the scalars
     constexprs = {"BITS": bits, "GROUP": g, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "HAS_BIAS": False}
+    if kernel in PLANES_KERNELS:
+        constexprs["SPLIT_K"] = splits
     signature.update({name: "constexpr" for name in constexprs})
 
     if not tiled:
@@ -1119,7 +1158,7 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
             return (triton.cdiv(N, bn), 1, 1)
     else:
         def grid(M: int, N: int) -> tuple[int, int, int]:
-            return (triton.cdiv(M, bm), triton.cdiv(N, bn), 1)
+            return (triton.cdiv(M, bm), triton.cdiv(N, bn), splits)
 
     return {"kernel": kernel, "name": kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__,
             "signature": signature, "constexprs": constexprs, "grid": grid,
@@ -1219,7 +1258,8 @@ _SPECS_CACHE: dict[tuple, dict[str, Any]] = {}
 
 def _select_specs(packed: torch.Tensor, bits: int, c: _Checked, dtype: torch.dtype, scale_dtype: torch.dtype, M: int,
                   has_bias: bool, block_n: int | None, block_k: int | None, num_warps: int | None,
-                  num_stages: int | None, gemv: str | None, gemm: str | None) -> dict[str, Any]:
+                  num_stages: int | None, gemv: str | None, gemm: str | None,
+                  split_k: int | None = None) -> dict[str, Any]:
     """kernel_specs for one call, with the launcher's choices: the units GEMV where it fits, the byte-wide planes
     kernel or the dequant GEMM where 16-bit units would be misaligned."""
     m_small = M <= GEMV_MAX_M
@@ -1235,7 +1275,7 @@ def _select_specs(packed: torch.Tensor, bits: int, c: _Checked, dtype: torch.dty
     def specs_for(gemm: str | None) -> dict[str, Any]:
         return kernel_specs(bits, -1 if c.per_channel else c.group, dtype, m_small, m=max(M, 1),
                             scale_dtype=scale_dtype, block_n=block_n, block_k=block_k, num_warps=num_warps,
-                            num_stages=num_stages, gemv=gemv or GEMV_DEFAULT, gemm=gemm)
+                            num_stages=num_stages, gemv=gemv or GEMV_DEFAULT, gemm=gemm, split_k=split_k)
 
     specs = specs_for(gemm)
     wide = {_dq_gemm_planes_kernel: "planes", _dq_gemm_scaled_kernel: "scaled"}.get(specs["kernel"])
@@ -1244,14 +1284,14 @@ def _select_specs(packed: torch.Tensor, bits: int, c: _Checked, dtype: torch.dty
         if gemm is not None:
             raise ValueError(f"the {wide} kernel reads 16-bit units and needs 2-byte aligned packed rows of an even "
                              f"byte count (gemm='{wide}8' reads bytes)")
-        specs = specs_for("planes8" if m_small else "dequant")
+        specs = specs_for(f"{wide}8" if m_small or split_k not in (None, 1) else "dequant")
     return with_bias(specs, has_bias)
 
 
 def _prepare(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int,
              in_features: int, bias: torch.Tensor | None, block_n: int | None, block_k: int | None,
              num_warps: int | None = None, gemv: str | None = None, gemm: str | None = None,
-             num_stages: int | None = None) -> _Launch:
+             num_stages: int | None = None, split_k: int | str | None = None) -> _Launch:
     c = _check_inputs(x, packed, scale, zero, bits, group, in_features, bias)
     interpreted = is_interpreted()
     if not interpreted and not x.is_cuda:
@@ -1278,39 +1318,89 @@ def _prepare(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: t
     # batch 1 the host time of a call matters as much as the kernel's.
     bucket = _next_pow2(M) if m_small else min(64, max(16, _next_pow2(M)))
     key = (bits, c.K, c.group, c.per_channel, x.dtype, scale.dtype, bucket, bias is not None,
-           packed.data_ptr() % 16, packed.stride(0) % 16, block_n, block_k, num_warps, num_stages, gemv, gemm)
+           packed.data_ptr() % 16, packed.stride(0) % 16, block_n, block_k, num_warps, num_stages, gemv, gemm,
+           split_k)
+    auto = split_k == "auto"
+    if auto:  # the split depends on N and on the device's occupancy too
+        key += (c.N, x.device)
     specs = _SPECS_CACHE.get(key)
-    if specs is None:
-        specs = _select_specs(packed, bits, c, x.dtype, scale.dtype, M, bias is not None, block_n, block_k,
-                              num_warps, num_stages, gemv, gemm)
-        if len(_SPECS_CACHE) >= 4096:
-            _SPECS_CACHE.clear()
-        _SPECS_CACHE[key] = specs
     args = {"x_ptr": x2, "packed_ptr": packed, "scale_ptr": scale, "zero_ptr": zero,
             "bias_ptr": bias if bias is not None else y,  # never read when HAS_BIAS is False
             "y_ptr": y, "M": M, "N": c.N, "K": c.K, "stride_xm": x2.stride(0), "stride_pn": packed.stride(0),
             "stride_sn": scale.stride(0), "stride_zn": zero.stride(0), "stride_ym": y.stride(0)}
+    if specs is None:
+        specs = _select_specs(packed, bits, c, x.dtype, scale.dtype, M, bias is not None, block_n, block_k,
+                              num_warps, num_stages, gemv, gemm, None if auto else split_k)
+        if auto and specs["kernel"] in PLANES_KERNELS and not interpreted:
+            splits = _auto_split(specs, args)
+            if splits > 1:
+                specs = _select_specs(packed, bits, c, x.dtype, scale.dtype, M, bias is not None, block_n, block_k,
+                                      num_warps, num_stages, gemv, gemm, splits)
+        if len(_SPECS_CACHE) >= 4096:
+            _SPECS_CACHE.clear()
+        _SPECS_CACHE[key] = specs
     return _Launch(specs=specs, args=args, y=y, out_shape=(*x.shape[:-1], c.N))
+
+
+def occupancy_split(tiles: int, k_steps: int, per_sm: int, sm_count: int, min_steps: int = 4) -> int:
+    """split_k="auto": how many K ranges per output tile. As many as keep the whole grid (tiles x split
+    programs) resident at once (<= per_sm programs on each of sm_count SMs), with >= min_steps K steps per range;
+    then the fewest ranges with that longest range (ceil(k_steps / split) steps), so none is empty or needless.
+    1 when the tiles alone fill the GPU."""
+    limit = max(1, min(per_sm * sm_count // max(tiles, 1), k_steps // min_steps, 64))
+    return triton.cdiv(k_steps, triton.cdiv(k_steps, limit))
+
+
+def _auto_split(specs: dict[str, Any], args: dict[str, Any]) -> int:
+    """occupancy_split for this launch: programs per SM from the compiled kernel's registers and shared memory
+    (compiled with a split, whose code differs from the unsplit kernel's) and the device's limits."""
+    from triton.runtime import driver
+    M, N, K = args["M"], args["N"], args["K"]
+    c = specs["constexprs"]
+    nw = specs["num_warps"]
+    ws_args = {**args, "y_ptr": torch.float32, "stride_ym": N}  # as launched: an fp32 workspace (a dtype: no data)
+    compiled = specs["kernel"].warmup(*ws_args.values(), grid=(1,), **{**c, "SPLIT_K": 2}, num_warps=nw,
+                                      num_stages=specs["num_stages"], enable_fp_fusion=True)
+    compiled._init_handles()  # loads the binary: n_regs (Triton's own occupancy tutorial does the same)
+    props = driver.active.utils.get_device_properties(args["x_ptr"].device.index)
+    regs = -(-compiled.n_regs // 8) * 8  # registers are allocated per thread in multiples of 8
+    per_sm = min(props["max_num_regs"] // max(regs * 32 * nw, 1), 64 // nw,
+                 props["max_shared_mem"] // (compiled.metadata.shared + 1024))  # 1 KB reserved per block
+    tiles = triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"])
+    return occupancy_split(tiles, triton.cdiv(K, c["BLOCK_K"]), max(per_sm, 1), props["multiprocessor_count"])
 
 
 def dq_linear_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
                      group: int, in_features: int, bias: torch.Tensor | None = None, *,
                      block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
-                     num_stages: int | None = None, gemv: str | None = None, gemm: str | None = None) -> torch.Tensor:
+                     num_stages: int | None = None, gemv: str | None = None, gemm: str | None = None,
+                     split_k: int | str | None = None) -> torch.Tensor:
     """y = x @ Ŵᵀ (+ bias) with the Triton kernels: GEMV for M <= 4 rows (leading dims of x flattened), else GEMM.
 
     group: -1 or in_features for per channel, else a power of two >= 16 dividing in_features. Tensors must be on
     CUDA, or on CPU when the kernels run under TRITON_INTERPRET=1. block_n / block_k / num_warps override the
     default tiles and num_stages the software pipelining depth (fixed at 3 in the "_sw" GEMVs); gemv / gemm the
-    kernel (see kernel_specs).
+    kernel (see kernel_specs); split_k splits K over that many programs per tile (planes-family GEMMs; their fp32
+    partials are summed here), "auto" as many as keep the whole grid resident on this GPU (occupancy_split; 1
+    for the other kernels and under the interpreter).
     """
     launch = _prepare(x, packed, scale, zero, bits, group, in_features, bias, block_n, block_k, num_warps, gemv,
-                      gemm, num_stages)
+                      gemm, num_stages, split_k)
     specs, args, y = launch.specs, launch.args, launch.y
     if y.numel() == 0:
         return y.reshape(launch.out_shape)
     grid = specs["grid"](args["M"], args["N"])
+    splits = specs["constexprs"].get("SPLIT_K", 1)
+    if splits > 1 and splits * y.numel() >= _I32_LIMIT:
+        raise ValueError(f"split_k={splits} needs a workspace of {splits} x {y.numel()} elements; the kernels use i32 "
+                         f"offsets (< 2^31): use a smaller split_k")
+    if splits > 1:  # the kernel writes fp32 partials, one [M, N] slice per K range
+        args = {**args, "y_ptr": torch.empty(splits, args["M"], args["N"], dtype=torch.float32, device=y.device),
+                "stride_ym": args["N"]}
     # FMA contraction explicitly: the kernels are written for FFMA/HFMA2 (Triton 3.10 turns the default off)
     specs["kernel"][grid](*args.values(), **specs["constexprs"],
                           num_warps=specs["num_warps"], num_stages=specs["num_stages"], enable_fp_fusion=True)
+    if splits > 1:  # one small kernel rather than torch's sum + cast
+        mn = args["M"] * args["N"]
+        _sum_splits_kernel[(triton.cdiv(mn, 1024),)](args["y_ptr"], y, mn, SPLIT_K=splits, BLOCK=1024, num_warps=4)
     return y.reshape(launch.out_shape)
