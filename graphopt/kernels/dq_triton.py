@@ -1361,6 +1361,8 @@ def _auto_split(specs: dict[str, Any], args: dict[str, Any]) -> int:
     ws_args = {**args, "y_ptr": torch.float32, "stride_ym": N}  # as launched: an fp32 workspace (a dtype: no data)
     compiled = specs["kernel"].warmup(*ws_args.values(), grid=(1,), **{**c, "SPLIT_K": 2}, num_warps=nw,
                                       num_stages=specs["num_stages"], enable_fp_fusion=True)
+    if hasattr(compiled, "result"):  # a future under Triton's async compile mode
+        compiled = compiled.result()
     compiled._init_handles()  # loads the binary: n_regs (Triton's own occupancy tutorial does the same)
     props = driver.active.utils.get_device_properties(args["x_ptr"].device.index)
     regs = -(-compiled.n_regs // 8) * 8  # registers are allocated per thread in multiples of 8
