@@ -3,7 +3,7 @@
     python benchmarks/dq_kernels.py [--quick] [--json FILE]        (needs a CUDA GPU; exits 2 without one)
 
 1. Correctness on this GPU: bits 2/3/4/8 x group 32/128/per channel x M 1, 3, 70 (the GEMV kernels at M <= 4,
-   both GEMMs at 70) with fp16 activations, bits 2/4 group 64 with bf16, and bits 2/3/4/8 x group 128/per channel
+   all GEMMs at 70, whole and split) with fp16 activations, bits 2/4 group 64 with bf16, and bits 2/3/4/8 x group 128/per channel
    x M 16 with bf16 and fp32 (all GEMMs, whole and split over 3 K ranges, and split_k="auto"), against
    dq_linear_reference (rel L2 error); key `check_failures`.
    Every swept configuration is checked too before it is timed.
@@ -58,8 +58,9 @@ GEMV_SWEEP = ([dict(gemv="units", block_n=8, num_warps=4, k_runs=2), dict(gemv="
 # tiles are the best four of the 2026-11-27 sweep. 8 warps or 16 columns per program were 2-7x slower then.
 # Split K (K ranges per tile, fp32 partials summed after): at 16 rows one tile per program gives N / block_n
 # programs, ~2 per SM at N = 8192, where the registers and shared memory would let 3-6 run (offline sm_90 SASS,
-# 2026-11-27: planes W4 64 x 128 x 4 stages 122 registers, scaled W2 same tile 80, scaled8 W2 32 x 256 x 2
-# stages 128); the splits below fill one wave of those slots, "auto" computes that from the compiled kernel.
+# 2026-11-27, split kernels: planes W4 64 x 128 x 4 stages 121 registers, scaled W2 same tile 84, scaled8 W2
+# 32 x 256 x 2 stages 128); the splits below fill one wave of those slots, "auto" computes that from the compiled
+# kernel.
 TILES16 = ((32, 512, 4), (64, 128, 4), (64, 256, 2), (32, 256, 2))  # (block_n, block_k, num_stages)
 SPLITS16 = ([dict(gemm=g, block_n=64, block_k=128, num_stages=4, split_k=sk)
              for g, sk in itertools.product(("planes", "scaled"), (2, 4, "auto"))]
@@ -316,7 +317,8 @@ def main() -> None:
                         return ""
                     try:
                         sp = _prepare(x, packed, scale, zero, bits, group, K, None, cfg.get("block_n"),
-                                      cfg.get("block_k"), gemm=cfg.get("gemm"), split_k=cfg.get("split_k"))
+                                      cfg.get("block_k"), cfg.get("num_warps"), cfg.get("gemv"), cfg.get("gemm"),
+                                      cfg.get("num_stages"), cfg.get("split_k"))
                     except Exception as e:
                         return f" ({type(e).__name__})"
                     c = sp.specs["constexprs"]
@@ -354,7 +356,7 @@ def main() -> None:
                         continue
                     print(f"  {tag} {entry}: {t:.2f} us{chosen(cfg)}", flush=True)
                     if t < best[0]:
-                        best = (t, entry)
+                        best = (t, f"{entry}{chosen(cfg)}")
                 m[f"{tag}_best_us"] = round(best[0], 2)
                 m[f"{tag}_best_bw_fraction"] = round(moved(packed, scale, M, K, N) / (best[0] * 1e-6) / copy_bw, 3)
                 m[f"{tag}_best_config"] = str(best[1])

@@ -1143,7 +1143,7 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
         raise ValueError(f"block_k must be a power of two >= {min_k} for this kernel and {bits} bits, got {bk}")
 
     signature = {"x_ptr": f"*{act}", "packed_ptr": "*u8", "scale_ptr": f"*{sdt}", "zero_ptr": f"*{sdt}",
-                 "bias_ptr": f"*{act}", "y_ptr": f"*{act}"}
+                 "bias_ptr": f"*{act}", "y_ptr": f"*{act}" if splits == 1 else "*fp32"}  # split: fp32 partials
     signature.update({name: "i32" for name in _INT_ARGS})
     if convention == "tensorrt":
         kernel = _dq_gemv_trt_kernel if m_small else _dq_gemm_trt_kernel
@@ -1321,8 +1321,8 @@ def _prepare(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: t
            packed.data_ptr() % 16, packed.stride(0) % 16, block_n, block_k, num_warps, num_stages, gemv, gemm,
            split_k)
     auto = split_k == "auto"
-    if auto:  # the split depends on N and on the device's occupancy too
-        key += (c.N, x.device)
+    if auto:  # the split depends on the tiles (M, N) and on the device's occupancy too
+        key += (M, c.N, x.device)
     specs = _SPECS_CACHE.get(key)
     args = {"x_ptr": x2, "packed_ptr": packed, "scale_ptr": scale, "zero_ptr": zero,
             "bias_ptr": bias if bias is not None else y,  # never read when HAS_BIAS is False
@@ -1344,8 +1344,9 @@ def _prepare(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: t
 
 def occupancy_split(tiles: int, k_steps: int, per_sm: int, sm_count: int, min_steps: int = 4) -> int:
     """split_k="auto": how many K ranges per output tile. As many as keep the whole grid (tiles x split
-    programs) resident at once (<= per_sm programs on each of sm_count SMs), with >= min_steps K steps per range;
-    then the fewest ranges with that longest range (ceil(k_steps / split) steps), so none is empty or needless.
+    programs) resident at once (<= per_sm programs on each of sm_count SMs) with >= min_steps K steps in the
+    longest range; then the fewest ranges with that longest range (ceil(k_steps / split) steps), so none is
+    empty or needless.
     1 when the tiles alone fill the GPU."""
     limit = max(1, min(per_sm * sm_count // max(tiles, 1), k_steps // min_steps, 64))
     return triton.cdiv(k_steps, triton.cdiv(k_steps, limit))
@@ -1363,10 +1364,12 @@ def _auto_split(specs: dict[str, Any], args: dict[str, Any]) -> int:
                                       num_stages=specs["num_stages"], enable_fp_fusion=True)
     if hasattr(compiled, "result"):  # a future under Triton's async compile mode
         compiled = compiled.result()
+    if compiled is None:  # a jit_cache_hook took over compilation: nothing to measure
+        return 1
     compiled._init_handles()  # loads the binary: n_regs (Triton's own occupancy tutorial does the same)
     props = driver.active.utils.get_device_properties(args["x_ptr"].device.index)
     regs = -(-compiled.n_regs // 8) * 8  # registers are allocated per thread in multiples of 8
-    per_sm = min(props["max_num_regs"] // max(regs * 32 * nw, 1), 64 // nw,
+    per_sm = min(props["max_num_regs"] // max(regs * 32 * nw, 1), 64 // nw, 32,
                  props["max_shared_mem"] // (compiled.metadata.shared + 1024))  # 1 KB reserved per block
     tiles = triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"])
     return occupancy_split(tiles, triton.cdiv(K, c["BLOCK_K"]), max(per_sm, 1), props["multiprocessor_count"])
