@@ -1346,8 +1346,7 @@ def occupancy_split(tiles: int, k_steps: int, per_sm: int, sm_count: int, min_st
     """split_k="auto": how many K ranges per output tile. As many as keep the whole grid (tiles x split
     programs) resident at once (<= per_sm programs on each of sm_count SMs) with >= min_steps K steps in the
     longest range; then the fewest ranges with that longest range (ceil(k_steps / split) steps), so none is
-    empty or needless.
-    1 when the tiles alone fill the GPU."""
+    empty or needless. 1 when the tiles alone fill the GPU."""
     limit = max(1, min(per_sm * sm_count // max(tiles, 1), k_steps // min_steps, 64))
     return triton.cdiv(k_steps, triton.cdiv(k_steps, limit))
 
