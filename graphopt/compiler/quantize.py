@@ -44,6 +44,7 @@ import torch
 SUPPORTED_BITS = (2, 3, 4, 8)
 _PGD_STEPS = 300  # accelerated projected-gradient steps of decoupleQ's "pgd" integer step
 _SOLVE_CHUNK_ELEMS = 1 << 24  # bound on the elements of one batch of normal matrices
+_NORMAL_ROWS = 64  # rows per batch of the normal matrices' products (see `_normal_equations`)
 _DTYPE = torch.float64  # all fitting is done in float64; results are stored as float32
 
 
@@ -114,7 +115,11 @@ def layer_loss(w0: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float:
 
 def _row_losses(w0: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """Per output channel (w0 − ŵ) H (w0 − ŵ)ᵀ, shape [N]; the objective is their sum."""
-    err = w0 - w_hat
+    return _error_losses(w0 - w_hat, H)
+
+
+def _error_losses(err: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """Per row e H eᵀ of an error matrix [N, K]."""
     return ((err @ H) * err).sum(dim=1)
 
 
@@ -177,7 +182,9 @@ def _per_column(t: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def _dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> torch.Tensor:
-    return q * _per_column(scale, group) + _per_column(zero, group)
+    n, G = scale.shape
+    # broadcast over a [N, G, group] view: no [N, K] copies of scale and zero
+    return (q.reshape(n, G, group) * scale[..., None] + zero[..., None]).reshape(n, G * group)
 
 
 def _round_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
@@ -274,12 +281,6 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
     raise ValueError("H is not positive definite even after heavy damping")
 
 
-def _pending_columns(W: torch.Tensor, block_err: torch.Tensor, U: torch.Tensor,
-                     start: int, stop: int, end: int) -> torch.Tensor:
-    """Columns [stop, end) of W with the lazy updates of the current block [start, stop) applied."""
-    return W[:, stop:end] - block_err @ U[start:stop, stop:end]
-
-
 def _gptq_sweep(w: torch.Tensor, U: torch.Tensor, bits: int, group: int, block: int,
                 scale: torch.Tensor | None = None, zero: torch.Tensor | None = None, int_zero: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -293,35 +294,37 @@ def _gptq_sweep(w: torch.Tensor, U: torch.Tensor, bits: int, group: int, block: 
     qmin, qmax = _int_range(bits)
     W = w.clone()
     N, K = W.shape
-    fixed_grid = scale is not None
-    if fixed_grid:
-        scale, zero = scale.clone(), zero.clone()
+    # Work on transposed copies: the sweep touches one column of every row at a time, and a
+    # column of the [N, K] layout is strided (slow per-column ops at large N).
+    if scale is not None:
+        scale_t, zero_t = scale.T.contiguous(), zero.T.contiguous()
     else:
-        scale = W.new_zeros(N, K // group)
-        zero = W.new_zeros(N, K // group)
-    codes = torch.zeros_like(W)
+        scale_t, zero_t = W.new_zeros(K // group, N), W.new_zeros(K // group, N)
+    codes_t = W.new_zeros(K, N)
     for start in range(0, K, block):
         stop = min(start + block, K)
-        W_block = W[:, start:stop].clone()
-        err_block = torch.zeros_like(W_block)
+        block_t = W[:, start:stop].T.contiguous()  # [b, N]; row i is column start + i
+        err_t = torch.empty_like(block_t)
         U_block = U[start:stop, start:stop]
         for i in range(stop - start):
             col = start + i
             g = col // group
-            if not fixed_grid and col % group == 0:
+            if scale is None and col % group == 0:
                 end = col + group
-                current = W_block[:, i:min(end, stop) - start]
+                current = block_t[i:min(end, stop) - start].T
                 if end > stop:  # the group runs past this block: include its pending updates
-                    pending = _pending_columns(W, err_block, U, start, stop, end)
+                    pending = W[:, stop:end] - err_t[:i].T @ U[start:col, stop:end]
                     current = torch.cat([current, pending], dim=1)
-                scale[:, g:g + 1], zero[:, g:g + 1] = _minmax_grid(current, group, qmin, qmax, int_zero)
-            q = _round_to_grid(W_block[:, i], scale[:, g], zero[:, g], qmin, qmax)
-            codes[:, col] = q
-            err = (W_block[:, i] - (q * scale[:, g] + zero[:, g])) / U_block[i, i]
-            W_block[:, i:] -= err[:, None] * U_block[i, i:][None, :]
-            err_block[:, i] = err
-        W[:, stop:] = _pending_columns(W, err_block, U, start, stop, K)
-    return codes, scale, zero
+                s_g, z_g = _minmax_grid(current, group, qmin, qmax, int_zero)
+                scale_t[g], zero_t[g] = s_g[:, 0], z_g[:, 0]
+            q = _round_to_grid(block_t[i], scale_t[g], zero_t[g], qmin, qmax)
+            codes_t[col] = q
+            err = (block_t[i] - (q * scale_t[g] + zero_t[g])) / U_block[i, i]
+            err_t[i] = err
+            if i + 1 < stop - start:
+                block_t[i + 1:].addr_(U_block[i, i + 1:], err, alpha=-1)
+        W[:, stop:] -= err_t.T @ U[start:stop, stop:]
+    return codes_t.T.contiguous(), scale_t.T.contiguous(), zero_t.T.contiguous()
 
 
 def gptq(w0: torch.Tensor, H: torch.Tensor, bits: int, group: int = -1,
@@ -354,8 +357,10 @@ def _shrunk_grid(w: torch.Tensor, H: torch.Tensor, group: int, qmin: int, qmax: 
 
     Shrinking keeps each group's center and scales its half-range (clipping both tails
     alike). All groups of a channel share one factor, judged on the channel's H-weighted
-    round-to-nearest loss.
+    round-to-nearest loss. The losses only rank the factors, so they are computed in float32
+    (twice the matmul speed of float64 on CPUs; this search is ~20 of those matmuls).
     """
+    H32 = H.float()
     groups = w.reshape(w.shape[0], -1, group)
     lo, hi = groups.amin(dim=2), groups.amax(dim=2)
     center, half_range = (hi + lo) / 2, (hi - lo) / 2
@@ -366,7 +371,7 @@ def _shrunk_grid(w: torch.Tensor, H: torch.Tensor, group: int, qmin: int, qmax: 
                                        int_zero)
         scale_cols, zero_cols = _per_column(scale, group), _per_column(zero, group)
         q = _round_to_grid(w, scale_cols, zero_cols, qmin, qmax)
-        loss = _row_losses(w, q * scale_cols + zero_cols, H)
+        loss = _error_losses((w - (q * scale_cols + zero_cols)).float(), H32).to(w.dtype)
         better = loss < best_loss
         best_loss = torch.where(better, loss, best_loss)
         best_scale = torch.where(better[:, None], scale, best_scale)
@@ -374,9 +379,9 @@ def _shrunk_grid(w: torch.Tensor, H: torch.Tensor, group: int, qmin: int, qmax: 
     return best_scale, best_zero
 
 
-def _normal_equations(w0: torch.Tensor, q: torch.Tensor, H: torch.Tensor, group: int
+def _normal_equations(w0H: torch.Tensor, q: torch.Tensor, H: torch.Tensor, group: int
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row normal equations M θ = r of min_θ (w0 − θB) H (w0 − θB)ᵀ.
+    """Per-row normal equations M θ = r of min_θ (w0 − θB) H (w0 − θB)ᵀ, given w0H = w0 @ H.
 
     θ = (s_1..s_G, z_1..z_G); row g of B is the integer row masked to group g, row G+g is
     the indicator of group g. Returns M [n, 2G, 2G] and r [n, 2G].
@@ -384,14 +389,22 @@ def _normal_equations(w0: torch.Tensor, q: torch.Tensor, H: torch.Tensor, group:
     n, K = q.shape
     G = K // group
     q_groups = q.view(n, G, group)
-    w0H = (w0 @ H).view(n, G, group)
+    w0H = w0H.reshape(n, G, group)
     rhs = torch.cat([(q_groups * w0H).sum(-1), w0H.sum(-1)], dim=1)
-    scale_scale = q.new_empty(n, G, G)  # Σ_{i∈g, j∈h} a_i H_ij a_j
-    scale_zero = q.new_empty(n, G, G)  # Σ_{i∈g, j∈h} a_i H_ij   (entry s_g, z_h)
-    for g in range(G):  # one group of rows of H at a time keeps memory at O(n·K)
-        aH = (q_groups[:, g, :] @ H[g * group:(g + 1) * group, :]).view(n, G, group)
-        scale_scale[:, g, :] = (aH * q_groups).sum(-1)
-        scale_zero[:, g, :] = aH.sum(-1)
+    H_rows = H.view(G, group, K)
+    # entry (s_g, z_h) = Σ_{i∈g} a_i Σ_{j∈h} H_ij: one batched product with H's group column sums
+    scale_zero = torch.bmm(q_groups.transpose(0, 1), H.view(K, G, group).sum(-1).view(G, group, G)).transpose(0, 1)
+    # entry (s_g, s_h) = Σ_{i∈g, j∈h} a_i H_ij a_j, symmetric: the upper triangle h ≥ g, then mirrored.
+    # Rows go in small batches so each [rows, K] product stays in cache (the products are memory-bound).
+    scale_scale = q.new_empty(n, G, G)
+    for start in range(0, n, _NORMAL_ROWS):
+        rows = slice(start, min(start + _NORMAL_ROWS, n))
+        a = q_groups[rows]
+        for g in range(G):
+            aH = (a[:, g, :] @ H_rows[g, :, g * group:]).view(-1, G - g, group)
+            scale_scale[rows, g, g:] = torch.einsum("rhj,rhj->rh", aH, a[:, g:, :])  # fused multiply-sum
+    upper = torch.ones(G, G, dtype=torch.bool).triu()
+    scale_scale = torch.where(upper, scale_scale, scale_scale.transpose(1, 2))
     zero_zero = H.view(G, group, G, group).sum(dim=(1, 3)).expand(n, G, G)
     M = torch.cat([torch.cat([scale_scale, scale_zero], dim=2),
                    torch.cat([scale_zero.transpose(1, 2), zero_zero], dim=2)], dim=1)
@@ -410,9 +423,10 @@ def _solve_rows(M: torch.Tensor, rhs: torch.Tensor, degenerate: torch.Tensor) ->
     return theta
 
 
-def _fit_scale_zero(w0: torch.Tensor, q: torch.Tensor, H: torch.Tensor, group: int, int_zero_bits: int = 0
+def _fit_scale_zero(w0H: torch.Tensor, q: torch.Tensor, H: torch.Tensor, group: int, int_zero_bits: int = 0
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float step: exact least-squares (s, z) [N, G] for fixed integer codes q [N, K].
+    """Float step: exact least-squares (s, z) [N, G] for fixed integer codes q [N, K], given w0H = w0 @ H
+    (the same for every float step of a layer, so computed once).
 
     int_zero_bits > 0: z must be c·s with integer c (see `zero_multiple_range`). c is the rounded
     unconstrained z/s, and s is then the exact least-squares scale of the codes q + c.
@@ -423,7 +437,7 @@ def _fit_scale_zero(w0: torch.Tensor, q: torch.Tensor, H: torch.Tensor, group: i
     scale, zero = q.new_empty(N, G), q.new_empty(N, G)
     for start in range(0, N, rows_per_chunk):
         rows = slice(start, min(start + rows_per_chunk, N))
-        M, rhs = _normal_equations(w0[rows], q[rows], H, group)
+        M, rhs = _normal_equations(w0H[rows], q[rows], H, group)
         q_groups = q[rows].view(-1, G, group)
         degenerate = (q_groups.amax(dim=2) == q_groups.amin(dim=2)).any(dim=1)
         theta = _solve_rows(M, rhs, degenerate)
@@ -431,7 +445,7 @@ def _fit_scale_zero(w0: torch.Tensor, q: torch.Tensor, H: torch.Tensor, group: i
         if int_zero_bits:
             c = _zero_multiple(scale[rows], zero[rows], int_zero_bits)
             shifted = q[rows] + _per_column(c, group)  # Ŵ = s ⊙ (q + c): linear in s alone
-            M, rhs = _normal_equations(w0[rows], shifted, H, group)
+            M, rhs = _normal_equations(w0H[rows], shifted, H, group)
             all_zero = (shifted.view(-1, G, group) == 0).all(dim=2).any(dim=1)
             s = _solve_rows(M[:, :G, :G], rhs[:, :G], all_zero)
             scale[rows], zero[rows] = s, s * c
@@ -510,10 +524,11 @@ def decoupleq(w0: torch.Tensor, H: torch.Tensor, bits: int, group: int = -1, ite
     scale, zero = _shrunk_grid(w, H, group, qmin, qmax, shrink_grid, max_shrink, int_zero)
     q, _, _ = _gptq_sweep(w, U, bits, group, block=128, scale=scale, zero=zero)
     loss = _row_losses(w, _dequantize(q, scale, zero, group), H)
+    wH = w @ H
 
     def float_step() -> None:
         nonlocal scale, zero, loss
-        new_scale, new_zero = _fit_scale_zero(w, q, H, group, bits if int_zero else 0)
+        new_scale, new_zero = _fit_scale_zero(wH, q, H, group, bits if int_zero else 0)
         new_loss = _row_losses(w, _dequantize(q, new_scale, new_zero, group), H)
         improved = new_loss < loss
         scale = _keep_improved(improved, new_scale, scale)
