@@ -280,3 +280,61 @@ def test_blockwise_stage_tunes_only_float_parts_per_block():
     assert ((out - ref).norm() / ref.norm()).item() < reports[0]["tolerance"]
     # Here every block's held-out loss fell, and the whole program's error on the guard's inputs with them.
     assert reports[0]["error_metric"] < plain_reports[0]["error_metric"]
+
+
+class SharedStack(nn.Module):
+    """Three linear groups in a row, the first weight used again by the last layer."""
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.emb = nn.Embedding(50, 32)
+        self.a = nn.Linear(32, 32)
+        self.b = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 50)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        h = h + torch.relu(self.a(h))
+        h = h + torch.relu(self.b(h))
+        h = h + self.a(h)
+        return self.head(h)
+
+
+def test_paused_calibration_runs_see_what_fresh_runs_see_and_run_each_node_once():
+    from graphopt.compiler.weight_quant import _flat_args, _PausedRuns, find_linears
+    ep = capture(SharedStack().eval(), example_inputs=(torch.randint(0, 50, (2, 16)),)).methods["forward"]
+    sites, _ = find_linears(ep)
+    assert [s.weight for s in sites] == ["model.a.weight", "model.b.weight", "model.a.weight"]
+    calibration = calib(3)
+
+    def fresh_input(weights, inputs, stop):  # the whole prefix from the top, as a naive calibration would
+        class Capture(torch.fx.Interpreter):
+            def run_node(self, n):
+                if n.name == stop:
+                    raise StopIteration(self.env[n.args[0]])
+                return super().run_node(n)
+        try:
+            Capture(ep.graph_module).run(*_flat_args(ep, weights, inputs))
+        except StopIteration as e:
+            return e.value
+
+    runs = _PausedRuns(ep, calibration)
+    executed = []
+    run_node = runs.interpreter.run_node
+    runs.interpreter.run_node = lambda n: executed.append(n) or run_node(n)
+    weights = {}
+    for i, site in enumerate(sites):
+        got = list(runs.inputs_of(site.node))
+        want = [fresh_input(weights, inputs, site.node) for inputs in calibration]
+        assert all(torch.equal(g, w) for g, w in zip(got, want)), site
+        changed = {site.weight: ep.state_dict[site.weight] * (0.5 + i) + 0.01}
+        weights.update(changed)
+        runs.set_weights(changed)
+    nodes = list(ep.graph.nodes)
+    calls_before = lambda name: sum(1 for n in nodes[:[m.name for m in nodes].index(name)] if n.op != "placeholder")
+    assert len(executed) == len(calibration) * calls_before(sites[-1].node)  # one pass, not one per group
+    # The last change is to a weight the runs already used (in the first layer): they start over from the top.
+    head = next(n.name for n in nodes if n.target is aten.linear.default and n.args[1].name.endswith("head_weight"))
+    got = list(runs.inputs_of(head))
+    assert all(torch.equal(g, fresh_input(weights, inputs, head)) for g, inputs in zip(got, calibration))
+    assert len(executed) == len(calibration) * (calls_before(sites[-1].node) + calls_before(head))

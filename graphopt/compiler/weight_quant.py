@@ -29,10 +29,6 @@ class LinearSite:
     out_features: int
 
 
-class _Stop(Exception):
-    pass
-
-
 def _param_targets(ep) -> dict[str, str]:
     """placeholder name -> state-dict name, for parameters."""
     return {s.arg.name: s.target for s in ep.graph_signature.input_specs if s.kind == InputKind.PARAMETER}
@@ -93,20 +89,66 @@ def _flat_args(ep, weights: dict[str, torch.Tensor], user_inputs: tuple) -> list
     return args
 
 
-class _Capture(torch.fx.Interpreter):
-    """Runs the graph until `stop_at` has run, handing the input of the watched node to `sink`."""
+class _PausedRuns:
+    """The calibration method run on every calibration input at once, each run paused before a chosen node.
 
-    def __init__(self, gm, watch: str, sink: Callable[[torch.Tensor], None]):
-        super().__init__(gm)
-        self.extra_traceback = False  # keep our one-line errors one line
-        self.watch, self.sink = watch, sink
+    Each input keeps its live values between pauses (a value is freed after its last use, as in fx's
+    Interpreter), so calibrating L groups of layers costs one pass through the graph per input rather than L
+    runs of a growing prefix. Quantized weights are swapped into the paused runs; a run that already used a
+    changed weight (a weight shared with an earlier layer) starts again from the top.
+    """
 
-    def run_node(self, n):
-        if n.name == self.watch:
-            x = self.env[n.args[0]]
-            self.sink(x)
-            raise _Stop
-        return super().run_node(n)
+    def __init__(self, ep, calibration: list[tuple]):
+        self.ep = ep
+        self.nodes = list(ep.graph_module.graph.nodes)
+        self.position = {n: i for i, n in enumerate(self.nodes)}
+        self.by_name = {n.name: n for n in self.nodes}
+        self.placeholder_of = {s.target: self.by_name[s.arg.name] for s in ep.graph_signature.input_specs
+                               if s.target is not None}
+        self.free_after: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+        seen: set[torch.fx.Node] = set()
+        for node in reversed(self.nodes):
+            for inp in node.all_input_nodes:
+                if inp not in seen:
+                    seen.add(inp)
+                    self.free_after.setdefault(node, []).append(inp)
+        self.interpreter = torch.fx.Interpreter(ep.graph_module)
+        self.interpreter.extra_traceback = False  # keep our one-line errors one line
+        self.calibration = calibration
+        self.weights: dict[str, torch.Tensor] = {}
+        self.runs = [self._start(inputs) for inputs in calibration]
+
+    def _start(self, inputs: tuple) -> dict:
+        placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        return {"env": dict(zip(placeholders, _flat_args(self.ep, self.weights, inputs))), "next": 0}
+
+    def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Use these values for the named parameters from now on."""
+        self.weights.update(weights)
+        for i, run in enumerate(self.runs):
+            used = any(self.position[u] < run["next"] for name in weights for u in self.placeholder_of[name].users)
+            if used:
+                self.runs[i] = self._start(self.calibration[i])
+                continue
+            for name, value in weights.items():
+                if self.placeholder_of[name] in run["env"]:
+                    run["env"][self.placeholder_of[name]] = value
+
+    def inputs_of(self, node_name: str):
+        """Advance every run to `node_name` (not running it) and yield its first argument, run by run."""
+        stop = self.by_name[node_name]
+        interp = self.interpreter
+        for run in self.runs:
+            env = interp.env = run["env"]
+            with torch.no_grad():
+                for i in range(run["next"], self.position[stop]):
+                    node = self.nodes[i]
+                    if node.op != "placeholder":
+                        env[node] = interp.run_node(node)
+                    for dead in self.free_after.get(node, ()):
+                        del env[dead]
+            run["next"] = self.position[stop]
+            yield env[stop.args[0]]
 
 
 def calibrate_and_quantize(ep, sites: list[LinearSite], calibration: list[tuple],
@@ -117,26 +159,20 @@ def calibrate_and_quantize(ep, sites: list[LinearSite], calibration: list[tuple]
     groups: dict[str, list[LinearSite]] = {}
     for s in sites:
         groups.setdefault(s.input_node, []).append(s)
-    weights: dict[str, torch.Tensor] = {}
+    runs = _PausedRuns(ep, calibration)
     results: dict[str, QuantResult] = {}
     for input_node, members in progress.track(list(groups.items()), f"{label}: layers"):
         acc = HessianAccumulator(members[0].in_features)
-
-        def sink(x, acc=acc, name=members[0].weight):
+        for x in runs.inputs_of(members[0].node):
             x = x.detach().reshape(-1, x.shape[-1])
             if not torch.isfinite(x).all():
-                raise GraphoptError(f"{label}: calibration activations into '{name}' contain NaN/inf; check the "
-                                    f"calibration data and the layers before it")
+                raise GraphoptError(f"{label}: calibration activations into '{members[0].weight}' contain NaN/inf; "
+                                    f"check the calibration data and the layers before it")
             acc.add(x)
-        for inputs in calibration:
-            try:
-                with torch.no_grad():
-                    _Capture(ep.graph_module, members[0].node, sink).run(*_flat_args(ep, weights, inputs))
-            except _Stop:
-                pass
         H = acc.hessian()
         if stats is not None:
             stats["calibration_rows"] = min(stats.get("calibration_rows", acc.count), acc.count)
+        quantized = {}
         for site in members:
             w0 = ep.state_dict[site.weight].detach().float()
             if not torch.isfinite(w0).all():
@@ -151,7 +187,8 @@ def calibrate_and_quantize(ep, sites: list[LinearSite], calibration: list[tuple]
             else:
                 res = quantize(w0, H)
             results[site.weight] = res
-            weights[site.weight] = res.dequantize()[:, :site.in_features].contiguous()
+            quantized[site.weight] = res.dequantize()[:, :site.in_features].contiguous()
+        runs.set_weights(quantized)
     return results
 
 
