@@ -387,3 +387,24 @@ def test_quantized_result_packs(problem):
     result = gptq(w, H, 3, 32)
     assert torch.equal(unpack(pack(result.w_int, 3), 3, K), result.w_int)
 
+
+
+def test_float_step_solve_survives_an_explicit_thread_count():
+    """torch's batched CPU LU hangs or fails in MKL (DLASWP errors) after torch.set_num_threads(n > 1) on
+    matrices this size (pytorch#142815); the float step's solver must not depend on it. In a subprocess, because
+    the failure mode is a hang."""
+    import subprocess
+    import sys
+    code = (
+        "import torch\n"
+        "torch.set_num_threads(2)\n"
+        "from graphopt.compiler.quantize import _solve_rows\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "A = torch.randn(50, 172, 172, generator=g, dtype=torch.float64)\n"
+        "M = A @ A.transpose(1, 2) + torch.eye(172, dtype=torch.float64)\n"
+        "rhs = torch.randn(50, 172, generator=g, dtype=torch.float64)\n"
+        "theta = _solve_rows(M, rhs, torch.zeros(50, dtype=torch.bool))\n"
+        "print('residual', float((M @ theta.unsqueeze(-1)).squeeze(-1).sub(rhs).abs().max()))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "MKL ERROR" not in out.stdout + out.stderr, out.stdout[-500:] + out.stderr[-500:]
+    assert float(out.stdout.split()[-1]) < 1e-8

@@ -412,8 +412,13 @@ def _normal_equations(w0H: torch.Tensor, q: torch.Tensor, H: torch.Tensor, group
 
 
 def _solve_rows(M: torch.Tensor, rhs: torch.Tensor, degenerate: torch.Tensor) -> torch.Tensor:
-    """Batched solve of M θ = rhs; singular or degenerate rows fall back to min-norm lstsq."""
-    theta, info = torch.linalg.solve_ex(M, rhs)
+    """Batched solve of M θ = rhs; singular or degenerate rows fall back to min-norm lstsq.
+
+    Cholesky, not LU: the normal matrices are symmetric positive definite unless degenerate, and torch's batched
+    CPU LU can hang in MKL (DLASWP errors) once the thread count has been set, pytorch#142815.
+    """
+    chol, info = torch.linalg.cholesky_ex(M)
+    theta = torch.cholesky_solve(rhs.unsqueeze(-1), chol).squeeze(-1)
     bad = (info != 0) | ~torch.isfinite(theta).all(dim=1) | degenerate
     if bad.any():
         # gelsd truncates tiny singular values, so a group whose codes are all equal
