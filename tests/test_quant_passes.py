@@ -330,6 +330,9 @@ def test_paused_calibration_runs_see_what_fresh_runs_see_and_run_each_node_once(
         changed = {site.weight: ep.state_dict[site.weight] * (0.5 + i) + 0.01}
         weights.update(changed)
         runs.set_weights(changed)
+    for run in runs.runs:  # a paused run keeps only values that a node still to run will read
+        assert all(n.op == "placeholder" or any(u.op != "output" and runs.position[u] >= run["next"] for u in n.users)
+                   for n in run["env"])
     nodes = list(ep.graph.nodes)
     calls_before = lambda name: sum(1 for n in nodes[:[m.name for m in nodes].index(name)] if n.op != "placeholder")
     assert len(executed) == len(calibration) * calls_before(sites[-1].node)  # one pass, not one per group

@@ -108,10 +108,15 @@ class _PausedRuns:
         self.free_after: dict[torch.fx.Node, list[torch.fx.Node]] = {}
         seen: set[torch.fx.Node] = set()
         for node in reversed(self.nodes):
+            if node.op == "output":  # never reached: the runs only pause before layers
+                continue
             for inp in node.all_input_nodes:
                 if inp not in seen:
                     seen.add(inp)
                     self.free_after.setdefault(node, []).append(inp)
+        for node in self.nodes:  # values only the output reads (a prefill's KV cache): freed once computed
+            if node not in seen and node.op != "output":
+                self.free_after.setdefault(node, []).append(node)
         self.interpreter = torch.fx.Interpreter(ep.graph_module)
         self.interpreter.extra_traceback = False  # keep our one-line errors one line
         self.calibration = calibration
@@ -139,6 +144,8 @@ class _PausedRuns:
         stop = self.by_name[node_name]
         interp = self.interpreter
         for run in self.runs:
+            if self.position[stop] < run["next"]:
+                raise ValueError(f"calibration runs are past '{node_name}': pause at layers in graph order")
             env = interp.env = run["env"]
             with torch.no_grad():
                 for i in range(run["next"], self.position[stop]):
