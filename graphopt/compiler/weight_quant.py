@@ -103,6 +103,7 @@ class _PausedRuns:
         self.nodes = list(ep.graph_module.graph.nodes)
         self.position = {n: i for i, n in enumerate(self.nodes)}
         self.by_name = {n.name: n for n in self.nodes}
+        self.placeholders = [n for n in self.nodes if n.op == "placeholder"]
         self.placeholder_of = {s.target: self.by_name[s.arg.name] for s in ep.graph_signature.input_specs
                                if s.target is not None}
         self.free_after: dict[torch.fx.Node, list[torch.fx.Node]] = {}
@@ -124,8 +125,7 @@ class _PausedRuns:
         self.runs = [self._start(inputs) for inputs in calibration]
 
     def _start(self, inputs: tuple) -> dict:
-        placeholders = [n for n in self.nodes if n.op == "placeholder"]
-        return {"env": dict(zip(placeholders, _flat_args(self.ep, self.weights, inputs))), "next": 0}
+        return {"env": dict(zip(self.placeholders, _flat_args(self.ep, self.weights, inputs))), "next": 0}
 
     def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Use these values for the named parameters from now on."""
