@@ -30,7 +30,19 @@ def parse_args(description: str, extra=None) -> argparse.Namespace:
 
 
 def machine() -> str:
-    return f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}"
+    """What the figures were measured on. The CPU model matters: sessions' 2-core machines differ (on 2026-11-28 an
+    AMD EPYC ran the zoo LM's fp32 ORT decode at 0.39x the tokens/s recorded on 2026-11-27)."""
+    return f"{_cpu_model()} ({platform.machine()}), {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def emit(metrics: dict, path: Path | None) -> None:

@@ -10,7 +10,7 @@ rtn, gptq, decoupleq, decoupleq_int (integer zero points) and decoupleq_bw (with
 steps per block); --methods picks a subset.
 Speed: ONNX Runtime CPU greedy generation with causal-lm bundles, batch 1, 4 prompts (~120 tokens) x 64 new
 tokens; fp32 vs decoupleq W4g128 with integer zero points (zero=int: one MatMulNBits per linear), W4g128 and
-W2g64 with float zeros (MatMulNBits plus an exact side product), and W4 at accuracy_level 0; median of interleaved
+W2g64 with float zeros (MatMulNBits plus an exact side product), and W4 and W2 at accuracy_level 0; median of interleaved
 rounds (7; quick: 3). Keys ort_{name}_...: tokens_per_s (decode tokens/s: decode steps over the wall time after
 prefill, the runtime's sampling and cache hand-over included), end_to_end_tokens_per_s (new tokens over the whole
 generate call, prefill included), prefill_ms and decode_step_us (time inside ONNX Runtime), and vs_fp32_speedup,
@@ -49,6 +49,8 @@ SPEED_SPECS = {  # ORT decode speed: name -> pipeline (None = the fp32 model)
     "w2": "decoupleq{bits=2,group=64,iters=2,ort_accuracy=4}",
     "w4_float_zero": "decoupleq{bits=4,group=128,iters=2,ort_accuracy=4}",
     "w4_acc0": "decoupleq{bits=4,group=128,iters=2,zero=int,ort_accuracy=0}",
+    # exact fp32 compute at 2 bits: lowered on MatMulNBits' 4-bit layout (ORT's 2-bit kernel has no fp32 path)
+    "w2_acc0": "decoupleq{bits=2,group=64,iters=2,ort_accuracy=0}",
 }
 
 

@@ -165,6 +165,30 @@ def test_integer_zero_points_lower_to_one_matmulnbits_per_linear(method, tmp_pat
     assert len(side) > 1 and all(n_inputs == 3 for op, n_inputs, _ in built["float"] if op == "MatMulNBits")
 
 
+@pytest.mark.parametrize("zero", ["float", "int"])
+def test_two_bit_weights_below_accuracy_4_lower_exactly_on_the_4_bit_layout(zero, tmp_path):
+    """ORT's 2-bit MatMulNBits has no fp32 kernel (it dequantizes the whole weight per call), so accuracy levels
+    0-3 get the same codes on the 4-bit layout; level 4 keeps 2-bit storage."""
+    import onnx
+    from onnx import numpy_helper
+    x = torch.randint(0, 50, (2, 16))
+    sizes = {}
+    for accuracy in (0, 4):
+        c = graphopt.compile(MLP().eval(), f"decoupleq{{bits=2,group=32,iters=1,zero={zero},ort_accuracy={accuracy}}}",
+                             example_inputs=(torch.randint(0, 50, (2, 16)),), calibration=calib())
+        torch_out = c.program.run("forward", x)[0]
+        rel = ((c(x) - torch_out).abs().max() / torch_out.abs().max()).item()
+        assert rel <= (1e-5 if accuracy == 0 else 5e-2)  # level 0 is exact: the same codes and scales
+        c.save(tmp_path / str(accuracy))
+        model = onnx.load(str(tmp_path / str(accuracy) / "forward.onnx"))
+        nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+        assert len(nbits) == 3
+        assert {a.i for n in nbits for a in n.attribute if a.name == "bits"} == {4 if accuracy == 0 else 2}
+        weights = {n.input[1] for n in nbits}
+        sizes[accuracy] = sum(numpy_helper.to_array(t).size for t in model.graph.initializer if t.name in weights)
+    assert sizes[4] > 0 and sizes[0] == 2 * sizes[4]  # the 2-bit copy is gone, not kept beside the 4-bit one
+
+
 class OwnPadding(nn.Module):
     """Zero padding of the model's own, one whole block wide, in front of a linear."""
 

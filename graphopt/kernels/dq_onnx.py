@@ -19,7 +19,7 @@ from onnxscript import opset18 as op
 import torch
 
 from ..compiler.onnx_lower import constant_input, register_onnx_rewrite, register_onnx_translation
-from ..compiler.quantize import pack, zero_multiple_range
+from ..compiler.quantize import pack, unpack, zero_multiple_range
 
 def _register_schema() -> None:
     """onnx ships no schema for ORT's contrib ops; onnxscript needs one to emit the node."""
@@ -61,14 +61,24 @@ def storage_bits(bits: int) -> int:
     return 4 if bits == 3 else bits
 
 
+def lowered_bits(bits: int, accuracy_level: int) -> int:
+    """MatMulNBits' `bits` for a dq_linear of `bits`: the storage bits, except 2-bit weights below accuracy level 4,
+    which go on the 4-bit layout (exact: the same codes, twice the bytes). ORT 1.32's CPU MatMulNBits has no fp32
+    kernel for 2 bits: it dequantizes the whole weight on every call, 150x slower than 4 bits at 4096 x 4096."""
+    sb = storage_bits(bits)
+    return 4 if sb == 2 and accuracy_level < 4 else sb
+
+
 @register_onnx_translation(torch.ops.graphopt.dq_linear.default)
 def dq_linear_onnx(x, packed, scale, zero, bias, bits: int, group: int, in_features: int):
-    sb = storage_bits(bits)
-    if sb == 8:
+    if storage_bits(bits) == 8:
         return _dequantize_then_matmul(x, packed, scale, zero, bias, group)
+    n_out = packed.shape[0]
+    sb = lowered_bits(bits, int(settings["accuracy_level"]))
+    if sb != storage_bits(bits):
+        packed = _repacked(packed, storage_bits(bits), sb, in_features)
     block = block_size_for(group)
     repeat = group // block
-    n_out = packed.shape[0]
     n_blocks = in_features // block
     original_scale, original_zero = scale, zero
     if repeat > 1:  # one scale per block: repeat each group's scale over its blocks
@@ -78,7 +88,7 @@ def dq_linear_onnx(x, packed, scale, zero, bias, bits: int, group: int, in_featu
     # Float zeros get no zero-point input: MatMulNBits then uses its default 2^(sb-1), i.e. computes x @ (s*q)ᵀ on
     # ORT's fast CPU path (int8 activations at accuracy_level 4; float zero points would force a slow fallback), and
     # the zeros' part, x @ zᵀ per group, is a small exact side product: (Σ_{k in group} x_k) @ zeroᵀ.
-    zero_points = _integer_zero_points(original_scale, original_zero, bits, repeat)
+    zero_points = _integer_zero_points(original_scale, original_zero, bits, repeat, sb)
     y = MSFT.MatMulNBits(x, b, op.Reshape(scale, [-1]), *([] if zero_points is None else [zero_points]),
                          K=in_features, N=n_out, bits=sb, block_size=block,
                          accuracy_level=int(settings["accuracy_level"]))
@@ -91,9 +101,20 @@ def _add_bias(y, bias):
     return y if bias is None else op.Add(y, bias)
 
 
-def _integer_zero_points(scale, zero, bits: int, repeat: int):
+def _repacked(packed, from_bits: int, to_bits: int, K: int):
+    """The packed constant's codes on the layout of `to_bits` (same codes: u - 2^(b-1) is kept)."""
+    tensor = constant_input(packed)
+    if tensor is None:
+        raise ValueError("dq_linear's packed weights must be a constant of the program to lower below accuracy "
+                         f"level 4 at {from_bits} bits; use ort_accuracy=4")
+    codes = unpack(tensor, from_bits, K)
+    return op.Constant(value=numpy_helper.from_array(pack(codes, to_bits).numpy(), "packed_repacked"))
+
+
+def _integer_zero_points(scale, zero, bits: int, repeat: int, sb: int):
     """MatMulNBits' packed uint8 zero points (one per block) when every zero is c·scale with an integer c that a
-    zero point 2^(sb-1) - c can express, i.e. the weights were quantized with zero="int"; else None."""
+    zero point 2^(sb-1) - c can express (sb: the lowered storage bits), i.e. the weights were quantized with
+    zero="int"; else None."""
     s, z = constant_input(scale), constant_input(zero)
     if s is None or z is None:
         return None
@@ -102,7 +123,7 @@ def _integer_zero_points(scale, zero, bits: int, repeat: int):
     if not bool(((c - c.round()).abs() <= 1e-3).all()) or float(c.min()) < lo - 1e-3 or float(c.max()) > hi + 1e-3:
         return None
     negated = (-c.round()).to(torch.int8).repeat_interleave(repeat, dim=1)  # pack stores -c + 2^(sb-1) = zp
-    packed = pack(negated, storage_bits(bits)).reshape(-1)
+    packed = pack(negated, sb).reshape(-1)
     return op.Constant(value=numpy_helper.from_array(packed.numpy(), "zero_points"))
 
 

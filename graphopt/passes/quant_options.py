@@ -10,5 +10,6 @@ QUANT_OPTIONS = {
                                  "zero point: ONNX Runtime's fast MatMulNBits path, no side product; see README)",
                    choices=("float", "int")),
     "ort_accuracy": Option(int, 4, "ONNX Runtime MatMulNBits accuracy_level: 0 = fp32 compute, "
-                                   "4 = int8 activations (faster on CPU)", choices=(0, 1, 2, 3, 4)),
+                                   "4 = int8 activations (faster on CPU); below 4, 2-bit weights are stored "
+                                   "on the 4-bit layout (ORT has no fast fp32 2-bit kernel)", choices=(0, 1, 2, 3, 4)),
 }
