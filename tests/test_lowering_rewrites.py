@@ -164,3 +164,30 @@ def test_residual_add_and_rms_norm_become_one_skip_norm(tmp_path):
         x = torch.randn(batch, 5, 16, generator=torch.Generator().manual_seed(batch))
         for a, b in zip(session.run(None, {"x": x.numpy()}), PreNormBlocks().eval()(x)):
             torch.testing.assert_close(torch.from_numpy(a), b, rtol=1e-5, atol=1e-5)
+
+
+class OddGroup(torch.nn.Module):
+    """A dq_linear with groups of 24 columns: MatMulNBits needs blocks of a power of two >= 16."""
+
+    def __init__(self):
+        super().__init__()
+        import graphopt.kernels.dq_linear  # noqa: F401
+        from graphopt.compiler.quantize import pack
+        codes = torch.randint(-8, 8, (8, 48), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
+        self.register_buffer("packed", pack(codes, 4))
+        self.register_buffer("scale", torch.full((8, 2), 0.1))
+        self.register_buffer("zero", torch.zeros(8, 2))
+
+    def forward(self, x):
+        return torch.ops.graphopt.dq_linear(x, self.packed, self.scale, self.zero, None, 4, 24, 48)
+
+
+def test_export_errors_name_the_translations_own_cause(tmp_path):
+    """The exporter wraps a translation's error in generic, colour-coded text; the user sees the cause."""
+    from graphopt.errors import GraphoptError
+    ep = torch.export.export(OddGroup(), (torch.randn(2, 48),))
+    with pytest.raises(GraphoptError) as raised:
+        export_onnx(ep, tmp_path / "m.onnx", ["x"], ["y"])
+    message = str(raised.value)
+    assert "group size 24 is not a multiple of 16" in message and "\x1b[" not in message
+    assert "\n" not in message

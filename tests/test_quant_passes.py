@@ -143,6 +143,31 @@ def onnx_ops(path):
             for n in onnx.load(str(path)).graph.node if n.op_type not in ("Constant", "Reshape")]
 
 
+def test_quantized_bundle_loads_with_torch_in_a_fresh_process(tmp_path):
+    """The .pt2 calls graphopt::dq_linear: graphopt.load must register the op itself (this test module imports it,
+    a user's process has not), and plain torch works after the import the README names."""
+    import subprocess
+    import sys
+    c = graphopt.compile(MLP().eval(), "rtn{bits=4,group=32}", example_inputs=(torch.randint(0, 50, (2, 16)),),
+                         calibration=calib())
+    c.save(tmp_path / "q")
+    x = torch.randint(0, 50, (2, 16))
+    torch.save({"x": x, "y": c.program.run("forward", x)[0]}, tmp_path / "io.pt")
+    script = f"""
+import torch
+io = torch.load({str(tmp_path / "io.pt")!r})
+import graphopt
+y = graphopt.load({str(tmp_path / "q")!r}, backend="torch")(io["x"])
+torch.testing.assert_close(y, io["y"])
+import graphopt.kernels.dq_linear
+y = torch.export.load({str(tmp_path / "q" / "forward.pt2")!r}).module()(io["x"])[0]
+torch.testing.assert_close(y, io["y"])
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
 @pytest.mark.parametrize("method", ["decoupleq{bits=4,group=32,iters=1", "rtn{bits=2,group=64", "gptq{bits=3,group=-1"])
 def test_integer_zero_points_lower_to_one_matmulnbits_per_linear(method, tmp_path):
     x = torch.randint(0, 50, (2, 16))
@@ -187,6 +212,37 @@ def test_two_bit_weights_below_accuracy_4_lower_exactly_on_the_4_bit_layout(zero
         weights = {n.input[1] for n in nbits}
         sizes[accuracy] = sum(numpy_helper.to_array(t).size for t in model.graph.initializer if t.name in weights)
     assert sizes[4] > 0 and sizes[0] == 2 * sizes[4]  # the 2-bit copy is gone, not kept beside the 4-bit one
+
+
+class OddWidths(nn.Module):
+    """Linears whose in_features (40, 24) are not multiples of 16."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(50, 40)
+        self.a = nn.Linear(40, 24)
+        self.b = nn.Linear(24, 40)
+        self.head = nn.Linear(40, 50)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        return self.head(h + self.b(torch.relu(self.a(h))))
+
+
+@pytest.mark.parametrize("spec", ["rtn{bits=4,group=-1,zero=int", "gptq{bits=3,group=-1", "decoupleq{bits=2,group=-1,iters=1"])
+@pytest.mark.parametrize("accuracy", [0, 4])
+def test_per_channel_layers_of_any_width_lower_to_matmulnbits(spec, accuracy, tmp_path):
+    """Per channel, K need not be a multiple of MatMulNBits' block: the rows are padded to whole blocks and the
+    channel's scale repeats over them."""
+    c = graphopt.compile(OddWidths().eval(), f"{spec},ort_accuracy={accuracy}}}",
+                         example_inputs=(torch.randint(0, 50, (2, 16)),), calibration=calib())
+    x = torch.randint(0, 50, (2, 16))
+    torch_out = c.program.run("forward", x)[0]
+    assert ((c(x) - torch_out).abs().max() / torch_out.abs().max()).item() <= (1e-5 if accuracy == 0 else 5e-2)
+    c.save(tmp_path / "q")
+    nbits = [op for op in onnx_ops(tmp_path / "q" / "forward.onnx") if op[0] == "MatMulNBits"]
+    assert sorted(k["K"] for _, _, k in nbits) == [24, 40]
 
 
 class OwnPadding(nn.Module):

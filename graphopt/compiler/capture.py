@@ -293,6 +293,7 @@ def _load_file(path: Path, unsafe_load: bool) -> Loaded:
         pickled = any(n.endswith("data.pkl") for n in names) and not any(n.endswith("archive_format") or
                                                                           "/models/" in n for n in names)
         if not pickled:
+            from ..kernels import dq_linear  # noqa: F401  (registers the op that quantized programs call)
             try:
                 ep = torch.export.load(str(path))
             except Exception as e:

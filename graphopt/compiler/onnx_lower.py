@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -39,6 +40,19 @@ def register_onnx_rewrite(fn: Callable) -> Callable:
 def constant_input(value) -> torch.Tensor | None:
     """The tensor behind a translation's input when that input is one of the program's constants, else None."""
     return _CONSTANTS.get(getattr(value, "name", None))
+
+
+def _root_cause(error: BaseException) -> str:
+    """First line of the innermost exception with a message: the exporter wraps a translation's own error (e.g.
+    a group size MatMulNBits cannot take) in generic "Failed to convert ..." text with terminal colour codes."""
+    found, seen = None, set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+        if text:
+            found = text.splitlines()[0]
+        error = error.__cause__ or error.__context__
+    return found or "unknown error"
 
 
 def _program_constants(ep: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:
@@ -97,8 +111,7 @@ def export_onnx(ep: torch.export.ExportedProgram, path: Path, input_names: list[
                 custom_translation_table=table or None, verbose=False, optimize=True,
             )
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise GraphoptError(f"ONNX export failed: {first} (use --backend torch to skip ONNX; "
+            raise GraphoptError(f"ONNX export failed: {_root_cause(e)} (use --backend torch to skip ONNX; "
                                 f"--verbose shows the exporter's log)") from e
         finally:
             _CONSTANTS.clear()

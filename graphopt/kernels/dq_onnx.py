@@ -48,11 +48,15 @@ MSFT = onnxscript.values.Opset(domain="com.microsoft", version=1)
 settings = {"accuracy_level": 0}
 
 
-def block_size_for(group: int) -> int:
-    """MatMulNBits needs a power-of-two block >= 16; a group that is a multiple of one repeats its scale."""
+def block_size_for(group: int, in_features: int) -> int:
+    """MatMulNBits needs a power-of-two block >= 16; a group that is a multiple of one repeats its scale. Per channel
+    (group == in_features) any K works: the last block is padded (MatMulNBits takes K that is not a whole number of
+    blocks), and the channel's scale repeats over the blocks."""
     for b in (256, 128, 64, 32, 16):
         if group % b == 0:
             return b
+    if group == in_features:
+        return next((b for b in (128, 64, 32) if b <= in_features), 16)
     raise ValueError(f"dq_linear group size {group} is not a multiple of 16, which ONNX Runtime's MatMulNBits "
                      f"needs: quantize with group 32/64/128, or use --backend torch")
 
@@ -75,11 +79,11 @@ def dq_linear_onnx(x, packed, scale, zero, bias, bits: int, group: int, in_featu
         return _dequantize_then_matmul(x, packed, scale, zero, bias, group)
     n_out = packed.shape[0]
     sb = lowered_bits(bits, int(settings["accuracy_level"]))
-    if sb != storage_bits(bits):
-        packed = _repacked(packed, storage_bits(bits), sb, in_features)
-    block = block_size_for(group)
-    repeat = group // block
-    n_blocks = in_features // block
+    block = block_size_for(group, in_features)
+    n_blocks = -(-in_features // block)
+    if sb != storage_bits(bits) or n_blocks * block != in_features:
+        packed = _repacked(packed, storage_bits(bits), sb, in_features, n_blocks * block)
+    repeat = n_blocks // (in_features // group)  # blocks per group
     original_scale, original_zero = scale, zero
     if repeat > 1:  # one scale per block: repeat each group's scale over its blocks
         scale = op.Reshape(op.Expand(op.Unsqueeze(scale, [2]), op.Constant(value_ints=[1, 1, repeat])), [0, -1])
@@ -101,13 +105,16 @@ def _add_bias(y, bias):
     return y if bias is None else op.Add(y, bias)
 
 
-def _repacked(packed, from_bits: int, to_bits: int, K: int):
-    """The packed constant's codes on the layout of `to_bits` (same codes: u - 2^(b-1) is kept)."""
+def _repacked(packed, from_bits: int, to_bits: int, K: int, padded_K: int):
+    """The packed constant's codes on the layout of `to_bits` (same codes: u - 2^(b-1) is kept), rows padded with
+    code 0 to `padded_K` (whole MatMulNBits blocks; ORT reads only K of them)."""
     tensor = constant_input(packed)
     if tensor is None:
-        raise ValueError("dq_linear's packed weights must be a constant of the program to lower below accuracy "
-                         f"level 4 at {from_bits} bits; use ort_accuracy=4")
+        raise ValueError("dq_linear's packed weights must be a constant of the program to re-pack them for ONNX "
+                         f"Runtime ({from_bits} -> {to_bits} bits, K {K} -> {padded_K})")
     codes = unpack(tensor, from_bits, K)
+    if padded_K > K:
+        codes = torch.cat([codes, codes.new_zeros(codes.shape[0], padded_K - K)], dim=1)
     return op.Constant(value=numpy_helper.from_array(pack(codes, to_bits).numpy(), "packed_repacked"))
 
 

@@ -279,6 +279,7 @@ def _load_fix(path: Path, version: str) -> str:
 def _torch_runner(path: Path, device: str | None):
     if not path.is_file():
         raise GraphoptError(f"bundle file '{path}' is missing; re-run optimize")
+    from ..kernels import dq_linear  # noqa: F401  (registers graphopt::dq_linear, which quantized programs call)
     try:
         import logging
         serde_log = logging.getLogger("torch._export.serde.serialize")
@@ -289,7 +290,9 @@ def _torch_runner(path: Path, device: str | None):
         finally:
             serde_log.setLevel(level)
     except Exception as e:
-        raise GraphoptError(f"cannot load '{path}' ({type(e).__name__}); the file is corrupt: re-run optimize")
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise GraphoptError(f"cannot load '{path}' ({type(e).__name__}: {first}); the file may be corrupt: "
+                            f"re-run optimize")
     if device:
         # Moves parameters and buffers, and rewrites the device arguments of tensors the graph creates (masks,
         # positions), which module.to() would leave on the export device.
