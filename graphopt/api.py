@@ -202,8 +202,9 @@ def _lower(program: Program, staging: Path, backend: str, opset: int, calibratio
     ort_tolerance = onnx_opts.get("check_tolerance", ORT_TOLERANCE)
     if backend == "onnxruntime":
         from .kernels import dq_onnx
-        if "matmulnbits_accuracy_level" in onnx_opts:
-            dq_onnx.settings["accuracy_level"] = onnx_opts["matmulnbits_accuracy_level"]
+        # Always set: a program whose plan names no level (e.g. a quantized .pt2 as the source) must not inherit
+        # the previous compile's level in this process. 0 is exact, which the default check tolerance expects.
+        dq_onnx.settings["accuracy_level"] = onnx_opts.get("matmulnbits_accuracy_level", 0)
     t0 = time.perf_counter()
     if backend == "tensorrt":
         from .compiler import tensorrt_lower

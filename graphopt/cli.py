@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 def list_passes(out) -> None:
     from .passes import DEFAULT_PIPELINE, registry
     for name, cls in registry().items():
-        kind = "exact" if cls.exact else f"lossy: {cls.metric} <= {cls.tolerance:g}"
+        kind = "exact" if cls.exact else f"lossy: {cls.tolerance_text()}"
         needs = f"; needs {', '.join(sorted(cls.needs))}" if cls.needs else ""
         print(f"{name}  ({kind}{needs})", file=out)
         print(f"    {cls.summary()}", file=out)
@@ -109,6 +109,8 @@ def _run(args, parser) -> int:
     from .progress import Progress
     out = Path(args.output)
     check_destination(out, args.force)
+    if args.report and not Path(args.report).resolve().parent.is_dir():
+        raise GraphoptError(f"--report {args.report}: its directory does not exist; create it or name another file")
     progress = Progress(enabled=not args.quiet)
     compiled = compile(args.model, args.passes, inputs=args.input, dynamic=args.dynamic, calibration=args.calib,
                        task=args.task, backend=args.backend, on_error=args.on_error, unsafe_load=args.unsafe_load,

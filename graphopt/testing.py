@@ -7,8 +7,9 @@ import torch
 
 
 def tiny_hf_lm(kind: str, path: Path, vocab: int = 128, hidden: int = 32, layers: int = 2,
-               max_positions: int = 256, seed: int = 0) -> Path:
-    """Save a tiny GPT-2 or Llama (grouped-query attention: 4 heads, 2 KV heads) to `path`; returns `path`."""
+               max_positions: int = 256, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+    """Save a tiny GPT-2 or Llama (grouped-query attention: 4 heads, 2 KV heads) to `path` with weights of `dtype`;
+    returns `path`."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
     if kind == "gpt2":
@@ -20,5 +21,5 @@ def tiny_hf_lm(kind: str, path: Path, vocab: int = 128, hidden: int = 32, layers
                                              max_position_embeddings=max_positions))
     else:
         raise ValueError(f"kind '{kind}': choose gpt2 or llama")
-    model.eval().save_pretrained(path, safe_serialization=True)
+    model.eval().to(dtype).save_pretrained(path, safe_serialization=True)
     return path

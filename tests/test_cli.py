@@ -72,8 +72,46 @@ def test_hf_models_static_and_dynamic(fixture, dynamic, request, cli, tmp_path):
 def test_list_passes(cli):
     code, out, _ = cli("--list-passes")
     assert code == 0
-    for name in ("dce", "fold-constants", "remove-noops", "max_growth=1.0", "default pipeline"):
+    for name in ("dce", "fold-constants", "remove-noops", "max_growth=1.0", "default pipeline",
+                 "gptq  (lossy: rel_l2 <= 1 at 2 bits, 0.7 at 3 bits, 0.4 at 4 bits, 0.05 at 8 bits; needs calibration)",
+                 "rtn  (lossy: rel_l2 <= 1 at 2 bits"):
         assert name in out
+    assert "rtn  (lossy: rel_l2 <= 1 at 2 bits, 0.7 at 3 bits, 0.4 at 4 bits, 0.05 at 8 bits)\n" in out  # data-free
+
+
+def test_rtn_needs_no_calibration_and_a_saved_pt2_requantizes(cli, tmp_path):
+    """rtn is data-free; gptq is not. A quantized bundle's .pt2 is itself a valid source (the op is registered)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 64),
+                                torch.nn.ReLU(), torch.nn.Linear(64, 10)).eval()
+    torch.export.save(torch.export.export(model, (torch.randn(2, 64),)), tmp_path / "mlp.pt2")
+    code, _, err = cli(tmp_path / "mlp.pt2", "-o", tmp_path / "q", "--passes", "rtn{bits=4,group=32}", "--quiet")
+    assert code == 0, err
+    m = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    details = m["passes"][0]["details"]
+    assert m["passes"][0]["status"] == "ok" and details["quantized_layers"] == 2 and details["mean_layer_loss"] is None
+    x = torch.randn(2, 64)
+    y = ort.InferenceSession(str(tmp_path / "q" / "forward.onnx")).run(None, {"input": x.numpy()})[0]
+    assert np.abs(y - model(x).detach().numpy()).max() / np.abs(y).max() < 0.3  # 4 bits, int8 activations
+    code, _, err = cli(tmp_path / "mlp.pt2", "-o", tmp_path / "g", "--passes", "gptq", "--quiet")
+    assert_one_line_error(code, err, "pass 'gptq' needs calibration data")
+    code, _, err = cli(tmp_path / "q" / "forward.pt2", "-o", tmp_path / "q2", "--quiet")
+    assert code == 0, err
+
+
+def test_a_half_precision_checkpoint_compiles_in_float32_and_quantizes(cli, tmp_path):
+    """transformers >= 5 loads checkpoints in their saved dtype; graphopt compiles in float32 (the KV cache and
+    the CPU runtimes are float32), so an fp16 checkpoint behaves like its float32 upcast."""
+    from graphopt.testing import tiny_hf_lm
+    src = tiny_hf_lm("llama", tmp_path / "llama16", dtype=torch.float16)
+    torch.save([(torch.randint(0, 128, (1, 32), generator=torch.Generator().manual_seed(i)),) for i in range(4)],
+               tmp_path / "calib.pt")
+    out = tmp_path / "q"
+    code, _, err = cli(src, "-o", out, "--quiet", "--passes", "gptq{bits=4,group=32}", "--calib", tmp_path / "calib.pt")
+    assert code == 0, err
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["plan"]["kind"] == "causal-lm" and m["passes"][0]["status"] == "ok"
+    assert m["passes"][0]["details"]["quantized_layers"] == 14  # 2 layers x (q, k, v, o, gate, up, down)
 
 
 def test_torch_backend_writes_no_onnx(cli, tmp_path):
@@ -96,6 +134,7 @@ def test_torch_backend_writes_no_onnx(cli, tmp_path):
     (["examples.tiny_cnn:build", "--input", "image:1xSx32x32:float32", "--dynamic", "S=4"],
      ["--dynamic 'S=4'", "NAME=MIN..MAX"]),
     (["examples.tiny_cnn:build", "--calib", "nope.pt"], ["--calib 'nope.pt' not found"]),
+    (["examples.tiny_cnn:build", "--report", "nodir/r.json"], ["--report nodir/r.json: its directory does not exist"]),
 ])
 def test_bad_arguments(cli, tmp_path, argv, fragments):
     out = tmp_path / "out"

@@ -117,7 +117,9 @@ def test_linears_sharing_an_input_become_one_matmul():
     for seed in range(3):
         x = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(seed))
         for a, b in zip(new.module()(x), ep.module()(x)):
-            assert torch.equal(a, b)
+            # the same products and sums, but one GEMM instead of three may round differently by an ulp (MKL's
+            # AVX2 path on an AMD EPYC does)
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_onnx_of_fused_linears_matches_torch(tmp_path):

@@ -131,10 +131,51 @@ def test_too_little_calibration_warns(capsys):
     assert "warning: rtn calibrated on 32 rows for layers with up to 96 input features" in capsys.readouterr().err
 
 
-def test_exclude_patterns_keep_layers_in_float():
-    _, new, reports = run("rtn{bits=4,group=32,exclude=*gate*|*down*}")
+def test_the_calibration_item_limit_is_named_when_it_bites(capsys):
+    from graphopt.progress import Progress
+    p = capture(MLP().eval(), example_inputs=(torch.randint(0, 50, (1, 1)),))
+    items = [(torch.tensor([[i % 50]]),) for i in range(70)]
+    ctx = PassContext(calibration=items, progress=Progress(enabled=True))
+    _, reports = run_pipeline(p, parse_pipeline("rtn{group=32}"), ctx)[:2]
+    assert ("calibrated on 64 rows for layers with up to 96 input features; give at least 192 (longer items: only "
+            "the first 64 of the 70 calibration items are used)") in capsys.readouterr().err
+    assert reports[0]["details"]["calibration_items"] == "64 of 70 (at most 64 are used)"
+
+
+@pytest.mark.parametrize("exclude", ["*gate*|*down*", "'*gate*|*down*'", '"*gate*|*down*"'])
+def test_exclude_patterns_keep_layers_in_float(exclude):
+    _, new, reports = run(f"rtn{{bits=4,group=32,exclude={exclude}}}")  # quoted as in a shell's double quotes
     assert ops(new).count(DQ) == 1
     assert reports[0]["details"]["skipped"]["model.gate.weight"] == "excluded by pattern"
+
+
+def test_an_exclude_pattern_that_matches_nothing_is_refused():
+    with pytest.raises(PassFailure, match=r"pattern '\*gaet\*' matches no linear weight.*'model\.down\.weight'"):
+        run("rtn{bits=4,group=32,exclude=*up*|*gaet*}")
+
+
+class Conv1DStyle(nn.Module):
+    """GPT-2's Conv1D: addmm with an [in, out] weight, not aten.linear."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(50, 64)
+        self.weight = nn.Parameter(torch.randn(64, 64) * 0.1)
+        self.bias = nn.Parameter(torch.zeros(64))
+        self.head = nn.Linear(64, 50)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        h = torch.addmm(self.bias, h.view(-1, 64), self.weight).view(h.shape)
+        return self.head(h)
+
+
+def test_no_quantizable_layer_names_the_unsupported_products():
+    with pytest.raises(PassFailure, match=r"no linear layer to quantize \(kept in float: model.head.weight "
+                                          r"\(LM head / output layer\)\); 1 matrix products are not aten.linear"
+                                          r".*model.weight \(addmm\)"):
+        run("rtn", model=Conv1DStyle().eval())
 
 
 def onnx_ops(path):

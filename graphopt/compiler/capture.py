@@ -263,9 +263,13 @@ def _load_hf_dir(path: Path, unsafe_load: bool) -> Loaded:
                             f"{transformers.__version__}; graphopt never runs remote code")
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # graphopt shows its own stage progress
+    from packaging.version import Version
+    # float32 whatever the checkpoint's dtype: transformers >= 5 would keep a half-precision checkpoint in half
+    # ("auto"), which the causal-LM capture (float32 KV cache) and the CPU runtimes do not take.
+    dtype_key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
     try:
         model = cls.from_pretrained(path, local_files_only=True, trust_remote_code=False,
-                                    use_safetensors=bool(weights))
+                                    use_safetensors=bool(weights), **{dtype_key: torch.float32})
     except Exception as e:  # corrupt weights, shape mismatches
         raise GraphoptError(f"cannot load Hugging Face model from '{path}': {type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''}")

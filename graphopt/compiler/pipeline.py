@@ -60,6 +60,13 @@ def _split_top(text: str, sep: str, where: str) -> list[str]:
     return parts
 
 
+def _unquoted(value: str) -> str:
+    """A value written in quotes (exclude='*a*|*b*', natural inside a shell's double quotes) means its contents."""
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    return value
+
+
 def parse_pipeline(text: str, where: str = "--passes") -> list[PassStep]:
     """Parse and resolve a pipeline: unknown passes, options and bad values are errors listing what is allowed."""
     from ..passes import registry
@@ -93,7 +100,7 @@ def parse_pipeline(text: str, where: str = "--passes") -> list[PassStep]:
                     raise GraphoptError(f"{where}: pass '{name}' has no option '{key}'; options: {allowed}")
                 if key in raw:
                     raise GraphoptError(f"{where}: option '{key}' given twice for pass '{name}'")
-                raw[key] = value.strip()
+                raw[key] = _unquoted(value.strip())
         config = {k: opt.default for k, opt in cls.options.items()}
         for k, v in raw.items():
             config[k] = cls.options[k].parse(f"{where}: {name}{{{k}}}", v)

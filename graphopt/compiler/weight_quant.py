@@ -49,7 +49,7 @@ def _feeds_output(node: torch.fx.Node) -> bool:
     return False
 
 
-def find_linears(ep, exclude: str = "") -> tuple[list[LinearSite], dict[str, str]]:
+def find_linears(ep, exclude: str = "", label: str = "quantization") -> tuple[list[LinearSite], dict[str, str]]:
     """Quantizable linear layers, and the excluded ones with the reason (LM head, tied weights, patterns)."""
     params = _param_targets(ep)
     patterns = [p.strip() for p in exclude.split("|") if p.strip()]
@@ -72,7 +72,27 @@ def find_linears(ep, exclude: str = "") -> tuple[list[LinearSite], dict[str, str
             continue
         out_f, in_f = w.meta["val"].shape
         sites.append(LinearSite(node.name, target, node.args[0].name, int(in_f), int(out_f)))
+    names = sorted({s.weight for s in sites} | set(skipped))
+    for pattern in patterns:
+        if not any(fnmatch.fnmatch(name, pattern) for name in names):
+            examples = ", ".join(f"'{n}'" for n in names[:3]) or "none"
+            raise GraphoptError(f"{label}: exclude pattern '{pattern}' matches no linear weight (a typo would "
+                                f"quantize a layer meant to stay in float); the names look like {examples}: use "
+                                f"globs such as '*down_proj*'")
     return sites, skipped
+
+
+def unsupported_layers(ep) -> list[str]:
+    """Matrix products with a parameter weight that are not aten.linear (GPT-2's Conv1D exports as addmm with an
+    [in, out] weight): not quantized; named in the error when nothing else is left."""
+    params = _param_targets(ep)
+    found = []
+    for node in ep.graph.nodes:
+        if node.op == "call_function" and node.target in (aten.addmm.default, aten.mm.default):
+            w = node.args[-1]
+            if isinstance(w, torch.fx.Node) and w.name in params:
+                found.append(f"{params[w.name]} ({node.target.__name__.split('.')[0]})")
+    return found
 
 
 def _flat_args(ep, weights: dict[str, torch.Tensor], user_inputs: tuple) -> list:
@@ -166,36 +186,39 @@ def calibrate_and_quantize(ep, sites: list[LinearSite], calibration: list[tuple]
     groups: dict[str, list[LinearSite]] = {}
     for s in sites:
         groups.setdefault(s.input_node, []).append(s)
-    runs = _PausedRuns(ep, calibration)
+    runs = _PausedRuns(ep, calibration) if calibration else None  # none: data-free (rtn), no H and no loss
     results: dict[str, QuantResult] = {}
     for input_node, members in progress.track(list(groups.items()), f"{label}: layers"):
-        acc = HessianAccumulator(members[0].in_features)
-        for x in runs.inputs_of(members[0].node):
-            x = x.detach().reshape(-1, x.shape[-1])
-            if not torch.isfinite(x).all():
-                raise GraphoptError(f"{label}: calibration activations into '{members[0].weight}' contain NaN/inf; "
-                                    f"check the calibration data and the layers before it")
-            acc.add(x)
-        H = acc.hessian()
-        if stats is not None:
-            stats["calibration_rows"] = min(stats.get("calibration_rows", acc.count), acc.count)
+        H = None
+        if runs is not None:
+            acc = HessianAccumulator(members[0].in_features)
+            for x in runs.inputs_of(members[0].node):
+                x = x.detach().reshape(-1, x.shape[-1])
+                if not torch.isfinite(x).all():
+                    raise GraphoptError(f"{label}: calibration activations into '{members[0].weight}' contain "
+                                        f"NaN/inf; check the calibration data and the layers before it")
+                acc.add(x)
+            H = acc.hessian()
+            if stats is not None:
+                stats["calibration_rows"] = min(stats.get("calibration_rows", acc.count), acc.count)
         quantized = {}
         for site in members:
             w0 = ep.state_dict[site.weight].detach().float()
             if not torch.isfinite(w0).all():
-                raise GraphoptError(f"{label}: weight '{site.weight}' contains NaN/inf; refusing to quantize it")
+                raise GraphoptError(f"{label}: weight '{site.weight}' contains NaN/inf; refusing to quantize it "
+                                    f"(fix the checkpoint; exclude='{site.weight}' would keep it in float)")
             pad = (pad_to or {}).get(site.weight, 0)
             if pad:
                 # Zero columns for zero inputs: the padded layer computes the same function.
                 w0 = torch.nn.functional.pad(w0, (0, pad))
-                Hp = torch.zeros(H.shape[0] + pad, H.shape[1] + pad, dtype=H.dtype)
-                Hp[:H.shape[0], :H.shape[1]] = H
-                res = quantize(w0, Hp)
+                H_padded = None if H is None else torch.nn.functional.pad(H, (0, pad, 0, pad))
+                res = quantize(w0, H_padded)
             else:
                 res = quantize(w0, H)
             results[site.weight] = res
             quantized[site.weight] = res.dequantize()[:, :site.in_features].contiguous()
-        runs.set_weights(quantized)
+        if runs is not None:
+            runs.set_weights(quantized)
     return results
 
 
@@ -275,15 +298,26 @@ class WeightQuantPass:
         super().__init__(**config)
         self.tolerance = self.TOLERANCE_BY_BITS[config.get("bits", 4)]
 
+    @classmethod
+    def tolerance_text(cls) -> str:
+        by_bits = ", ".join(f"{v:g} at {b} bits" for b, v in cls.TOLERANCE_BY_BITS.items())
+        return f"{cls.metric} <= {by_bits}"
+
     def run(self, program, ctx):
-        method, inputs = program.calibration_inputs(ctx.calibration, self.MAX_CALIBRATION)
+        given = list(ctx.calibration or [])  # empty only for passes that do not need it (rtn: data-free)
+        method, inputs = program.calibration_inputs(given, self.MAX_CALIBRATION)
         ep = program.methods[method]
-        sites, skipped = find_linears(ep, self.config.get("exclude", ""))
+        sites, skipped = find_linears(ep, self.config.get("exclude", ""), self.name)
         group = self.config.get("group", -1)
         usable = sites
         pad_to = {s.weight: (-s.in_features) % group for s in sites if group != -1 and s.in_features % group}
         if not usable:
-            raise GraphoptError(f"{self.name}: no linear layer to quantize (skipped: {len(skipped)})")
+            other = unsupported_layers(ep)
+            why = (f"; {len(other)} matrix products are not aten.linear and are not supported yet: "
+                   f"{', '.join(other[:3])}{' ...' if len(other) > 3 else ''} (GPT-2's Conv1D exports so)"
+                   if other else "")
+            kept = ", ".join(f"{k} ({v})" for k, v in list(skipped.items())[:3])
+            raise GraphoptError(f"{self.name}: no linear layer to quantize (kept in float: {kept or 'none'}){why}")
         torch.manual_seed(ctx.seed)
         stats: dict = {}
         results = calibrate_and_quantize(ep, usable, inputs, self.quantize, ctx.progress, self.name, stats, pad_to)
@@ -294,10 +328,15 @@ class WeightQuantPass:
             results, param_updates, blockwise = tune_blocks(
                 ep, usable, results, inputs, steps=int(self.config["blockwise_steps"]), progress=ctx.progress,
                 label=f"{self.name} block-wise", int_zero=self.config.get("zero") == "int")
+            if not blockwise["blocks"]:
+                ctx.progress.info(f"note: {self.name}{{blockwise=true}} found no repeated blocks (numbered module "
+                                  f"paths such as layers.0) to tune: the layer-wise result stands")
         k_max = max(s.in_features for s in usable)
-        if stats.get("calibration_rows", 0) < 2 * k_max:
+        if inputs and stats.get("calibration_rows", 0) < 2 * k_max:
+            more = (f"longer items: only the first {len(inputs)} of the {len(given)} calibration items "
+                    f"are used" if len(given) > len(inputs) else "more --calib data")
             ctx.progress.info(f"warning: {self.name} calibrated on {stats['calibration_rows']} rows for layers "
-                              f"with up to {k_max} input features; give at least {2 * k_max} (more --calib data)")
+                              f"with up to {k_max} input features; give at least {2 * k_max} ({more})")
         rewritten = 0
         methods = {}
         for name, m_ep in program.methods.items():
@@ -311,6 +350,7 @@ class WeightQuantPass:
             "quantized_layers": len(results), "rewritten_nodes": rewritten,
             "skipped": skipped, "padded": {k: f"in_features padded by {v} to a multiple of group {group}"
                                            for k, v in pad_to.items()}, "calibration_rows": stats.get("calibration_rows"),
+            "calibration_items": f"{len(inputs)} of {len(given)} (at most {self.MAX_CALIBRATION} are used)",
             "mean_layer_loss": sum(losses.values()) / len(losses) if losses else None,
             **({"blockwise": blockwise} if blockwise is not None else {}),
         }

@@ -89,6 +89,11 @@ class Pass:
         """Checks across options, run when the pipeline is parsed (before any expensive work)."""
 
     @classmethod
+    def tolerance_text(cls) -> str:
+        """The guard's limit, as --list-passes shows it."""
+        return f"{cls.metric} <= {cls.tolerance:g}"
+
+    @classmethod
     def summary(cls) -> str:
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
 

@@ -8,8 +8,9 @@ from .quant_options import QUANT_OPTIONS
 
 @register
 class RoundToNearest(WeightQuantPass, Pass):
-    """Baseline: min/max round-to-nearest weights (no calibration used beyond the guard)."""
+    """Baseline: min/max round-to-nearest weights; data-free (calibration data, when given, only measures losses)."""
     name = "rtn"
+    needs = frozenset()
     options = QUANT_OPTIONS
 
     def quantize(self, w0, H):
