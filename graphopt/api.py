@@ -150,7 +150,9 @@ def compile(model: Any, passes: str | None = None, *, example_inputs: Any = None
     t_start = time.perf_counter()
     # Cheap checks first: nothing expensive runs before the pipeline and its requirements are known to be valid.
     steps = parse_pipeline(DEFAULT_PIPELINE if passes is None else passes)
+    calibration_where = "calibration"
     if isinstance(calibration, (str, Path)):
+        calibration_where = f"calibration file '{calibration}'"
         calibration = load_calibration(calibration)
     elif calibration is not None:
         calibration = normalize_calibration(calibration)
@@ -172,7 +174,7 @@ def compile(model: Any, passes: str | None = None, *, example_inputs: Any = None
                               extra_methods=frozenset().union(*(s.cls.methods_needed(s.config) for s in steps)))
         timings["capture_s"] = time.perf_counter() - t0
     if calibration is not None:
-        check_calibration(program, calibration, "calibration")
+        check_calibration(program, calibration, calibration_where)
 
     ctx = PassContext(calibration=calibration, seed=seed, progress=prog_ui)
     t0 = time.perf_counter()

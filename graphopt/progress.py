@@ -49,10 +49,24 @@ class Progress:
             if self.enabled and ok:
                 self.console.print(f"[graphopt] {label}: done in {took:.2f} s", markup=False)
 
+    PLAIN_EVERY_S = 10.0  # without a terminal (CI logs, nohup), a line at most this often on long loops
+
     def track(self, items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-        """A progress bar over work items (e.g. layers), plain when not a terminal."""
+        """A progress bar over work items (e.g. layers); without a terminal, a plain "done/total" line every
+        PLAIN_EVERY_S seconds, so a long quantization is not silent in a log."""
         if not self.interactive:
-            yield from items
+            if not self.enabled:
+                yield from items
+                return
+            items = list(items)
+            total = total or len(items)
+            start = last = time.perf_counter()
+            for i, item in enumerate(items, 1):
+                yield item
+                now = time.perf_counter()
+                if now - last >= self.PLAIN_EVERY_S and i < total:
+                    self.info(f"{description} {i}/{total} ({now - start:.0f} s)")
+                    last = now
             return
         from rich.progress import track
         yield from track(items, description=description, total=total, console=self.console, transient=True)

@@ -114,6 +114,22 @@ def test_a_half_precision_checkpoint_compiles_in_float32_and_quantizes(cli, tmp_
     assert m["passes"][0]["details"]["quantized_layers"] == 14  # 2 layers x (q, k, v, o, gate, up, down)
 
 
+def test_gpt2_conv1d_layers_quantize_and_generate(gpt2_dir, cli, tmp_path):
+    """GPT-2's Conv1D layers (addmm with [in, out] weights) quantize like linears, in both LM methods."""
+    torch.save([(torch.randint(0, 128, (1, 32), generator=torch.Generator().manual_seed(i)),) for i in range(4)],
+               tmp_path / "calib.pt")
+    out = tmp_path / "q"
+    code, _, err = cli(gpt2_dir, "-o", out, "--quiet", "--passes", "gptq{bits=4,group=32,ort_accuracy=0}",
+                       "--calib", tmp_path / "calib.pt")
+    assert code == 0, err
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["passes"][0]["details"]["quantized_layers"] == 8  # 2 layers x (c_attn, attn c_proj, c_fc, mlp c_proj)
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    ort_tokens = graphopt.load(out).generate(ids, 8, eos_token_id=[])
+    torch_tokens = graphopt.load(out, backend="torch").generate(ids, 8, eos_token_id=[])
+    assert ort_tokens.shape == (1, 8) and torch.equal(ort_tokens, torch_tokens)  # 8 new tokens
+
+
 def test_torch_backend_writes_no_onnx(cli, tmp_path):
     code, _, err = cli("examples.tiny_cnn:build", "-o", tmp_path / "t", "--backend", "torch", "--quiet",
                        "--passes", "dce")

@@ -171,11 +171,39 @@ class Conv1DStyle(nn.Module):
         return self.head(h)
 
 
-def test_no_quantizable_layer_names_the_unsupported_products():
+class SharedProductWeight(Conv1DStyle):
+    """The addmm's weight has another use too, so it cannot be stored transposed."""
+
+    def forward(self, ids):
+        h = self.emb(ids) + self.weight.sum()
+        h = torch.addmm(self.bias, h.view(-1, 64), self.weight).view(h.shape)
+        return self.head(h)
+
+
+def test_no_quantizable_layer_names_the_products_left_alone():
     with pytest.raises(PassFailure, match=r"no linear layer to quantize \(kept in float: model.head.weight "
-                                          r"\(LM head / output layer\)\); 1 matrix products are not aten.linear"
-                                          r".*model.weight \(addmm\)"):
-        run("rtn", model=Conv1DStyle().eval())
+                                          r"\(LM head / output layer\)\); 1 matrix products with parameter weights "
+                                          r"are not linears \(their weight has another use\): model.weight \(addmm\)"):
+        run("rtn", model=SharedProductWeight().eval())
+
+
+def test_conv1d_style_products_are_quantized_as_linears(tmp_path):
+    """addmm(b, x, W) with an [in, out] parameter (GPT-2's Conv1D) becomes linear(x, Wᵀ, b), then dq_linear."""
+    from graphopt.compiler.weight_quant import linears_from_matmuls
+    model = Conv1DStyle().eval()
+    p = capture(model, example_inputs=(torch.randint(0, 50, (2, 16)),))
+    ep = p.methods["forward"]
+    canonical, count = linears_from_matmuls(ep)
+    targets = [n.target for n in canonical.graph.nodes if n.op == "call_function"]
+    assert count == 1 and aten.addmm.default not in targets and targets.count(aten.linear.default) == 2
+    assert canonical.state_dict["model.weight"].shape == (64, 64)
+    ids = torch.randint(0, 50, (2, 16))
+    torch.testing.assert_close(canonical.module()(ids), ep.module()(ids), rtol=1e-5, atol=1e-6)
+    c = graphopt.compile(model, "gptq{bits=4,group=32,ort_accuracy=0}", example_inputs=(ids,), calibration=calib())
+    assert ops(c.program).count(DQ) == 1 and c.reports[0]["details"]["quantized_layers"] == 1
+    reference, torch_out = model(ids), c.program.run("forward", ids)[0]
+    assert ((torch_out - reference).norm() / reference.norm()).item() < 0.1
+    assert ((c(ids) - torch_out).abs().max() / torch_out.abs().max()).item() <= 1e-5  # ORT = torch program
 
 
 def onnx_ops(path):
@@ -462,3 +490,16 @@ def test_paused_calibration_runs_see_what_fresh_runs_see_and_run_each_node_once(
     got = list(runs.inputs_of(head))
     assert all(torch.equal(g, fresh_input(weights, inputs, head)) for g, inputs in zip(got, calibration))
     assert len(executed) == len(calibration) * (calls_before(sites[-1].node) + calls_before(head))
+
+
+def test_layer_progress_reaches_a_log_without_a_terminal(monkeypatch):
+    """Without a terminal there is no bar: a long quantization still prints where it is (here: every layer)."""
+    import io
+    from graphopt.progress import Progress
+    log = io.StringIO()
+    monkeypatch.setattr(Progress, "PLAIN_EVERY_S", 0.0)
+    p = capture(MLP().eval(), example_inputs=(torch.randint(0, 50, (2, 16)),))
+    run_pipeline(p, parse_pipeline("gptq{group=32}"), PassContext(calibration=calib(), progress=Progress(stream=log)))
+    lines = [line for line in log.getvalue().splitlines() if "gptq: layers" in line]
+    # two input groups (gate/up share one), the last one is not announced: the stage's "done" line follows
+    assert len(lines) == 1 and lines[0].startswith("[graphopt] gptq: layers 1/2 (")

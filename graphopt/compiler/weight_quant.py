@@ -82,9 +82,46 @@ def find_linears(ep, exclude: str = "", label: str = "quantization") -> tuple[li
     return sites, skipped
 
 
+def linears_from_matmuls(ep):
+    """GPT-2's Conv1D computes addmm(b, x, W) (or mm(x, W)) with an [in, out] parameter W. Rewrite each such
+    product as aten.linear(x, Wᵀ, b), storing the parameter transposed under its own name: the same function, and
+    every quantizer, the calibration runs and the dq_linear rewrite then see an ordinary linear. Parameters with
+    any other use (tied, or read as the first operand) stay. Returns (program, number of products rewritten)."""
+    params = _param_targets(ep)
+    products = (aten.addmm.default, aten.mm.default)
+    candidates = {}
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in params and node.users and all(
+                u.op == "call_function" and u.target in products and u.args[-1] is node and
+                all(a is not node for a in u.args[:-1]) and not u.kwargs for u in node.users):
+            candidates[node.name] = params[node.name]
+    if not candidates:
+        return ep, 0
+    ed = GraphEditor(ep)
+    placeholders = ed.placeholders()
+    count = 0
+    for name, target in candidates.items():
+        ph = placeholders[name]
+        old = ed.state_dict[target]
+        value = old.detach().T.contiguous()
+        ed.state_dict[target] = torch.nn.Parameter(value, requires_grad=old.requires_grad) \
+            if isinstance(old, torch.nn.Parameter) else value
+        with ph.meta["val"].fake_mode:
+            ph.meta["val"] = ph.meta["val"].new_empty(tuple(value.shape))
+        for user in list(ph.users):
+            x, bias = (user.args[1], user.args[0]) if user.target is aten.addmm.default else (user.args[0], None)
+            with ed.graph.inserting_before(user):
+                new = ed.graph.call_function(aten.linear.default, (x, ph, bias) if bias is not None else (x, ph))
+            new.meta.update(user.meta)
+            user.replace_all_uses_with(new)
+            ed.graph.erase_node(user)
+            count += 1
+    return ed.build(), count
+
+
 def unsupported_layers(ep) -> list[str]:
-    """Matrix products with a parameter weight that are not aten.linear (GPT-2's Conv1D exports as addmm with an
-    [in, out] weight): not quantized; named in the error when nothing else is left."""
+    """Matrix products with a parameter weight left after `linears_from_matmuls` (the weight has another use, or
+    is the first operand): not quantized; named in the error when nothing else is left."""
     params = _param_targets(ep)
     found = []
     for node in ep.graph.nodes:
@@ -306,6 +343,7 @@ class WeightQuantPass:
     def run(self, program, ctx):
         given = list(ctx.calibration or [])  # empty only for passes that do not need it (rtn: data-free)
         method, inputs = program.calibration_inputs(given, self.MAX_CALIBRATION)
+        program.methods = {name: linears_from_matmuls(m_ep)[0] for name, m_ep in program.methods.items()}
         ep = program.methods[method]
         sites, skipped = find_linears(ep, self.config.get("exclude", ""), self.name)
         group = self.config.get("group", -1)
@@ -313,9 +351,8 @@ class WeightQuantPass:
         pad_to = {s.weight: (-s.in_features) % group for s in sites if group != -1 and s.in_features % group}
         if not usable:
             other = unsupported_layers(ep)
-            why = (f"; {len(other)} matrix products are not aten.linear and are not supported yet: "
-                   f"{', '.join(other[:3])}{' ...' if len(other) > 3 else ''} (GPT-2's Conv1D exports so)"
-                   if other else "")
+            why = (f"; {len(other)} matrix products with parameter weights are not linears (their weight has "
+                   f"another use): {', '.join(other[:3])}{' ...' if len(other) > 3 else ''}" if other else "")
             kept = ", ".join(f"{k} ({v})" for k, v in list(skipped.items())[:3])
             raise GraphoptError(f"{self.name}: no linear layer to quantize (kept in float: {kept or 'none'}){why}")
         torch.manual_seed(ctx.seed)
