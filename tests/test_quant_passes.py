@@ -123,6 +123,15 @@ def test_nan_weights_and_activations_are_refused():
         run("gptq", model=m, calibration=bad)
 
 
+def test_a_nan_model_fails_the_onnx_check_saying_so():
+    """Skipping the refused pass leaves a model that outputs NaN: the ORT check names that, not a mismatch."""
+    m = MLP().eval()
+    with torch.no_grad():
+        m.up.weight[0, 0] = float("nan")
+    with pytest.raises(GraphoptError, match=r"method 'forward' outputs NaN/inf on the check inputs"):
+        graphopt.compile(m, "rtn", example_inputs=(torch.randint(0, 50, (2, 16)),), on_error="skip")
+
+
 def test_too_little_calibration_warns(capsys):
     from graphopt.progress import Progress
     p = capture(MLP().eval(), example_inputs=(torch.randint(0, 50, (2, 16)),))
