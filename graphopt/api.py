@@ -126,7 +126,7 @@ class CompiledModel:
             rows.append([r["pass"], r["status"], f"{r['seconds']:.2f}",
                          f"{r['nodes_before']} -> {r['nodes_after']}",
                          f"{r['param_bytes_before'] / 1e6:.2f} -> {r['param_bytes_after'] / 1e6:.2f}",
-                         f"{metric} / {r['tolerance']:g}"])
+                         f"{metric} / {r['tolerance']:g}", r.get("headline", "")])
         return rows
 
 

@@ -59,7 +59,7 @@ def list_passes(out) -> None:
 def _print_summary(compiled, out_path: Path, console) -> None:
     from rich.table import Table
     table = Table(title=f"graphopt: {out_path}", title_justify="left")
-    for col in ("pass", "status", "time s", "nodes", "params MB", "error / tolerance"):
+    for col in ("pass", "status", "time s", "nodes", "params MB", "error / tolerance", "result"):
         table.add_column(col)
     for row in compiled.summary_rows():
         table.add_row(*row)

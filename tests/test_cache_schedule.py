@@ -170,6 +170,7 @@ def test_transformer_blocks_reuse_the_change_across_the_middle_blocks(tmp_path):
                          backend="torch")
     d = c.reports[-1]["details"]
     assert d["point"] == "transformer_blocks.1-2" and 0 < d["shallow_flops_fraction"] < 1
+    assert c.reports[-1]["headline"].startswith("2 of 4 steps run in full, ideal speed-up ")
     p = c.program
     x, t, y = example.values()
     out, delta = p.run("forward", x, t, y)

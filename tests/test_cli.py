@@ -85,8 +85,9 @@ def test_rtn_needs_no_calibration_and_a_saved_pt2_requantizes(cli, tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 64),
                                 torch.nn.ReLU(), torch.nn.Linear(64, 10)).eval()
     torch.export.save(torch.export.export(model, (torch.randn(2, 64),)), tmp_path / "mlp.pt2")
-    code, _, err = cli(tmp_path / "mlp.pt2", "-o", tmp_path / "q", "--passes", "rtn{bits=4,group=32}", "--quiet")
+    code, out, err = cli(tmp_path / "mlp.pt2", "-o", tmp_path / "q", "--passes", "rtn{bits=4,group=32}")
     assert code == 0, err
+    assert "2 layers quantized, 1 skipped" in " ".join((out + err).split())  # the summary table's result column
     m = json.loads((tmp_path / "q" / "manifest.json").read_text())
     details = m["passes"][0]["details"]
     assert m["passes"][0]["status"] == "ok" and details["quantized_layers"] == 2 and details["mean_layer_loss"] is None

@@ -23,6 +23,7 @@ def test_least_influential_middle_block_is_cut_and_the_rest_is_the_model_without
     new, reports, _ = run_pipeline(p, parse_pipeline("layer-skip{skip=1}"), PassContext(calibration=calib))
     d = reports[0]["details"]
     assert d["skipped"] == ["model.blocks.2"] and d["blocks"] == 4
+    assert reports[0]["headline"] == "1 of 4 blocks skipped"
     by_speedup, reports2, _ = run_pipeline(p, parse_pipeline("layer-skip{speedup=1.5}"), PassContext(calibration=calib))
     assert reports2[0]["details"]["skipped"] == ["model.blocks.2"]  # round(4 · (1 − 1/1.5)) = 1 block
     assert min(d["influence"], key=d["influence"].get) == "model.blocks.2"

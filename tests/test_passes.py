@@ -48,6 +48,7 @@ def test_remove_noops_strips_identities_and_eval_dropout():
     assert after == [aten.linear.default, aten.relu.default]
     d = reports[0]["details"]
     assert d["removed_noops"] + d["removed_asserts"] == len(before) - 2
+    assert reports[0]["headline"] == f"{d['removed_noops']} no-ops, {d['removed_asserts']} asserts removed"
     outputs_equal(p, new, [(torch.randn(4, 8),), (torch.randn(4, 8),)])
 
 
@@ -85,7 +86,7 @@ def test_fold_constants_evaluates_weight_only_subgraphs_once():
     after = targets(new)
     assert aten.exp.default not in after and aten.t.default not in after
     assert after.count(aten.expand.default) == 1  # the big broadcast is left for run time
-    assert reports[0]["details"]["folded_subgraphs"] == 2
+    assert reports[0]["details"]["folded_subgraphs"] == 2 and reports[0]["headline"] == "2 subgraphs folded"
     ep = new.methods["forward"]
     assert "w" not in ep.state_dict and any(k.startswith("_graphopt_folded") for k in ep.constants)
     outputs_equal(p, new, [(torch.randn(3, 8),), (torch.randn(5, 8)[:3],)])

@@ -55,8 +55,10 @@ def test_linears_become_dq_linear_except_the_head(spec):
     assert d["quantized_layers"] == 3 and d["skipped"] == {"model.head.weight": "LM head / output layer"}
     if "group=64" in spec:  # 96 input features are padded to 128
         assert set(d["padded"]) == {"model.down.weight"} and aten.constant_pad_nd.default in ops(new)
+        assert reports[0]["headline"] == "3 layers quantized, 1 skipped, 1 padded"
     else:
         assert d["padded"] == {} and aten.constant_pad_nd.default not in ops(new)
+        assert reports[0]["headline"] == "3 layers quantized, 1 skipped"
     assert reports[0]["param_bytes_after"] < reports[0]["param_bytes_before"]
     x = torch.randint(0, 50, (2, 16))
     ref, out = p.run("forward", x)[0], new.run("forward", x)[0]

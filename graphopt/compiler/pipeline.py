@@ -183,6 +183,7 @@ def run_pipeline(program, steps: list[PassStep], ctx: PassContext, on_error: str
         program = candidate
         extra_outputs = extra_outputs or step.cls.adds_outputs
         report["status"] = "ok"
+        report["headline"] = step.cls.headline(report["details"])
         report["nodes_after"] = program.node_count()
         report["param_bytes_after"] = program.parameter_bytes()
         reports.append(report)

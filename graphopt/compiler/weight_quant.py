@@ -340,6 +340,12 @@ class WeightQuantPass:
         by_bits = ", ".join(f"{v:g} at {b} bits" for b, v in cls.TOLERANCE_BY_BITS.items())
         return f"{cls.metric} <= {by_bits}"
 
+    @classmethod
+    def headline(cls, details) -> str:
+        parts = [f"{details['quantized_layers']} layers quantized"]
+        parts += [f"{len(details[k])} {k}" for k in ("skipped", "padded") if details.get(k)]
+        return ", ".join(parts)
+
     def run(self, program, ctx):
         given = list(ctx.calibration or [])  # empty only for passes that do not need it (rtn: data-free)
         method, inputs = program.calibration_inputs(given, self.MAX_CALIBRATION)

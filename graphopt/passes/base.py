@@ -94,6 +94,11 @@ class Pass:
         return f"{cls.metric} <= {cls.tolerance:g}"
 
     @classmethod
+    def headline(cls, details: dict[str, Any]) -> str:
+        """What the run changed, in a few words, for the CLI's summary table ("" when nothing to say)."""
+        return ""
+
+    @classmethod
     def summary(cls) -> str:
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
 

@@ -67,6 +67,11 @@ class CacheSchedule(Pass):
         "samples": Option(int, 8, "calibration noises the full sampler runs on", min=1, max=256),
     }
 
+    @classmethod
+    def headline(cls, details) -> str:
+        return (f"{details['K']} of {details['T']} steps run in full, "
+                f"ideal speed-up {details['ideal_speedup']:.2f}x")
+
     def run(self, program, ctx):
         from ..runtime.sampler import sample
         c = self.config

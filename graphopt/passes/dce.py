@@ -9,6 +9,10 @@ class DeadCodeElimination(Pass):
     """Remove nodes whose results are never used, and the weights only they read."""
     name = "dce"
 
+    @classmethod
+    def headline(cls, details) -> str:
+        return f"{details['removed_nodes']} nodes, {details['removed_weights']} weights removed"
+
     def run(self, program, ctx):
         removed_nodes, removed_inputs = 0, []
         methods = {}

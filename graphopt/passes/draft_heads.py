@@ -58,6 +58,10 @@ class DraftHeads(Pass):
     def check_config(cls, config, where):
         parse_tree(config["tree"], config["heads"], config["topk"], f"{where}{{tree}}")
 
+    @classmethod
+    def headline(cls, details) -> str:
+        return f"{details['heads']} {details['kind']} heads, {details['parameters'] / 1e6:.2f} M parameters"
+
     def run(self, program, ctx):
         c = self.config
         tree = parse_tree(c["tree"], c["heads"], c["topk"])

@@ -39,6 +39,10 @@ class FoldConstants(Pass):
                              min=0.0, max=1e6),
     }
 
+    @classmethod
+    def headline(cls, details) -> str:
+        return f"{details['folded_subgraphs']} subgraphs folded"
+
     def run(self, program, ctx):
         max_growth = self.config.get("max_growth", 1.0)
         folded = 0

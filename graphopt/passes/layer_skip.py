@@ -68,6 +68,12 @@ class LayerSkip(Pass):
     def methods_needed(cls, config):
         return frozenset({"verify"}) if config["self_speculative"] else frozenset()
 
+    @classmethod
+    def headline(cls, details) -> str:
+        if details.get("mode") == "router":
+            return f"routers on {len(details['routed'])} blocks"
+        return f"{len(details['skipped'])} of {details['blocks']} blocks skipped"
+
     def run(self, program, ctx):
         c = self.config
         if c["mode"] == "router":

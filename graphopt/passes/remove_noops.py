@@ -63,6 +63,10 @@ class RemoveNoops(Pass):
     """Remove no-op nodes: identity views/clones/casts, eval-mode dropout, x*1 and x+0, and _assert_* checks."""
     name = "remove-noops"
 
+    @classmethod
+    def headline(cls, details) -> str:
+        return f"{details['removed_noops']} no-ops, {details['removed_asserts']} asserts removed"
+
     def run(self, program, ctx):
         counts = {"noops": 0, "asserts": 0}
         methods = {}
