@@ -116,15 +116,20 @@ def test_a_half_precision_checkpoint_compiles_in_float32_and_quantizes(cli, tmp_
 
 
 def test_gpt2_conv1d_layers_quantize_and_generate(gpt2_dir, cli, tmp_path):
-    """GPT-2's Conv1D layers (addmm with [in, out] weights) quantize like linears, in both LM methods."""
+    """GPT-2's Conv1D layers (addmm with [in, out] weights) quantize like linears, in both LM methods, and the
+    block-wise stage tunes their scales/zeros and the layer norms."""
     torch.save([(torch.randint(0, 128, (1, 32), generator=torch.Generator().manual_seed(i)),) for i in range(4)],
                tmp_path / "calib.pt")
     out = tmp_path / "q"
-    code, _, err = cli(gpt2_dir, "-o", out, "--quiet", "--passes", "gptq{bits=4,group=32,ort_accuracy=0}",
-                       "--calib", tmp_path / "calib.pt")
+    code, _, err = cli(gpt2_dir, "-o", out, "--quiet", "--passes",
+                       "decoupleq{bits=4,group=32,iters=1,blockwise=true,ort_accuracy=0}", "--calib", tmp_path / "calib.pt")
     assert code == 0, err
     m = json.loads((out / "manifest.json").read_text())
-    assert m["passes"][0]["details"]["quantized_layers"] == 8  # 2 layers x (c_attn, attn c_proj, c_fc, mlp c_proj)
+    details = m["passes"][0]["details"]
+    assert details["quantized_layers"] == 8  # 2 layers x (c_attn, attn c_proj, c_fc, mlp c_proj)
+    blocks = details["blockwise"]["blocks"]
+    assert set(blocks) == {"model.transformer.h.0", "model.transformer.h.1"}
+    assert all(b["tuned"] == 12 for b in blocks.values())  # 4 layers x (scales, zeros) + 2 norms x (weight, bias)
     ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
     ort_tokens = graphopt.load(out).generate(ids, 8, eos_token_id=[])
     torch_tokens = graphopt.load(out, backend="torch").generate(ids, 8, eos_token_id=[])
