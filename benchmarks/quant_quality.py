@@ -15,7 +15,7 @@ rounds (7; quick: 3). Keys ort_{name}_...: tokens_per_s (decode tokens/s: decode
 prefill, the runtime's sampling and cache hand-over included), end_to_end_tokens_per_s (new tokens over the whole
 generate call, prefill included), prefill_ms and decode_step_us (time inside ONNX Runtime), and vs_fp32_speedup,
 vs_fp32_end_to_end_speedup, vs_fp32_decode_step_speedup, max_rel_vs_torch.
---speed-only skips the quality part.
+--speed-only skips the quality part, --quality-only the speed part.
 """
 from __future__ import annotations
 
@@ -122,6 +122,9 @@ def main() -> None:
     speed_only = "--speed-only" in sys.argv  # re-measure only the ORT decode speeds
     if speed_only:
         sys.argv.remove("--speed-only")
+    quality_only = "--quality-only" in sys.argv
+    if quality_only:
+        sys.argv.remove("--quality-only")
     args = parse_args(__doc__.splitlines()[0], lambda ap: ap.add_argument(
         "--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}"))
     methods = [x for x in args.methods.split(",") if x]
@@ -152,9 +155,10 @@ def main() -> None:
             print(f"{key}: {bpb:.4f} bits/byte (+{m[f'{key}_rel_increase']:.1%}), quantized in {quant_s:.1f} s "
                   f"({time.perf_counter() - t0:.0f} s with evaluation)", flush=True)
 
-    tok = zoo.byte_tokenizer()
-    prompts = [torch.tensor([tok.encode(p)]) for p in zoo.prompts(4)]
-    m.update(decode_speeds(prompts, 64, rounds=3 if args.quick else 7))
+    if not quality_only:
+        tok = zoo.byte_tokenizer()
+        prompts = [torch.tensor([tok.encode(p)]) for p in zoo.prompts(4)]
+        m.update(decode_speeds(prompts, 64, rounds=3 if args.quick else 7))
     emit(m, args.json)
 
 

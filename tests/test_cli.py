@@ -122,7 +122,8 @@ def test_gpt2_conv1d_layers_quantize_and_generate(gpt2_dir, cli, tmp_path):
                tmp_path / "calib.pt")
     out = tmp_path / "q"
     code, _, err = cli(gpt2_dir, "-o", out, "--quiet", "--passes",
-                       "decoupleq{bits=4,group=32,iters=1,blockwise=true,ort_accuracy=0}", "--calib", tmp_path / "calib.pt")
+                       "decoupleq{bits=4,group=32,iters=1,blockwise=true,ort_accuracy=0}",
+                       "--calib", tmp_path / "calib.pt")
     assert code == 0, err
     m = json.loads((out / "manifest.json").read_text())
     details = m["passes"][0]["details"]

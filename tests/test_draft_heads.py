@@ -193,4 +193,6 @@ def test_layer_skip_after_draft_heads_leaves_the_heads_alone(llama_dir):
                          calibration=[(torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(i)),)
                                       for i in range(4)], backend="torch")
     assert c.reports[-1]["status"] == "ok" and len(c.reports[-1]["details"]["skipped"]) == 1
+    assert c.reports[0]["headline"].startswith("2 hydra heads, ")
+    assert c.reports[-1]["headline"] == "1 of 2 blocks skipped"
     assert "draft" in c.program.methods and c.program.output_names["prefill"][-1] == "hidden_states"

@@ -190,6 +190,7 @@ def test_routers_decide_at_prefill_and_skipped_blocks_are_not_computed(tmp_path)
         c = graphopt.compile(str(src), f"layer-skip{{mode=router,rate=0.25,onnx={mode}}}", calibration=calib)
         d = c.reports[-1]["details"]
         assert d["routed"] == ["model.model.layers.1", "model.model.layers.2"]
+        assert c.reports[-1]["headline"] == "routers on 2 blocks"
         assert d["calib_skip_rate_in_graph"] == pytest.approx(0.25, abs=0.05)
         p = c.program
         assert p.output_names["prefill"][-1] == "route" and p.inputs["decode"][-1].name == "route"
