@@ -479,6 +479,15 @@ def test_planes_k_tail_on_a_group_boundary(gemm: str | None, bits: int, group: i
     check(case, **kw)
 
 
+def test_a_named_gemm_gets_a_k_step_it_takes() -> None:
+    # fp32's default 64-wide K step gives 2-bit codes in 16-bit units 8 codes per slot; a named kernel without a
+    # block_k gets the shortest step that fits (128) instead of an error
+    for gemm, block_k in (("planes", 128), ("scaled", 128), ("planes8", 64), ("scaled8", 64)):
+        specs = dq.kernel_specs(2, 64, torch.float32, False, m=16, gemm=gemm)
+        assert specs["name"] == f"_dq_gemm_{gemm}_kernel" and specs["constexprs"]["BLOCK_K"] == block_k
+    check(make_case(2, 64, 16, N=32, K=256, seed=3), gemm="planes")
+
+
 def test_planes_error_messages_and_fallbacks() -> None:
     with pytest.raises(ValueError, match="4 storage bits for 3-bit codes"):
         dq.kernel_specs(3, 128, torch.float16, False, m=16, gemm="planes", block_k=32)

@@ -1107,6 +1107,8 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
             bk = block_k or (64 if fp32 else 512 if bm <= 16 else 128)
             default_warps, default_stages = 4, (2 if fp32 else 4 if bm <= 16 else 3)
             unit = 8 if choice.endswith("8") else 16
+            if gemm is not None and block_k is None:  # a named kernel gets the shortest K step it takes, if longer
+                bk = max(bk, 16 * unit // _storage_bits(bits))
             if not planes_fit(bits, g, bk, unit):
                 byte_wide = choice + "8"
                 if gemm is None and unit == 16 and planes_fit(bits, g, bk, 8):
