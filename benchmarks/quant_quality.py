@@ -118,15 +118,14 @@ def decode_speeds(prompts, new: int, rounds: int) -> dict:
 
 
 def main() -> None:
-    import sys
-    speed_only = "--speed-only" in sys.argv  # re-measure only the ORT decode speeds
-    if speed_only:
-        sys.argv.remove("--speed-only")
-    quality_only = "--quality-only" in sys.argv
-    if quality_only:
-        sys.argv.remove("--quality-only")
-    args = parse_args(__doc__.splitlines()[0], lambda ap: ap.add_argument(
-        "--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}"))
+    def options(ap) -> None:
+        ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
+        only = ap.add_mutually_exclusive_group()
+        only.add_argument("--speed-only", action="store_true", help="measure only the ORT decode speeds")
+        only.add_argument("--quality-only", action="store_true", help="measure only bits per byte")
+
+    args = parse_args(__doc__.splitlines()[0], options)
+    speed_only, quality_only = args.speed_only, args.quality_only
     methods = [x for x in args.methods.split(",") if x]
     if set(methods) - set(METHODS):
         raise SystemExit(f"--methods: choose from {', '.join(METHODS)}")
