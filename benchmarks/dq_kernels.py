@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import sys
 import time
@@ -375,6 +376,8 @@ def main() -> None:
             except Exception as e:
                 m[f"{key}_torch_int4_error"] = f"{type(e).__name__}: {str(e)[:160]}"
             print(key, {k[len(key) + 1:]: v for k, v in m.items() if k.startswith(key)}, flush=True)
+            if args.json:  # what is measured so far survives a run cut off by its time limit
+                args.json.write_text(json.dumps({**m, "partial": 1}, indent=1, sort_keys=True) + "\n")
         del ws, weights
         torch.cuda.empty_cache()
     emit(m, args.json)
