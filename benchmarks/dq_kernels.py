@@ -62,20 +62,26 @@ GEMV_SWEEP = ([dict(gemv="units", block_n=8, num_warps=4, k_runs=2), dict(gemv="
 # 2026-11-27, split kernels: planes W4 64 x 128 x 4 stages 121 registers, scaled W2 same tile 84, scaled8 W2
 # 32 x 256 x 2 stages 128); the splits below fill one wave of those slots, "auto" computes that from the compiled
 # kernel.
+# split_k=1 names the unsplit kernels: without it the launcher splits K itself (default_split).
 TILES16 = ((32, 512, 4), (64, 128, 4), (64, 256, 2), (32, 256, 2))  # (block_n, block_k, num_stages)
 SPLITS16 = ([dict(gemm=g, block_n=64, block_k=128, num_stages=4, split_k=sk)
              for g, sk in itertools.product(("planes", "scaled"), (2, 4, "auto"))]
             + [dict(gemm="planes", block_n=32, block_k=256, num_stages=3, split_k=2),
                dict(gemm="scaled8", block_n=32, block_k=256, num_stages=2, split_k=2), dict(split_k="auto")])
-GEMM_SWEEP = {16: [dict(gemm=g, block_n=bn, block_k=bk, num_stages=st) for g, (bn, bk, st) in
+GEMM_SWEEP = {16: [dict(gemm=g, block_n=bn, block_k=bk, num_stages=st, split_k=1) for g, (bn, bk, st) in
                    itertools.product(("planes", "planes8", "scaled", "scaled8"), TILES16)]
               + SPLITS16 + [dict(gemm="dequant", block_n=32, block_k=256)],
-              64: [dict(gemm=g, block_n=bn, block_k=bk) for g, (bn, bk) in
+              64: [dict(gemm=g, block_n=bn, block_k=bk, split_k=1) for g, (bn, bk) in
                    itertools.product(("planes", "scaled"), ((64, 128), (32, 256)))]
               + [dict(gemm=g, block_n=64, block_k=128, split_k=sk) for g, sk in
                  itertools.product(("planes", "scaled"), (2, 4, "auto"))]
               + [dict(gemm="dequant", block_n=32, block_k=128)]}
 # --sweep gemm16: the three planes kernels at the M = 16 defaults' tile
+# --sweep previous: the defaults before the H200 sweep of 2026-11-28, on every shape (4096² included)
+PREVIOUS = {1: [dict(gemv="units")],
+            16: [dict(gemm="planes", block_n=32, block_k=512, num_stages=4, split_k=1),
+                 dict(gemm="planes8", block_n=32, block_k=512, num_stages=4, split_k=1)],
+            64: [dict(gemm="planes", block_n=64, block_k=128, split_k=1), dict(gemm="dequant", block_n=32, block_k=128)]}
 GEMM16_VARIANTS = ([dict(gemm=g) for g in ("planes", "planes8", "scaled", "scaled8", "dequant")]
                    + [dict(gemm=g, block_n=64, block_k=256, num_stages=2) for g in ("planes8", "scaled", "scaled8")]
                    + SPLITS16)
@@ -119,10 +125,10 @@ def check_cases(cases: list[tuple], device: str = "cuda") -> tuple[int, float, l
         bias = torch.randn(N, generator=gen).to(device, dt)
         ref = dq_linear_reference(x, packed, scale, zero, bits, group, K, bias=bias)
         # the pipelined GEMVs with 256-wide K steps: 4 steps, so the prefetch of a next step is exercised
-        variants = ([dict(gemv=v) for v in ("units", "units_hi", "reduce", "dequant")]
+        variants = ([{}] + [dict(gemv=v) for v in ("units", "units_hi", "reduce", "dequant")]
                     + [dict(gemv=v, block_k=256) for v in ("units_pf", "units_sw", "units_hi_pf", "units_hi_sw")]
                     if M <= 4 else
-                    [dict(gemm="dequant"), dict(split_k="auto")]
+                    [{}, dict(gemm="dequant"), dict(split_k="auto")]
                     + [dict(gemm=g, block_k=256, split_k=sk) for g, u in (("planes", 16), ("planes8", 8),
                                                                           ("scaled", 16), ("scaled8", 8))
                        for sk in (1, 3) if planes_fit(bits, max(group, 0), 256, u)])
@@ -239,8 +245,9 @@ def launch_cfg(cfg: dict, bits: int, group: int, dtype: torch.dtype) -> dict:
 
 def main() -> None:
     def options(ap) -> None:
-        ap.add_argument("--sweep", choices=("full", "gemm16", "none"), default="full",
-                        help="configurations to sweep: all, only the M = 16 GEMM variants, or none (defaults only)")
+        ap.add_argument("--sweep", choices=("full", "gemm16", "previous", "none"), default="full",
+                        help="configurations to sweep: all, only the M = 16 GEMM variants, the defaults before "
+                             "2026-11-28 (on every shape), or none (defaults only)")
         ap.add_argument("--jobs", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)),
                         help="processes that compile in parallel for the correctness and warm-up phases")
 
@@ -279,6 +286,8 @@ def main() -> None:
     shapes = SHAPES[:1] if args.quick else SHAPES
 
     def sweep_for(K: int, N: int, M: int) -> list[dict]:
+        if args.sweep == "previous":
+            return PREVIOUS[M]
         if (K, N) == SHAPES[0] or args.sweep == "none" or (args.sweep == "gemm16" and M != 16):
             return []
         if args.sweep == "gemm16":

@@ -18,8 +18,8 @@ run() {  # name limit_s command...
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   echo "== $name: rc=$? in $((SECONDS - t0)) s" | tee -a "$OUT/gpu.txt"
 }
-PARTS=${PARTS:-"plugin_ptx dq_kernels generate_gpu"}  # a subset when rerunning part of it
+PARTS=${PARTS:-"plugin_ptx dq_kernels generate_gpu"}  # a subset when rerunning part of it; DQ_ARGS: dq_kernels.py options
 case " $PARTS " in *" plugin_ptx "*) run plugin_ptx 80 python3 plugin_ptx.py --ptx-dir ../build/plugins --json "$OUT/plugin_ptx.json";; esac
-case " $PARTS " in *" dq_kernels "*) run dq_kernels 550 python3 dq_kernels.py --json "$OUT/dq_kernels.json";; esac
+case " $PARTS " in *" dq_kernels "*) run dq_kernels 550 python3 dq_kernels.py ${DQ_ARGS:-} --json "$OUT/dq_kernels.json";; esac
 case " $PARTS " in *" generate_gpu "*) run generate_gpu 170 python3 generate.py --device cuda --prompts 16 --json "$OUT/generate_gpu.json";; esac
 for f in "$OUT"/*.log; do echo "---- $f"; tail -n 12 "$f"; done

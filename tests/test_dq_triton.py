@@ -194,7 +194,7 @@ def test_pipelined_units_gemv_refusals() -> None:
 
 def test_units_gemv_is_the_default_when_it_fits() -> None:
     fits = make_case(4, 128, 1, K=256)
-    assert dq._prepare(**fits, block_n=None, block_k=None).specs["name"] == "_dq_gemv_units_kernel"
+    assert dq._prepare(**fits, block_n=None, block_k=None).specs["name"] == "_dq_gemv_units_hi_kernel"
     assert dq.units_run(4, 128, torch.bfloat16) == (8, 32) and dq.units_run(2, 64, torch.float32) == (4, 16)
     tail = make_case(2, 90, 1, N=8, K=90)  # K not a multiple of the 32-code run: the element-wise GEMV instead
     assert dq._prepare(**tail, block_n=None, block_k=None).specs["name"] == "_dq_gemv_dequant_kernel"
@@ -306,7 +306,7 @@ def test_kernel_specs_signature_lists_kernel_arguments(m_small: bool) -> None:
     assert specs["signature"]["x_ptr"] == specs["signature"]["y_ptr"] == "*bf16"
     assert specs["signature"]["scale_ptr"] == "*fp32" and specs["signature"]["packed_ptr"] == "*u8"
     assert specs["constexprs"]["GROUP"] == 0 and specs["constexprs"]["BITS"] == 3
-    assert specs["name"] == ("_dq_gemv_dequant_kernel" if m_small else "_dq_gemm_planes_kernel")
+    assert specs["name"] == ("_dq_gemv_dequant_kernel" if m_small else "_dq_gemm_scaled_kernel")
     grid = specs["grid"](100, 1000)
     c = specs["constexprs"]
     assert grid == ((math.ceil(1000 / c["BLOCK_N"]), 1, 1) if m_small
@@ -319,7 +319,7 @@ def test_launch_path_matches_kernel_specs(M: int, bias: bool) -> None:
     launch = dq._prepare(**case, block_n=None, block_k=None)
     # K=128 is a multiple of the units GEMV's 32-code run, so the launcher picks that kernel at M <= 4
     expected = dq.with_bias(dq.kernel_specs(2, 64, torch.float16, M <= dq.GEMV_MAX_M, m=M,
-                                            scale_dtype=torch.float32, gemv="units"), bias)
+                                            scale_dtype=torch.float32, gemv=dq.GEMV_UNITS_DEFAULT), bias)
     assert launch.specs["kernel"] is expected["kernel"]
     assert launch.specs["constexprs"] == expected["constexprs"]
     assert launch.specs["signature"] == expected["signature"]
@@ -433,10 +433,40 @@ def test_gemm_defaults_by_rows_and_group() -> None:
         case = make_case(bits, group, M, N=40, K=K, dtype=torch.float16, scale_dtype=torch.float16)
         return dq._prepare(**case, block_n=None, block_k=None).specs["name"]
     assert name(4, 128, 16) == "_dq_gemm_planes_kernel"
-    assert name(2, 64, 16) == "_dq_gemm_planes8_kernel"  # 16-bit units would split its groups by masking
-    assert name(4, 128, 64) == "_dq_gemm_planes_kernel" and name(2, 64, 64) == "_dq_gemm_kernel"
+    assert name(4, 32, 16) == "_dq_gemm_scaled_kernel"  # 16-bit units split its groups by masking: cheapest scaled
+    assert name(2, 64, 16) == "_dq_gemm_scaled_kernel" and name(3, 128, 16) == "_dq_gemm_planes_kernel"
+    assert name(4, 128, 64) == "_dq_gemm_scaled_kernel" and name(2, 64, 64) == "_dq_gemm_scaled_kernel"
+    assert name(8, 128, 16) == "_dq_gemm_planes_kernel" and name(8, 128, 64) == "_dq_gemm_kernel"  # 8 bits: untimed
     assert name(2, -1, 16, K=90) == "_dq_gemm_kernel"  # 23-byte rows: no 16-bit units, M > 4 falls back to dequant
     check(make_case(2, 64, 16, N=40, K=512, dtype=torch.float16, scale_dtype=torch.float16, bias=True))
+
+
+@pytest.mark.parametrize("tiles,k_steps,sms,expected", [
+    (128, 64, 132, 4),   # 8192² at 64-column tiles: 4 ranges (the H200 sweep's best at 16 rows)
+    (224, 32, 132, 4),   # 4096 x 14336: 3.5 programs per SM rounds to 4 ranges
+    (448, 32, 132, 2),   # twice the columns: 2
+    (1200, 64, 132, 1),  # the tiles alone give 6 per SM
+    (2, 8, 132, 2),      # at least 4 K steps per range
+    (2, 7, 132, 1),
+])
+def test_default_split(tiles: int, k_steps: int, sms: int, expected: int) -> None:
+    assert dq.default_split(tiles, k_steps, sms) == expected
+
+
+def test_default_gemm_splits_k_by_the_tiles() -> None:
+    # K = 2048 at 128-wide steps: 16 steps, one 64 x 64 tile -> 4 K ranges; at 8 tiles of 64 columns still 4; the
+    # launcher's split matches the unsplit kernel and the reference
+    case = make_case(4, 128, 16, N=64, K=2048, dtype=torch.float16, scale_dtype=torch.float16, bias=True, seed=11)
+    launch = dq._prepare(**case, block_n=None, block_k=None)
+    assert launch.specs["name"] == "_dq_gemm_planes_kernel" and launch.specs["constexprs"]["SPLIT_K"] == 4
+    assert launch.specs["constexprs"]["BLOCK_N"] == 64 and launch.specs["constexprs"]["BLOCK_K"] == 128
+    parts = check(case)
+    whole = dq.dq_linear_triton(**case, split_k=1)
+    torch.testing.assert_close(parts.float(), whole.float(), rtol=2e-3, atol=2e-3 * whole.abs().max().item())
+    # explicit split_k=1 or a short K: no split
+    assert dq._prepare(**case, block_n=None, block_k=None, split_k=1).specs["constexprs"]["SPLIT_K"] == 1
+    short = make_case(4, 128, 16, N=64, K=256, dtype=torch.float16, scale_dtype=torch.float16)
+    assert dq._prepare(**short, block_n=None, block_k=None).specs["constexprs"]["SPLIT_K"] == 1
 
 
 def test_planes_refuses_what_it_cannot_take() -> None:
@@ -493,7 +523,7 @@ def test_planes_error_messages_and_fallbacks() -> None:
         dq.kernel_specs(3, 128, torch.float16, False, m=16, gemm="planes", block_k=32)
     # 16-bit units do not fit a 64-wide fp32 step at 2 bits; the byte-wide kernel does
     specs = dq.kernel_specs(2, 128, torch.float32, True, m=1, gemv="planes")
-    assert specs["name"] == "_dq_gemm_planes8_kernel"
+    assert specs["name"] == "_dq_gemm_scaled8_kernel"
     odd = make_case(2, 90, 20, N=48, K=90)  # 23-byte rows
     with pytest.raises(ValueError, match="gemm='scaled8'"):
         dq.dq_linear_triton(**odd, gemm="scaled", block_k=128)
@@ -504,7 +534,7 @@ def test_planes_error_messages_and_fallbacks() -> None:
     for dtype in (torch.float16, torch.float32):  # fp32's 64-wide step is already too short for 16-bit units
         case16 = {**view, "x": torch.randn(16, 90).to(dtype)}
         name = dq._prepare(**case16, block_n=None, block_k=None, gemm=None).specs["name"]
-        assert name == ("_dq_gemm_kernel" if dtype == torch.float16 else "_dq_gemm_planes8_kernel")
+        assert name == ("_dq_gemm_kernel" if dtype == torch.float16 else "_dq_gemm_scaled8_kernel")
         check(case16)
 
 
@@ -540,7 +570,7 @@ def test_split_k_auto_and_refusals() -> None:
     check({**case, "x": case["x"][:3]}, split_k="auto")  # GEMV rows: "auto" means no split
     with pytest.raises(ValueError, match="planes/scaled GEMMs only .*gemm='dequant'"):
         dq.dq_linear_triton(**case, gemm="dequant", split_k=2)
-    with pytest.raises(ValueError, match="planes/scaled GEMMs only .*gemv='units'"):
+    with pytest.raises(ValueError, match="planes/scaled GEMMs only .*gemv='units_hi'"):
         dq.dq_linear_triton(**{**case, "x": case["x"][:2]}, split_k=2)
     for bad, message in ((0, "between 1 and 64"), (65, "between 1 and 64"), ("many", "integer or 'auto'"),
                          (2.0, "integer or 'auto'")):

@@ -931,9 +931,13 @@ GEMV_KERNELS = {"units": _dq_gemv_units_kernel, "units_hi": _dq_gemv_units_hi_ke
 # Pipelined forms take runs of up to 8 units (units_run), so some need K to be a multiple of a longer run.
 UNITS_PIPE = {"units": 0, "units_hi": 0, "units_pf": 1, "units_hi_pf": 1, "units_sw": 3, "units_hi_sw": 3}
 UNITS_GEMVS = tuple(UNITS_PIPE)
-# "units" when the shape allows it (units_run divides K, rows aligned: the launcher checks), else "dequant"
+# GEMV_UNITS_DEFAULT when the shape allows it (units_run divides K, rows aligned: the launcher checks), else "dequant"
 # (ahead-of-time kernels, which must take any K, always use "dequant").
 GEMV_DEFAULT = "dequant"
+# The units GEMV the launcher picks: biased codes (H200, 2026-11-28, batch 1: W4g128 16.19 / 15.70 us at 8192² /
+# 4096 x 14336 vs 16.73 / 16.06 for "units", W2g64 14.92 / 13.77 vs 15.85 / 14.86; the pipelined forms were no
+# faster: "_pf" within 1 % at W4 and slower at W2, "_sw" 2-3x slower). fp32 activations take the exact codes.
+GEMV_UNITS_DEFAULT = "units_hi"
 GEMM_KERNELS = {"planes": _dq_gemm_planes_kernel, "planes8": _dq_gemm_planes8_kernel,
                 "scaled": _dq_gemm_scaled_kernel, "scaled8": _dq_gemm_scaled8_kernel, "dequant": _dq_gemm_kernel}
 PLANES_KERNELS = (_dq_gemm_planes_kernel, _dq_gemm_planes8_kernel, _dq_gemm_scaled_kernel, _dq_gemm_scaled8_kernel)
@@ -941,15 +945,35 @@ PLANES_KERNELS = (_dq_gemm_planes_kernel, _dq_gemm_planes8_kernel, _dq_gemm_scal
 
 def _default_gemm(bits: int, group: int, block_m: int) -> str:
     """The large-M kernel by default (where planes_fit allows it; the TensorRT entry points wrap "dequant").
-    H100 (2026-11-27): up to 16 rows the planes GEMM, over bytes where a 16-bit unit's code slots would
-    need groups split by masking (W2 g64: the masked activations go through shared memory once per group);
-    more rows: the planes GEMM at 3/4 bits (64 rows, 64 x 128 tiles: 89.8 vs 90.8 us at 8192², 63.6 vs 77.7 at
-    4096 x 14336), else the dequant GEMM (W2: 78 vs >= 123 us; the planes GEMM doubles its tensor-core work for
-    Σ x)."""
+    H200 sweep (benchmarks/dq_kernels.py, 2026-11-28, bf16, 64 x 128 tiles split into 4 K ranges): up to 16 rows
+    the planes GEMM at 3/4 bits (W4g128 29.0 / 26.6 us at 8192² / 4096 x 14336, scaled 31.4 / 28.0) and the scaled
+    GEMM at 2 bits (W2g64 32.6 / 29.8 us; planes 48.7 / 41.9, the byte-wide planes8 of before 59.7 / 60.3
+    unsplit); more rows the scaled GEMM at 2-4 bits (64 rows: W4 49.9 / 44.5 us vs planes 69.7 / 69.8, W2 52.2 /
+    49.5 vs the dequant GEMM's 81.0 / 69.8). Groups shorter than a 16-bit unit's code slots span (W2g64 above,
+    W4g32) are split by masking, which costs the scaled GEMM least. 8 bits were not timed: the planes kernels up
+    to 16 rows (byte-wide where 16-bit units would split groups), the dequant GEMM above."""
     sb = _storage_bits(bits)
-    if block_m > 16:
-        return "planes" if sb == 4 else "dequant"
-    return "planes" if group == 0 or group >= 16 * (16 // sb) else "planes8"
+    whole_groups = group == 0 or group >= 16 * (16 // sb)  # each code slot of a 16-bit unit within one group
+    if sb == 8:
+        return "dequant" if block_m > 16 else "planes" if whole_groups else "planes8"
+    return "planes" if block_m <= 16 and sb == 4 and whole_groups else "scaled"
+
+
+def default_split(tiles: int, k_steps: int, sm_count: int) -> int:
+    """The launcher's split_k when none is given (planes-family GEMMs): 4 K ranges of >= 4 K steps each, fewer when
+    the output tiles alone give ~6 programs per SM. H200 sweep (2026-11-28), 64 x 128 tiles: 4 ranges were the
+    best or within 12 % of it on every timed shape at 16 and 64 rows; the one-wave split of split_k="auto" (2 at
+    4096 x 14336, W4, 16 rows) was 8 % slower than 4."""
+    want = max(1, round(6 * sm_count / max(tiles, 1)))
+    return max(1, min(4, k_steps // 4, want))
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; an H100's 132 for the interpreter (so CPU tests take the GPU's
+    kernel choices)."""
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multiprocessor_count
 
 
 # ---------------------------------------------------------------------------------------
@@ -1031,8 +1055,8 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
     every M up to GEMV_MAX_M when m_small, and uses 64-row tiles otherwise). block_n / block_k / num_warps /
     num_stages override the H100-oriented defaults. gemv picks the small-M kernel: "units" (or one of UNITS_GEMVS:
     biased codes "_hi", software pipelined "_pf" / "_sw"), "reduce" (per-group
-    partial sums), "dequant" (element-wise dequantization into a 3-D accumulator) or "planes" (the planes GEMM
-    with a 16-row tile). gemm picks the large-M kernel: "planes" (the codes of each slot of a 16-bit unit straight
+    partial sums), "dequant" (element-wise dequantization into a 3-D accumulator) or "planes" (the tiled GEMM
+    with a 16-row tile: _default_gemm's kernel, or the one gemm names). gemm picks the large-M kernel: "planes" (the codes of each slot of a 16-bit unit straight
     into tensor-core dots, scaled per group afterwards; needs planes_fit and 2-byte aligned rows), "planes8" (the
     same over bytes), "scaled" / "scaled8" (the same operands dequantized in registers before the dot) or
     "dequant" (tiles dequantized and put back in k order); _default_gemm picks by rows. gemm applies to the tiled
@@ -1101,10 +1125,11 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
             bk = block_k or (64 if fp32 else 256 if bm <= 16 else 128)
             default_warps, default_stages = (4 if bm <= 16 else 8), (2 if fp32 else 3)
         else:
-            # H100 sweep (benchmarks/dq_kernels.py, 2026-11-27): at 16 rows 32 columns and 512-wide K steps,
-            # 4 stages; at 64 rows 64 columns and 128-wide steps. 8 warps were always slower.
-            bn = block_n or (32 if bm <= 16 else 64)
-            bk = block_k or (64 if fp32 else 512 if bm <= 16 else 128)
+            # H200 sweep (benchmarks/dq_kernels.py, 2026-11-28): 64 columns and 128-wide K steps, 4 stages at
+            # 16 rows and 3 at 64, split into K ranges by the launcher (default_split; unsplit at 16 rows, 32 x
+            # 512 was faster). 8 warps were always slower (H100, 2026-11-27).
+            bn = block_n or 64
+            bk = block_k or (64 if fp32 else 128)
             default_warps, default_stages = 4, (2 if fp32 else 4 if bm <= 16 else 3)
             unit = 8 if choice.endswith("8") else 16
             if gemm is not None and block_k is None:  # a named kernel gets the shortest K step it takes, if longer
@@ -1266,18 +1291,19 @@ def _select_specs(packed: torch.Tensor, bits: int, c: _Checked, dtype: torch.dty
     kernel or the dequant GEMM where 16-bit units would be misaligned."""
     m_small = M <= GEMV_MAX_M
     if m_small and gemv in (None, *UNITS_GEMVS):
-        fits = _units_fit(packed, bits, c, dtype, gemv or "units")
+        fits = _units_fit(packed, bits, c, dtype, gemv or GEMV_UNITS_DEFAULT)
         if gemv in UNITS_GEMVS and not fits:
             cpu, run = units_run(bits, 0 if c.per_channel else c.group, dtype, gemv)
             raise ValueError(f"gemv={gemv!r} needs in_features divisible by its run of {run} codes (got {c.K}) and "
                              f"packed rows aligned to its {cpu * _storage_bits(bits) // 8}-byte units; use gemv=None to let "
                              f"the launcher choose")
-        gemv = (gemv or "units") if fits else GEMV_DEFAULT
+        gemv = (gemv or GEMV_UNITS_DEFAULT) if fits else GEMV_DEFAULT
 
-    def specs_for(gemm: str | None) -> dict[str, Any]:
+    def specs_for(gemm: str | None, split: int | None = split_k, bn: int | None = block_n,
+                  bk: int | None = block_k) -> dict[str, Any]:
         return kernel_specs(bits, -1 if c.per_channel else c.group, dtype, m_small, m=max(M, 1),
-                            scale_dtype=scale_dtype, block_n=block_n, block_k=block_k, num_warps=num_warps,
-                            num_stages=num_stages, gemv=gemv or GEMV_DEFAULT, gemm=gemm, split_k=split_k)
+                            scale_dtype=scale_dtype, block_n=bn, block_k=bk, num_warps=num_warps,
+                            num_stages=num_stages, gemv=gemv or GEMV_DEFAULT, gemm=gemm, split_k=split)
 
     specs = specs_for(gemm)
     wide = {_dq_gemm_planes_kernel: "planes", _dq_gemm_scaled_kernel: "scaled"}.get(specs["kernel"])
@@ -1287,6 +1313,13 @@ def _select_specs(packed: torch.Tensor, bits: int, c: _Checked, dtype: torch.dty
             raise ValueError(f"the {wide} kernel reads 16-bit units and needs 2-byte aligned packed rows of an even "
                              f"byte count (gemm='{wide}8' reads bytes)")
         specs = specs_for(f"{wide}8" if m_small or split_k not in (None, 1) else "dequant")
+    if split_k is None and specs["kernel"] in PLANES_KERNELS:  # the launcher's split (default_split)
+        k = specs["constexprs"]
+        tiles = triton.cdiv(M, k["BLOCK_M"]) * triton.cdiv(c.N, k["BLOCK_N"])
+        splits = default_split(tiles, triton.cdiv(c.K, k["BLOCK_K"]), _sm_count(packed.device))
+        if splits > 1:  # the same kernel and tile, named explicitly
+            name = next(n for n, f in GEMM_KERNELS.items() if f is specs["kernel"])
+            specs = specs_for(name, splits, k["BLOCK_N"], k["BLOCK_K"])
     return with_bias(specs, has_bias)
 
 
@@ -1321,10 +1354,10 @@ def _prepare(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: t
     bucket = _next_pow2(M) if m_small else min(64, max(16, _next_pow2(M)))
     key = (bits, c.K, c.group, c.per_channel, x.dtype, scale.dtype, bucket, bias is not None,
            packed.data_ptr() % 16, packed.stride(0) % 16, block_n, block_k, num_warps, num_stages, gemv, gemm,
-           split_k)
+           split_k, c.N, triton.cdiv(M, bucket), x.device)  # the last three: the default split's tile count
     auto = split_k == "auto"
-    if auto:  # the split depends on the tiles (M, N) and on the device's occupancy too
-        key += (M, c.N, x.device)
+    if auto:  # the split depends on the exact rows too
+        key += (M,)
     specs = _SPECS_CACHE.get(key)
     args = {"x_ptr": x2, "packed_ptr": packed, "scale_ptr": scale, "zero_ptr": zero,
             "bias_ptr": bias if bias is not None else y,  # never read when HAS_BIAS is False
