@@ -973,7 +973,9 @@ def _sm_count(device: torch.device) -> int:
     kernel choices)."""
     if device.type != "cuda":
         return 132
-    return torch.cuda.get_device_properties(device).multiprocessor_count
+    from triton.runtime import driver  # as _auto_split reads it (torch names the field differently by version)
+    return driver.active.utils.get_device_properties(device.index if device.index is not None
+                                                     else torch.cuda.current_device())["multiprocessor_count"]
 
 
 # ---------------------------------------------------------------------------------------
