@@ -10,7 +10,7 @@ Kernels (all accumulate in fp32 and write y in x's dtype)
                    all M rows (BLOCK_M = next power of two >= M, padded rows masked) and walks K in BLOCK_K chunks.
                    A chunk is split into sub-blocks that each lie inside one quantization group, and per group
                    Σ_k x_k (s q_k + z) = s Σ_k x_k q_k + z Σ_k x_k, so codes are never dequantized element-wise.
-  _dq_gemv_units_kernel  the default at M <= 4 when in_features is a multiple of its run (16-32 codes; 16-64 in the
+  _dq_gemv_units_kernel  the batch-1-4 GEMV when in_features is a multiple of its run (16-32 codes; 16-64 in the
                    pipelined forms below) and the
                    packed rows are aligned to its unit: codes read in units whose activations are one 16-byte
                    load, runs of up to 4 units per thread, each code one LOP3 + FADD + FFMA (_code_exact), the
@@ -21,19 +21,21 @@ Kernels (all accumulate in fp32 and write y in x's dtype)
   _dq_gemv_units_hi_kernel  the units GEMV with biased codes for 16-bit activations: each code is shifted by a
                    multiple of 8 bits into a high mantissa window and read as 2^(23-shift) + code, and Σ bias x is
                    removed once per run for all rows, so no subtraction per code (~7-10 % fewer instructions in the
-                   loop; not a default until timed on a GPU).
+                   loop). The default at M <= 4 where the units GEMV fits (H200: 3-7 % faster than plain units).
   _dq_gemv_units(_hi)_pf_kernel / _dq_gemv_units(_hi)_sw_kernel  the same, software pipelined: the next K step's
                    loads issued before this step's arithmetic, into registers (_pf) or through shared memory by
                    Triton's pipeliner with 3 stages (_sw; scales and zeros one step ahead in registers). With one or
                    two waves of programs and 1-2 K steps each, the plain kernel alternates load and arithmetic
                    phases in lockstep on every SM (its H100 batch-1 times lie between the max and the sum of the
-                   pure read time and the issue time). Runs of up to 8 units. Not defaults until timed on a GPU.
-  _dq_gemm_planes_kernel / _dq_gemm_planes8_kernel  the default GEMM up to 16 rows (and at 3/4 bits above): code
+                   pure read time and the issue time). Runs of up to 8 units. Timed on an H200: "_pf" no faster,
+                   "_sw" 2-3x slower than the plain kernels, so neither is a default.
+  _dq_gemm_planes_kernel / _dq_gemm_planes8_kernel  the default GEMM up to 16 rows at 3/4 (and 8) bits: code
                    slot j of every 16-bit (8-bit) unit is its own operand, element-wise in the loaded units, so Triton
                    dequantizes in the tensor-core operand registers; integer codes go into tl.dot and each group's
                    partial is scaled afterwards (see _planes_gemm). _dq_gemm_scaled(8)_kernel: the same operands
-                   dequantized (s q + z) in registers before the dot (not a default until timed on a GPU).
-  _dq_gemm_kernel  the "dequant" GEMM (the default at 2/8 bits above 16 rows; also the ahead-of-time GEMM).
+                   dequantized (s q + z) in registers before the dot: the default at 2 bits up to 16 rows and at
+                   2-4 bits above. _default_gemm picks; the launcher splits K (default_split).
+  _dq_gemm_kernel  the "dequant" GEMM (the default at 8 bits above 16 rows; also the ahead-of-time GEMM).
                    Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)) for all GEMMs; the M index varies fastest so programs
                    that share a weight tile run close together (L2 reuse). Each BLOCK_K × BLOCK_N weight tile is
                    dequantized to x's dtype, put back in k order and fed to tl.dot.
@@ -1055,7 +1057,7 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
     group: -1 (or in_features) for per channel, else a power of two >= 16. dtype: the activation (= x, y, bias)
     dtype; scale_dtype defaults to it. m: the row count if known (picks BLOCK_M; without it the variant covers
     every M up to GEMV_MAX_M when m_small, and uses 64-row tiles otherwise). block_n / block_k / num_warps /
-    num_stages override the H100-oriented defaults. gemv picks the small-M kernel: "units" (or one of UNITS_GEMVS:
+    num_stages override the defaults (tuned on an H100 and an H200). gemv picks the small-M kernel: "units" (or one of UNITS_GEMVS:
     biased codes "_hi", software pipelined "_pf" / "_sw"), "reduce" (per-group
     partial sums), "dequant" (element-wise dequantization into a 3-D accumulator) or "planes" (the tiled GEMM
     with a 16-row tile: _default_gemm's kernel, or the one gemm names). gemm picks the large-M kernel: "planes" (the codes of each slot of a 16-bit unit straight
