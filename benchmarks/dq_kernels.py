@@ -81,7 +81,8 @@ GEMM_SWEEP = {16: [dict(gemm=g, block_n=bn, block_k=bk, num_stages=st, split_k=1
 PREVIOUS = {1: [dict(gemv="units")],
             16: [dict(gemm="planes", block_n=32, block_k=512, num_stages=4, split_k=1),
                  dict(gemm="planes8", block_n=32, block_k=512, num_stages=4, split_k=1)],
-            64: [dict(gemm="planes", block_n=64, block_k=128, split_k=1), dict(gemm="dequant", block_n=32, block_k=128)]}
+            64: [dict(gemm="planes", block_n=64, block_k=128, split_k=1),
+                 dict(gemm="dequant", block_n=32, block_k=128)]}
 GEMM16_VARIANTS = ([dict(gemm=g) for g in ("planes", "planes8", "scaled", "scaled8", "dequant")]
                    + [dict(gemm=g, block_n=64, block_k=256, num_stages=2) for g in ("planes8", "scaled", "scaled8")]
                    + SPLITS16)

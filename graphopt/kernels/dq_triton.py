@@ -1057,18 +1057,20 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
     group: -1 (or in_features) for per channel, else a power of two >= 16. dtype: the activation (= x, y, bias)
     dtype; scale_dtype defaults to it. m: the row count if known (picks BLOCK_M; without it the variant covers
     every M up to GEMV_MAX_M when m_small, and uses 64-row tiles otherwise). block_n / block_k / num_warps /
-    num_stages override the defaults (tuned on an H100 and an H200). gemv picks the small-M kernel: "units" (or one of UNITS_GEMVS:
-    biased codes "_hi", software pipelined "_pf" / "_sw"), "reduce" (per-group
-    partial sums), "dequant" (element-wise dequantization into a 3-D accumulator) or "planes" (the tiled GEMM
-    with a 16-row tile: _default_gemm's kernel, or the one gemm names). gemm picks the large-M kernel: "planes" (the codes of each slot of a 16-bit unit straight
-    into tensor-core dots, scaled per group afterwards; needs planes_fit and 2-byte aligned rows), "planes8" (the
-    same over bytes), "scaled" / "scaled8" (the same operands dequantized in registers before the dot) or
-    "dequant" (tiles dequantized and put back in k order); _default_gemm picks by rows. gemm applies to the tiled
+    num_stages override the defaults (tuned on an H100 and an H200). gemv picks the small-M kernel: "units" (or
+    one of UNITS_GEMVS: biased codes "_hi", software pipelined "_pf" / "_sw"), "reduce" (per-group partial sums),
+    "dequant" (element-wise dequantization into a 3-D accumulator) or "planes" (the tiled GEMM with a 16-row
+    tile: _default_gemm's kernel, or the one gemm names). gemm picks the large-M kernel: "planes" (the codes of
+    each slot of a 16-bit unit straight into tensor-core dots, scaled per group afterwards; needs planes_fit and
+    2-byte aligned rows), "planes8" (the same over bytes), "scaled" / "scaled8" (the same operands dequantized in
+    registers before the dot) or "dequant" (tiles dequantized and put back in k order); _default_gemm picks by
+    rows. gemm applies to the tiled
     kernels only: M > 4, or gemv="planes". convention "tensorrt" gives entry points with TensorRT's AOT plugin
     argument order (input pointers, the i32 scalars, then y_ptr; the dequant GEMV and the dequant GEMM inside).
     The "_sw" GEMVs pipeline 3 stages, fixed in the kernel: num_stages reports that and may only say 3.
-    split_k (planes-family GEMMs only; default 1) splits K over that many programs per tile (grid dim 2), each
-    writing an fp32 partial to a [split_k, M, N] workspace passed as y_ptr (dq_linear_triton sums them).
+    split_k (planes-family GEMMs only; default 1 here, while the launcher's default is default_split) splits K
+    over that many programs per tile (grid dim 2), each writing an fp32 partial to a [split_k, M, N] workspace
+    passed as y_ptr (dq_linear_triton sums them).
 
     Returns {"kernel", "name", "signature" (every kernel argument in order, constexprs marked "constexpr", as
     Triton >= 3.2's ASTSource expects), "constexprs", "grid" (M, N) -> 3-tuple, "num_warps", "num_stages"}.
@@ -1425,7 +1427,8 @@ def dq_linear_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
     default tiles and num_stages the software pipelining depth (fixed at 3 in the "_sw" GEMVs); gemv / gemm the
     kernel (see kernel_specs); split_k splits K over that many programs per tile (planes-family GEMMs; their fp32
     partials are summed here), "auto" as many as keep the whole grid resident on this GPU (occupancy_split; 1
-    for the other kernels and under the interpreter).
+    for the other kernels and under the interpreter); left unset, the planes-family GEMMs take default_split
+    (up to 4 ranges; split_k=1 turns splitting off).
     """
     launch = _prepare(x, packed, scale, zero, bits, group, in_features, bias, block_n, block_k, num_warps, gemv,
                       gemm, num_stages, split_k)
