@@ -83,6 +83,7 @@ PREVIOUS = {1: [dict(gemv="units")],
                  dict(gemm="planes8", block_n=32, block_k=512, num_stages=4, split_k=1)],
             64: [dict(gemm="planes", block_n=64, block_k=128, split_k=1),
                  dict(gemm="dequant", block_n=32, block_k=128)]}
+# (entries without split_k get the launcher's default split)
 GEMM16_VARIANTS = ([dict(gemm=g) for g in ("planes", "planes8", "scaled", "scaled8", "dequant")]
                    + [dict(gemm=g, block_n=64, block_k=256, num_stages=2) for g in ("planes8", "scaled", "scaled8")]
                    + SPLITS16)
@@ -250,7 +251,8 @@ def main() -> None:
                         help="configurations to sweep: all, only the M = 16 GEMM variants, the defaults before "
                              "2026-11-28 (on every shape), or none (defaults only)")
         ap.add_argument("--no-checks", action="store_true",
-                        help="skip the correctness phase (each timed configuration is still checked first)")
+                        help="skip the correctness phase (each timed configuration, the default too, is still "
+                             "checked against the reference at its shape first)")
         ap.add_argument("--jobs", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)),
                         help="processes that compile in parallel for the correctness and warm-up phases")
 
@@ -346,6 +348,9 @@ def main() -> None:
                 try:  # a default that fails to compile must not hide the sweep
                     y = dq_linear_triton(x, packed, scale, zero, bits, group, K)
                     m[f"{tag}_rel_l2"] = float(f"{rel_l2(y, ref):.2g}")
+                    if rel_l2(y, ref) > 1e-2:  # the sweep entries' threshold
+                        m["default_failures"] = m.get("default_failures", 0) + 1
+                        print(f"{tag} default: WRONG rel_l2 {rel_l2(y, ref):.3g}", flush=True)
                     us = timed({})
                     m[f"{tag}_us"] = round(us, 2)
                     m[f"{tag}_bw_fraction"] = round(moved(packed, scale, M, K, N) / (us * 1e-6) / copy_bw, 3)

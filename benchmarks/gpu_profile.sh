@@ -6,7 +6,7 @@ set -u
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/triton-cache
-NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda*/bin/ncu 2>/dev/null | head -n 1)
 [ -n "$NCU" ] || { echo "gpu_profile: no ncu on this machine" >&2; exit 2; }
 nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/gpu.txt"
 cd benchmarks
@@ -15,7 +15,7 @@ timeout 400 "$NCU" --profile-from-start off --clock-control none --target-proces
   --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
   --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
   --section SourceCounters --export "$OUT/gemv" -f python3 gemv_profile.py > "$OUT/ncu.log" 2>&1
-echo "ncu rc=$?" | tee -a "$OUT/gpu.txt"
+echo "ncu rc=$? (ERR_NVGPUCTRPERM in ncu.log: this machine restricts the GPU performance counters)" | tee -a "$OUT/gpu.txt"
 "$NCU" --import "$OUT/gemv.ncu-rep" --page details --csv > "$OUT/details.csv" 2>>"$OUT/ncu.log"
 "$NCU" --import "$OUT/gemv.ncu-rep" --page raw --csv > "$OUT/raw.csv" 2>>"$OUT/ncu.log"
 tail -n 20 "$OUT/ncu.log"; wc -c "$OUT"/*

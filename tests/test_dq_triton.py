@@ -195,6 +195,10 @@ def test_pipelined_units_gemv_refusals() -> None:
 def test_units_gemv_is_the_default_when_it_fits() -> None:
     fits = make_case(4, 128, 1, K=256)
     assert dq._prepare(**fits, block_n=None, block_k=None).specs["name"] == "_dq_gemv_units_hi_kernel"
+    # 16-bit activations: the biased codes are what runs by default (fp32 x takes the exact ones)
+    half = make_case(4, 128, 1, N=20, K=256, dtype=torch.bfloat16, scale_dtype=torch.bfloat16, seed=5)
+    assert dq._prepare(**half, block_n=None, block_k=None).specs["name"] == "_dq_gemv_units_hi_kernel"
+    check(half)
     assert dq.units_run(4, 128, torch.bfloat16) == (8, 32) and dq.units_run(2, 64, torch.float32) == (4, 16)
     tail = make_case(2, 90, 1, N=8, K=90)  # K not a multiple of the 32-code run: the element-wise GEMV instead
     assert dq._prepare(**tail, block_n=None, block_k=None).specs["name"] == "_dq_gemv_dequant_kernel"
@@ -317,7 +321,8 @@ def test_kernel_specs_signature_lists_kernel_arguments(m_small: bool) -> None:
 def test_launch_path_matches_kernel_specs(M: int, bias: bool) -> None:
     case = make_case(2, 64, M, dtype=torch.float16, scale_dtype=torch.float32, bias=bias)
     launch = dq._prepare(**case, block_n=None, block_k=None)
-    # K=128 is a multiple of the units GEMV's 32-code run, so the launcher picks that kernel at M <= 4
+    # K=128 is a multiple of the units GEMV's 32-code run, so the launcher picks that kernel at M <= 4; at M = 20
+    # K=128 is one K step, so the launcher's default split is 1, as kernel_specs has it
     expected = dq.with_bias(dq.kernel_specs(2, 64, torch.float16, M <= dq.GEMV_MAX_M, m=M,
                                             scale_dtype=torch.float32, gemv=dq.GEMV_UNITS_DEFAULT), bias)
     assert launch.specs["kernel"] is expected["kernel"]
@@ -443,7 +448,7 @@ def test_gemm_defaults_by_rows_and_group() -> None:
 
 @pytest.mark.parametrize("tiles,k_steps,sms,expected", [
     (128, 64, 132, 4),   # 8192² at 64-column tiles: 4 ranges (the H200 sweep's best at 16 rows)
-    (224, 32, 132, 4),   # 4096 x 14336: 3.5 programs per SM rounds to 4 ranges
+    (224, 32, 132, 4),   # 4096 x 14336: 6 x 132 / 224 = 3.5 ranges wanted, rounds to 4
     (448, 32, 132, 2),   # twice the columns: 2
     (1200, 64, 132, 1),  # the tiles alone give 6 per SM
     (2, 8, 132, 2),      # at least 4 K steps per range
@@ -454,8 +459,8 @@ def test_default_split(tiles: int, k_steps: int, sms: int, expected: int) -> Non
 
 
 def test_default_gemm_splits_k_by_the_tiles() -> None:
-    # K = 2048 at 128-wide steps: 16 steps, one 64 x 64 tile -> 4 K ranges; at 8 tiles of 64 columns still 4; the
-    # launcher's split matches the unsplit kernel and the reference
+    # K = 2048 at 128-wide steps: 16 steps, one 16 x 64 tile -> 4 K ranges; the launcher's split matches the
+    # unsplit kernel and the reference
     case = make_case(4, 128, 16, N=64, K=2048, dtype=torch.float16, scale_dtype=torch.float16, bias=True, seed=11)
     launch = dq._prepare(**case, block_n=None, block_k=None)
     assert launch.specs["name"] == "_dq_gemm_planes_kernel" and launch.specs["constexprs"]["SPLIT_K"] == 4
@@ -467,6 +472,12 @@ def test_default_gemm_splits_k_by_the_tiles() -> None:
     assert dq._prepare(**case, block_n=None, block_k=None, split_k=1).specs["constexprs"]["SPLIT_K"] == 1
     short = make_case(4, 128, 16, N=64, K=256, dtype=torch.float16, scale_dtype=torch.float16)
     assert dq._prepare(**short, block_n=None, block_k=None).specs["constexprs"]["SPLIT_K"] == 1
+    # the cached choice keys on the tiles: 448 column tiles (N = 28672) want 2 ranges, the same K at N = 64 wants 4
+    wide = make_case(4, 128, 16, N=28672, K=2048, dtype=torch.float16, scale_dtype=torch.float16)
+    assert dq._prepare(**wide, block_n=None, block_k=None).specs["constexprs"]["SPLIT_K"] == 2
+    assert dq._prepare(**case, block_n=None, block_k=None).specs["constexprs"]["SPLIT_K"] == 4
+    # "auto" starts from one range (the interpreter has no occupancy to fill), not from the default split
+    assert dq._prepare(**case, block_n=None, block_k=None, split_k="auto").specs["constexprs"]["SPLIT_K"] == 1
 
 
 def test_planes_refuses_what_it_cannot_take() -> None:
@@ -553,7 +564,7 @@ def test_split_k_matches_reference(gemm: str, bits: int, group: int, K: int, spl
                      seed=split)
     launch = dq._prepare(**case, block_n=16, block_k=256, gemm=gemm, split_k=split)
     assert launch.specs["constexprs"]["SPLIT_K"] == split and launch.specs["grid"](20, 48) == (1, 3, split)
-    whole = dq.dq_linear_triton(**case, block_n=16, block_k=256, gemm=gemm)
+    whole = dq.dq_linear_triton(**case, block_n=16, block_k=256, gemm=gemm, split_k=1)
     parts = check(case, block_n=16, block_k=256, gemm=gemm, split_k=split)
     # the same products summed in another order: fp16 outputs within a rounding of each other
     torch.testing.assert_close(parts.float(), whole.float(), rtol=2e-3, atol=2e-3 * whole.abs().max().item())

@@ -21,14 +21,15 @@ Kernels (all accumulate in fp32 and write y in x's dtype)
   _dq_gemv_units_hi_kernel  the units GEMV with biased codes for 16-bit activations: each code is shifted by a
                    multiple of 8 bits into a high mantissa window and read as 2^(23-shift) + code, and Σ bias x is
                    removed once per run for all rows, so no subtraction per code (~7-10 % fewer instructions in the
-                   loop). The default at M <= 4 where the units GEMV fits (H200: 3-7 % faster than plain units).
+                   loop). The default at M <= 4 where the units GEMV fits (H200: 2-8 % faster than plain units at
+                   8192² and 4096 x 14336, the same within 1.5 % at 4096²).
   _dq_gemv_units(_hi)_pf_kernel / _dq_gemv_units(_hi)_sw_kernel  the same, software pipelined: the next K step's
                    loads issued before this step's arithmetic, into registers (_pf) or through shared memory by
                    Triton's pipeliner with 3 stages (_sw; scales and zeros one step ahead in registers). With one or
                    two waves of programs and 1-2 K steps each, the plain kernel alternates load and arithmetic
                    phases in lockstep on every SM (its H100 batch-1 times lie between the max and the sum of the
-                   pure read time and the issue time). Runs of up to 8 units. Timed on an H200: "_pf" no faster,
-                   "_sw" 2-3x slower than the plain kernels, so neither is a default.
+                   pure read time and the issue time). Runs of up to 8 units. Timed on an H200: "_pf" no faster
+                   than units_hi, "_sw" 1.8-4.3x slower than the plain kernels, so neither is a default.
   _dq_gemm_planes_kernel / _dq_gemm_planes8_kernel  the default GEMM up to 16 rows at 3/4 (and 8) bits: code
                    slot j of every 16-bit (8-bit) unit is its own operand, element-wise in the loaded units, so Triton
                    dequantizes in the tensor-core operand registers; integer codes go into tl.dot and each group's
@@ -937,8 +938,9 @@ UNITS_GEMVS = tuple(UNITS_PIPE)
 # (ahead-of-time kernels, which must take any K, always use "dequant").
 GEMV_DEFAULT = "dequant"
 # The units GEMV the launcher picks: biased codes (H200, 2026-11-28, batch 1: W4g128 16.19 / 15.70 us at 8192² /
-# 4096 x 14336 vs 16.73 / 16.06 for "units", W2g64 14.92 / 13.77 vs 15.85 / 14.86; the pipelined forms were no
-# faster: "_pf" within 1 % at W4 and slower at W2, "_sw" 2-3x slower). fp32 activations take the exact codes.
+# 4096 x 14336 vs 16.73 / 16.06 for "units", W2g64 14.92 / 13.77 vs 15.85 / 14.86; at 4096² within 1.5 % either
+# way. The pipelined forms were no faster: "_pf" 1-4 % faster than "units" at W4 but not than "units_hi", slower
+# at W2; "_sw" 1.8-4.3x slower). fp32 activations take the exact codes.
 GEMV_UNITS_DEFAULT = "units_hi"
 GEMM_KERNELS = {"planes": _dq_gemm_planes_kernel, "planes8": _dq_gemm_planes8_kernel,
                 "scaled": _dq_gemm_scaled_kernel, "scaled8": _dq_gemm_scaled8_kernel, "dequant": _dq_gemm_kernel}
@@ -1132,8 +1134,9 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
             default_warps, default_stages = (4 if bm <= 16 else 8), (2 if fp32 else 3)
         else:
             # H200 sweep (benchmarks/dq_kernels.py, 2026-11-28): 64 columns and 128-wide K steps, 4 stages at
-            # 16 rows and 3 at 64, split into K ranges by the launcher (default_split; unsplit at 16 rows, 32 x
-            # 512 was faster). 8 warps were always slower (H100, 2026-11-27).
+            # 16 rows and 3 at 64, split into K ranges by the launcher (default_split; unsplit, 32 x 512 was the
+            # faster tile at 8192², 64 x 128 at 4096 x 14336). 8 warps were always slower (H100, 2026-11-27).
+            # 8 bits take these tiles too, untimed.
             bn = block_n or 64
             bk = block_k or (64 if fp32 else 128)
             default_warps, default_stages = 4, (2 if fp32 else 4 if bm <= 16 else 3)
@@ -1370,8 +1373,9 @@ def _prepare(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: t
             "y_ptr": y, "M": M, "N": c.N, "K": c.K, "stride_xm": x2.stride(0), "stride_pn": packed.stride(0),
             "stride_sn": scale.stride(0), "stride_zn": zero.stride(0), "stride_ym": y.stride(0)}
     if specs is None:
+        # "auto" starts unsplit (not default_split) and splits only where occupancy_split says so
         specs = _select_specs(packed, bits, c, x.dtype, scale.dtype, M, bias is not None, block_n, block_k,
-                              num_warps, num_stages, gemv, gemm, None if auto else split_k)
+                              num_warps, num_stages, gemv, gemm, 1 if auto else split_k)
         if auto and specs["kernel"] in PLANES_KERNELS and not interpreted:
             splits = _auto_split(specs, args)
             if splits > 1:
