@@ -133,13 +133,16 @@ class CompiledModel:
 def compile(model: Any, passes: str | None = None, *, example_inputs: Any = None, inputs: list[str] | None = None,
             dynamic: list[str] | None = None, calibration: Any = None, task: str = "auto",
             backend: str = "onnxruntime", on_error: str = "stop", unsafe_load: bool = False, seed: int = 0,
-            opset: int = DEFAULT_OPSET, progress: bool | Progress = False, verbose: bool = False) -> CompiledModel:
+            opset: int = DEFAULT_OPSET, progress: bool | Progress = False, verbose: bool = False,
+            dtype: str = "float32") -> CompiledModel:
     """Capture `model` (nn.Module, ExportedProgram or a source string), run the pass pipeline, lower it.
 
     passes: a pipeline text such as "remove-noops,dce"; None runs the default exact clean-up passes.
     calibration: a list of input tuples (or a path to a torch.save'd one).
     backend: "onnxruntime" writes .pt2 + .onnx and checks ORT against torch; "torch" writes .pt2 only;
     "tensorrt" writes .pt2 + .engine (needs the graphopt[tensorrt] extra and an NVIDIA GPU; unverified).
+    dtype: the float dtype the program computes in: "float32", or "bfloat16" / "float16" for the torch backend
+    (GPU inference with the 16-bit Triton kernels); only passes marked half_precision run on those.
     """
     prog_ui = progress if isinstance(progress, Progress) else Progress(enabled=bool(progress))
     if backend not in BACKENDS:
@@ -150,6 +153,7 @@ def compile(model: Any, passes: str | None = None, *, example_inputs: Any = None
     t_start = time.perf_counter()
     # Cheap checks first: nothing expensive runs before the pipeline and its requirements are known to be valid.
     steps = parse_pipeline(DEFAULT_PIPELINE if passes is None else passes)
+    _check_dtype(dtype, backend, steps)
     calibration_where = "calibration"
     if isinstance(calibration, (str, Path)):
         calibration_where = f"calibration file '{calibration}'"
@@ -165,14 +169,17 @@ def compile(model: Any, passes: str | None = None, *, example_inputs: Any = None
 
     with prog_ui.stage("capture"):
         t0 = time.perf_counter()
-        loaded = cap.load_source(model, unsafe_load)
+        loaded = cap.load_source(model, unsafe_load, dtype)
         if calibration is None and loaded.calibration is not None:
             calibration = loaded.calibration
         validate_tasks(steps, cap.resolve_task(task, loaded))
         program = cap.capture(model, task=task, inputs=inputs, dynamic=dynamic, example_inputs=example_inputs,
-                              unsafe_load=unsafe_load, seed=seed, loaded=loaded,
+                              unsafe_load=unsafe_load, seed=seed, loaded=loaded, dtype=dtype,
                               extra_methods=frozenset().union(*(s.cls.methods_needed(s.config) for s in steps)))
         timings["capture_s"] = time.perf_counter() - t0
+    if calibration is not None and dtype != "float32":  # float calibration inputs follow the program's dtype
+        calibration = [tuple(t.to(DTYPES[dtype]) if t.is_floating_point() else t for t in item)
+                       for item in calibration]
     if calibration is not None:
         check_calibration(program, calibration, calibration_where)
 
@@ -186,7 +193,7 @@ def compile(model: Any, passes: str | None = None, *, example_inputs: Any = None
     try:
         files, ort_check = _lower(program, staging, backend, opset, calibration, prog_ui, timings, verbose)
         extra = {"backend": backend, "onnx_opset": opset if backend == "onnxruntime" else None,
-                 "ort_check": ort_check}
+                 "ort_check": ort_check, "dtype": dtype}
         timings["total_s"] = time.perf_counter() - t_start
         manifest = bundle.build_manifest(program, reports, files, extra)
         manifest["timings"] = {k: round(v, 4) for k, v in timings.items()}
@@ -195,6 +202,21 @@ def compile(model: Any, passes: str | None = None, *, example_inputs: Any = None
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return CompiledModel(program, reports, staging, manifest, backend, timings)
+
+
+def _check_dtype(dtype: str, backend: str, steps) -> None:
+    if dtype not in cap.PROGRAM_DTYPES:
+        raise GraphoptError(f"--dtype '{dtype}': choose one of {', '.join(cap.PROGRAM_DTYPES)}")
+    if dtype == "float32":
+        return
+    if backend != "torch":
+        raise GraphoptError(f"--dtype {dtype} needs --backend torch: the {backend} lowering and its checks run "
+                            f"float32 programs (half precision is for the torch backend's GPU kernels)")
+    float32_only = [s.cls.name for s in steps if not s.cls.half_precision]
+    if float32_only:
+        raise GraphoptError(f"--dtype {dtype}: pass{'es' if len(float32_only) > 1 else ''} "
+                            f"{', '.join(float32_only)} run{'' if len(float32_only) > 1 else 's'} on float32 "
+                            f"programs only; drop {'them' if len(float32_only) > 1 else 'it'} or use --dtype float32")
 
 
 def _lower(program: Program, staging: Path, backend: str, opset: int, calibration, prog_ui: Progress,

@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="range of a symbolic dim used in --input, e.g. S=1..512")
     p.add_argument("--calib", metavar="FILE.pt", help="calibration data: a torch.save'd list of input tuples")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "tensorrt"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="float dtype the program computes in; bfloat16/float16 need --backend torch (GPU "
+                        "inference) and passes that support it (default float32)")
     p.add_argument("--report", metavar="FILE.json", help="also write the pass reports as JSON")
     p.add_argument("--on-error", default="stop", choices=["stop", "skip"],
                    help="a pass that fails or breaks its tolerance: stop (default) or roll it back and go on")
@@ -114,7 +117,8 @@ def _run(args, parser) -> int:
     progress = Progress(enabled=not args.quiet)
     compiled = compile(args.model, args.passes, inputs=args.input, dynamic=args.dynamic, calibration=args.calib,
                        task=args.task, backend=args.backend, on_error=args.on_error, unsafe_load=args.unsafe_load,
-                       seed=args.seed, opset=args.opset or DEFAULT_OPSET, progress=progress, verbose=args.verbose)
+                       seed=args.seed, opset=args.opset or DEFAULT_OPSET, progress=progress, verbose=args.verbose,
+                       dtype=args.dtype)
     path = compiled.save(out, force=args.force)
     if args.report:
         report = {"passes": compiled.manifest["passes"], "timings": compiled.manifest["timings"],

@@ -147,6 +147,67 @@ def test_torch_backend_writes_no_onnx(cli, tmp_path):
     assert graphopt.load(tmp_path / "t", backend="torch")(torch.randn(1, 3, 32, 32)).shape == (1, 10)
 
 
+def test_bfloat16_program_quantizes_and_generates(cli, tmp_path):
+    """--dtype bfloat16 (torch backend): the model is converted before export, so the graph, the KV cache and the
+    quantized layers' scales (decoupleQ with its block-wise stage) are bfloat16 while the model's own float32 islands (rotary angles) stay float32; its
+    logits follow the float32 program's within bf16 rounding, and the .pt2 loads in plain torch."""
+    from graphopt.testing import tiny_hf_lm
+    src = tiny_hf_lm("llama", tmp_path / "llama")
+    torch.save([(torch.randint(0, 128, (1, 32), generator=torch.Generator().manual_seed(i)),) for i in range(4)],
+               tmp_path / "calib.pt")
+    outs = {}
+    for dtype in ("float32", "bfloat16"):
+        outs[dtype] = tmp_path / dtype
+        code, _, err = cli(src, "-o", outs[dtype], "--quiet", "--backend", "torch", "--dtype", dtype,
+                           "--passes", "decoupleq{bits=4,group=32,iters=1,blockwise=true},dce",
+                           "--calib", tmp_path / "calib.pt")
+        assert code == 0, err
+    m = json.loads((outs["bfloat16"] / "manifest.json").read_text())
+    assert set(m["passes"][0]["details"]["blockwise"]["blocks"]) == {"model.model.layers.0", "model.model.layers.1"}
+    assert m["dtype"] == "bfloat16" and m["passes"][0]["details"]["quantized_layers"] == 14
+    decode = m["methods"]["decode"]
+    assert {s["dtype"] for s in decode["inputs"][3:]} == {"bfloat16"}  # the KV cache
+    assert decode["outputs"][0]["dtype"] == "bfloat16"
+    ep = torch.export.load(str(outs["bfloat16"] / "decode.pt2"))
+    scales = [v for k, v in ep.constants.items() if "dq_scale" in k]
+    assert scales and {s.dtype for s in scales} == {torch.bfloat16}  # (q, k, v and gate, up fused on lowering)
+    rotary = [n for n in ep.graph.nodes if n.target == torch.ops.aten.cos.default]
+    assert rotary and all(n.meta["val"].dtype == torch.float32 for n in rotary)
+
+    from graphopt.compiler.causal_lm import prefill_inputs
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(9))
+    ref, half = (graphopt.load(outs[d], backend="torch") for d in ("float32", "bfloat16"))
+    want, got = ref.method("prefill")(*prefill_inputs(ids))[0], half.method("prefill")(*prefill_inputs(ids))[0]
+    assert got.dtype == torch.bfloat16
+    err = ((got.float() - want).norm() / want.norm()).item()
+    assert err < 0.03, err
+    tokens = half.generate(ids[:1, :8], 8, eos_token_id=[])
+    assert tokens.shape == (1, 8)
+
+
+def test_bfloat16_single_program(cli, tmp_path):
+    code, _, err = cli("examples.tiny_cnn:build", "-o", tmp_path / "b", "--backend", "torch", "--dtype", "bfloat16",
+                       "--quiet")
+    assert code == 0, err
+    m = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert m["methods"]["forward"]["inputs"][0]["dtype"] == "bfloat16"
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    from examples.tiny_cnn import build
+    model, _ = build()
+    with torch.no_grad():
+        want = model.eval()(x)
+    got = graphopt.load(tmp_path / "b", backend="torch")(x.bfloat16())
+    assert got.dtype == torch.bfloat16
+    assert ((got.float() - want).norm() / want.norm()).item() < 0.03
+    with pytest.raises(graphopt.GraphoptError, match="has dtype float32, expected bfloat16"):
+        graphopt.load(tmp_path / "b", backend="torch")(x)
+    # an exported program keeps its own dtype: --dtype needs the model itself
+    code, _, err = cli(tmp_path / "b" / "forward.pt2", "-o", tmp_path / "c", "--backend", "torch", "--dtype",
+                       "float16")
+    assert_one_line_error(code, err, "--dtype float16", "already exported in its own dtype")
+    assert not (tmp_path / "c").exists()
+
+
 # ---- bad input: one line, nonzero exit, no traceback, nothing written ---------------------------------------------
 @pytest.mark.parametrize("argv, fragments", [
     (["nowhere/model.pt2"], ["'nowhere/model.pt2' not found", "Hugging Face model directory"]),
@@ -158,6 +219,9 @@ def test_torch_backend_writes_no_onnx(cli, tmp_path):
      ["--dynamic 'S=4'", "NAME=MIN..MAX"]),
     (["examples.tiny_cnn:build", "--calib", "nope.pt"], ["--calib 'nope.pt' not found"]),
     (["examples.tiny_cnn:build", "--report", "nodir/r.json"], ["--report nodir/r.json: its directory does not exist"]),
+    (["examples.tiny_cnn:build", "--dtype", "bfloat16"], ["--dtype bfloat16 needs --backend torch"]),
+    (["zoo:tiny-code-lm", "--dtype", "float16", "--backend", "torch", "--passes", "layer-skip,dce"],
+     ["--dtype float16: pass layer-skip runs on float32 programs only"]),
 ])
 def test_bad_arguments(cli, tmp_path, argv, fragments):
     out = tmp_path / "out"

@@ -154,3 +154,38 @@ def test_guard_stops_a_pass_that_changes_numerics(temp_pass):
     new, reports, _ = run_pipeline(p, parse_pipeline("test-perturb,dce"), PassContext(), on_error="skip")
     assert [r["status"] for r in reports] == ["rolled back", "ok"]
     assert targets(new) == [aten.exp.default]
+
+
+def test_passes_after_a_lossy_one_answer_for_their_own_change(temp_pass):
+    """Each pass is checked against the program it was given: an exact pass after a lossy one (rtn, then dce) is
+    not blamed for the lossy pass's error, and a second lossy pass also reports its error against the original."""
+    from graphopt.compiler.graph_edit import GraphEditor
+    from graphopt.passes import Pass
+
+    class Nudge(Pass):
+        """Test pass: scales the output by 1.01 (lossy, within its tolerance)."""
+        name = "test-nudge"
+        exact = False
+        metric = "rel_l2"
+        tolerance = 0.02
+
+        def run(self, program, ctx):
+            ed = GraphEditor(program.methods["forward"])
+            out = next(n for n in ed.graph.nodes if n.op == "output")
+            y = out.args[0][0]
+            with ed.graph.inserting_before(out):
+                scaled = ed.graph.call_function(aten.mul.Tensor, (y, 1.01))
+            scaled.meta = dict(y.meta)
+            out.args = ((scaled,),)
+            program.methods = {"forward": ed.build()}
+            return program, {}
+    temp_pass(Nudge)
+    p = capture(Noops().eval(), example_inputs=(torch.randn(2, 8),))
+    new, reports, _ = run_passes(p, "test-nudge,dce,test-nudge")
+    assert [r["status"] for r in reports] == ["ok", "ok", "ok"]
+    assert reports[1]["error_metric"] == 0.0  # dce: exact against the nudged program
+    assert reports[2]["error_metric"] == pytest.approx(0.01, rel=1e-3)
+    assert reports[2]["error_vs_original"] == pytest.approx(0.0201, rel=1e-3) and "error_vs_original" not in reports[0]
+    # a lossy pass whose accumulated error passes its tolerance is still judged on its own step
+    new, reports, _ = run_passes(p, "test-nudge,test-nudge,test-nudge")
+    assert [r["status"] for r in reports] == ["ok", "ok", "ok"] and reports[2]["error_vs_original"] > 0.02

@@ -137,7 +137,8 @@ def tune_blocks(ep, sites: list[LinearSite], results: dict[str, QuantResult], ca
             w = {}
             for t in quant_targets:
                 s, z = (v.repeat_interleave(base[t].group, dim=1) for v in scale_zero(t))
-                w[t] = (s * base[t].w_int.float() + z)[:, :in_features[t]]
+                # tuned in float32, run in the program's dtype (gradients pass the cast)
+                w[t] = (s * base[t].w_int.float() + z)[:, :in_features[t]].to(ep.state_dict[t].dtype)
             for t in float_targets:
                 p0 = ep.state_dict[t]
                 w[t] = (p0.float() * (1 + c[t])).to(p0.dtype)
@@ -173,7 +174,7 @@ def tune_blocks(ep, sites: list[LinearSite], results: dict[str, QuantResult], ca
                     p0 = ep.state_dict[t]
                     tuned_params[t] = (p0.float() * (1 + c[t])).to(p0.dtype).detach()
             for t in quant_targets:
-                current[t] = results[t].dequantize()[:, :in_features[t]].contiguous()
+                current[t] = results[t].dequantize()[:, :in_features[t]].to(ep.state_dict[t].dtype).contiguous()
             for t in float_targets:
                 if t in tuned_params:
                     current[t] = tuned_params[t]

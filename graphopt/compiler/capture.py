@@ -19,6 +19,9 @@ from ..errors import GraphoptError
 from .program import DTYPES, Program, TensorSpec
 
 TASKS = ("auto", "single", "causal-lm", "diffusion")
+# The float dtype a program computes in (--dtype). Half precision is for the torch backend on GPUs, where the
+# decoupleQ kernels take 16-bit activations; ONNX Runtime's CPU path stays float32.
+PROGRAM_DTYPES = ("float32", "bfloat16", "float16")
 SOURCE_HELP = "give a .pt2 archive, a Hugging Face model directory, a package.module:factory spec or zoo:NAME"
 
 
@@ -195,7 +198,9 @@ def _is_factory_spec(text: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", text))
 
 
-def load_source(source: Any, unsafe_load: bool = False) -> Loaded:
+def load_source(source: Any, unsafe_load: bool = False, dtype: str = "float32") -> Loaded:
+    """The model behind a source. dtype: the float dtype a Hugging Face directory is loaded in (other sources are
+    converted by `capture`)."""
     if isinstance(source, torch.export.ExportedProgram):
         return Loaded("exported", "ExportedProgram", exported=source)
     if isinstance(source, torch.nn.Module):
@@ -213,7 +218,7 @@ def load_source(source: Any, unsafe_load: bool = False) -> Loaded:
             return _load_factory(text)
         raise GraphoptError(f"model source '{text}' not found: {SOURCE_HELP}")
     if path.is_dir():
-        return _load_hf_dir(path, unsafe_load)
+        return _load_hf_dir(path, unsafe_load, dtype)
     return _load_file(path, unsafe_load)
 
 
@@ -239,7 +244,7 @@ def _load_factory(spec: str) -> Loaded:
     return Loaded("factory", spec, model=result, example_inputs=example, sha256=hash_state(result))
 
 
-def _load_hf_dir(path: Path, unsafe_load: bool) -> Loaded:
+def _load_hf_dir(path: Path, unsafe_load: bool, dtype: str = "float32") -> Loaded:
     config_file = path / "config.json"
     if not config_file.exists():
         raise GraphoptError(f"'{path}' is a directory without config.json: give a Hugging Face model directory "
@@ -264,12 +269,12 @@ def _load_hf_dir(path: Path, unsafe_load: bool) -> Loaded:
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # graphopt shows its own stage progress
     from packaging.version import Version
-    # float32 whatever the checkpoint's dtype: transformers >= 5 would keep a half-precision checkpoint in half
-    # ("auto"), which the causal-LM capture (float32 KV cache) and the CPU runtimes do not take.
+    # float32 (or --dtype) whatever the checkpoint's dtype: transformers >= 5 would keep a half-precision checkpoint
+    # in half ("auto"), which the CPU runtimes do not take.
     dtype_key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
     try:
         model = cls.from_pretrained(path, local_files_only=True, trust_remote_code=False,
-                                    use_safetensors=bool(weights), **{dtype_key: torch.float32})
+                                    use_safetensors=bool(weights), **{dtype_key: DTYPES[dtype]})
     except Exception as e:  # corrupt weights, shape mismatches
         raise GraphoptError(f"cannot load Hugging Face model from '{path}': {type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''}")
@@ -339,14 +344,21 @@ def resolve_task(task: str, loaded: Loaded) -> str:
 
 def capture(source: Any, *, task: str = "auto", inputs: list[str] | None = None, dynamic: list[str] | None = None,
             example_inputs: Any = None, unsafe_load: bool = False, seed: int = 0,
-            loaded: Loaded | None = None, extra_methods: frozenset = frozenset()) -> Program:
+            loaded: Loaded | None = None, extra_methods: frozenset = frozenset(), dtype: str = "float32") -> Program:
     """Export a model source into a Program (method 'forward', or a task's methods).
 
-    extra_methods: optional methods the pipeline's passes need (causal-lm: "verify")."""
+    extra_methods: optional methods the pipeline's passes need (causal-lm: "verify"). dtype: the float dtype the
+    program computes in; the model is converted before export, so its own float32 islands (rotary angles, say)
+    stay float32, and float inputs (examples, --input specs, the KV cache) take this dtype."""
     specs = [parse_input(s) if isinstance(s, str) else s for s in (inputs or [])]
     dims = parse_dynamic_all(dynamic or [])
-    loaded = loaded or load_source(source, unsafe_load)
+    loaded = loaded or load_source(source, unsafe_load, dtype)
     kind = resolve_task(task, loaded)
+    if dtype not in PROGRAM_DTYPES:
+        raise GraphoptError(f"--dtype '{dtype}': choose one of {', '.join(PROGRAM_DTYPES)}")
+    if dtype != "float32":
+        loaded = _converted(loaded, kind, dtype)
+        specs = [dataclasses.replace(s, dtype=dtype) if DTYPES[s.dtype].is_floating_point else s for s in specs]
     source_info = {"kind": loaded.kind, "spec": loaded.description, "sha256": loaded.sha256}
     if kind == "causal-lm":
         if specs or dims or example_inputs is not None:
@@ -366,6 +378,10 @@ def capture(source: Any, *, task: str = "auto", inputs: list[str] | None = None,
 
     model = loaded.model.eval()
     names, examples, dim_ranges, input_specs = _resolve_inputs(loaded, specs, dims, example_inputs, seed)
+    if dtype != "float32":  # the model's own examples and specs follow the program's dtype too
+        examples = tuple(t.to(DTYPES[dtype]) if t.is_floating_point() else t for t in examples)
+        input_specs = [dataclasses.replace(s, dtype=dtype) if DTYPES[s.dtype].is_floating_point else s
+                       for s in input_specs]
     dynamic_shapes = []
     for spec in input_specs:
         axes = {i: Dim(d, min=dim_ranges[d][0], max=dim_ranges[d][1])
@@ -390,6 +406,20 @@ def capture(source: Any, *, task: str = "auto", inputs: list[str] | None = None,
         source=source_info, output_names={"forward": out_names},
     )
     return _as_task(program, kind, loaded)
+
+
+def _converted(loaded: Loaded, kind: str, dtype: str) -> Loaded:
+    """`loaded` with its model in `dtype` (a caller's own nn.Module is copied, not changed)."""
+    if loaded.exported is not None:
+        raise GraphoptError(f"--dtype {dtype}: '{loaded.description}' is already exported in its own dtype; give "
+                            f"the model itself (a Hugging Face directory, a factory, a module or zoo:NAME)")
+    if kind == "diffusion":
+        raise GraphoptError(f"--dtype {dtype}: diffusion programs run in float32 only; drop --dtype")
+    model = loaded.model
+    if loaded.kind == "module":
+        import copy
+        model = copy.deepcopy(model)
+    return dataclasses.replace(loaded, model=model.to(DTYPES[dtype]))
 
 
 def _as_task(program: Program, kind: str, loaded: Loaded) -> Program:

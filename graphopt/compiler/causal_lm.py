@@ -15,7 +15,7 @@ import torch
 from torch.export import Dim
 
 from ..errors import GraphoptError
-from .program import Program, TensorSpec
+from .program import DTYPE_NAMES, Program, TensorSpec
 
 EXAMPLE_BATCH, EXAMPLE_LEN = 2, 8
 
@@ -76,8 +76,9 @@ class _KVStep(torch.nn.Module):
         if self.tree:
             # A 4-D mask [B,1,T,P+T] (1 = may attend) is passed to transformers as an additive float mask, which
             # every attention implementation takes as given (no causal mask is built on top of it).
-            attention_mask = torch.zeros(attention_mask.shape, dtype=torch.float32).masked_fill(
-                attention_mask == 0, torch.finfo(torch.float32).min)
+            dtype = self.model.dtype  # the program's float dtype (--dtype)
+            attention_mask = torch.zeros(attention_mask.shape, dtype=dtype).masked_fill(
+                attention_mask == 0, torch.finfo(dtype).min)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=True, logits_to_keep=0 if self.tree else 1, return_dict=True,
                          **{self.cache_kwarg: cache})
@@ -138,8 +139,9 @@ def capture_causal_lm(model, source_info: dict, plan_extra: dict | None = None, 
 
     decode = _KVStep(model, n_layers, with_past=True)
     past = []
+    dtype = model.dtype  # the KV cache's dtype is the model's (float32, or --dtype bfloat16/float16)
     for heads, dim in layout:
-        past += [torch.randn(B, heads, P, dim, generator=g), torch.randn(B, heads, P, dim, generator=g)]
+        past += [torch.randn(B, heads, P, dim, generator=g).to(dtype) for _ in ("key", "value")]
     decode_ex = (torch.randint(0, vocab, (B, 1), generator=g), torch.ones(B, P + 1, dtype=torch.int64),
                  torch.full((B, 1), P, dtype=torch.int64), *past)
     ep_decode = _export(decode, decode_ex, [{0: dyn}, {0: dyn, 1: dyn}, {0: dyn}] + [{0: dyn, 2: dyn}] * len(past),
@@ -161,7 +163,7 @@ def capture_causal_lm(model, source_info: dict, plan_extra: dict | None = None, 
     kv_specs_in, kv_out_names = [], []
     for i, (heads, dim) in enumerate(layout):
         for kv in ("key", "value"):
-            kv_specs_in.append(TensorSpec(f"past_{kv}_{i}", "float32", ["B", heads, "P", dim]))
+            kv_specs_in.append(TensorSpec(f"past_{kv}_{i}", DTYPE_NAMES[dtype], ["B", heads, "P", dim]))
             kv_out_names.append(f"present_{kv}_{i}")
     gen = getattr(model, "generation_config", None)
     plan = {

@@ -253,7 +253,8 @@ def calibrate_and_quantize(ep, sites: list[LinearSite], calibration: list[tuple]
             else:
                 res = quantize(w0, H)
             results[site.weight] = res
-            quantized[site.weight] = res.dequantize()[:, :site.in_features].contiguous()
+            quantized[site.weight] = res.dequantize()[:, :site.in_features].to(
+                ep.state_dict[site.weight].dtype).contiguous()
         if runs is not None:
             runs.set_weights(quantized)
     return results
@@ -282,7 +283,7 @@ def rewrite_linears(ep, results: dict[str, QuantResult],
             continue
         r = results[target]
         if target not in consts:
-            consts[target] = _encode(r)
+            consts[target] = _encode(r, ep.state_dict[target].dtype)
         packed, scale, zero = consts[target]
         with ed.graph.inserting_before(node):
             p_node = ed.add_constant(packed, "dq_packed")
@@ -309,7 +310,9 @@ def rewrite_linears(ep, results: dict[str, QuantResult],
     return ed.build(), count
 
 
-def _encode(r: QuantResult) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _encode(r: QuantResult, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packed codes, scale and zero as the op takes them: scale and zero in float32, or in the weight's own dtype
+    for half-precision programs (half the bytes the GPU kernels read per group)."""
     q, scale, zero = r.w_int.clone(), r.scale.clone(), r.zero.clone()
     # A zero scale makes the group constant (= zero) whatever the integers: re-encode it as q = 0, s = 1, which
     # every backend represents exactly (ONNX's zero point is zero/scale).
@@ -318,7 +321,8 @@ def _encode(r: QuantResult) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cols = flat.repeat_interleave(r.group, dim=1)
         q[cols] = 0
         scale[flat] = 1.0
-    return pack(q, r.bits), scale.float(), zero.float()
+    sdt = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+    return pack(q, r.bits), scale.to(sdt), zero.to(sdt)
 
 
 class WeightQuantPass:
@@ -326,6 +330,7 @@ class WeightQuantPass:
     needs = frozenset({"calibration"})
     exact = False
     metric = "rel_l2"
+    half_precision = True  # statistics and solves in float64 whatever the program's dtype
     # Relative L2 error of the program's outputs that still counts as working; the real quality measure is the
     # benchmark's bits per byte. Looser for fewer bits.
     TOLERANCE_BY_BITS = {2: 1.0, 3: 0.7, 4: 0.4, 8: 0.05}

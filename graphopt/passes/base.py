@@ -72,6 +72,7 @@ class Pass:
     tolerance: ClassVar[float] = 1e-5
     adds_outputs: ClassVar[bool] = False               # appends outputs to methods (the guard compares the rest)
     needs_methods: ClassVar[frozenset[str]] = frozenset()  # optional methods capture must export (e.g. {"verify"})
+    half_precision: ClassVar[bool] = False               # also runs on bfloat16/float16 programs (--dtype)
 
     def __init__(self, **config: Any):
         self.config = config

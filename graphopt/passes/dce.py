@@ -8,6 +8,7 @@ from .base import Pass, register
 class DeadCodeElimination(Pass):
     """Remove nodes whose results are never used, and the weights only they read."""
     name = "dce"
+    half_precision = True
 
     @classmethod
     def headline(cls, details) -> str:

@@ -33,6 +33,7 @@ def _nbytes(v) -> int:
 class FoldConstants(Pass):
     """Evaluate subgraphs that read only weights/constants once, at compile time, and store their results."""
     name = "fold-constants"
+    half_precision = True
     options = {
         "max_growth": Option(float, 1.0, "fold a result only if its bytes are at most this multiple of its "
                                          "constant inputs' bytes (or under 64 KiB), so broadcasts are not stored",

@@ -62,6 +62,7 @@ def _is_assert(node: torch.fx.Node) -> bool:
 class RemoveNoops(Pass):
     """Remove no-op nodes: identity views/clones/casts, eval-mode dropout, x*1 and x+0, and _assert_* checks."""
     name = "remove-noops"
+    half_precision = True
 
     @classmethod
     def headline(cls, details) -> str:
