@@ -173,6 +173,8 @@ def test_bfloat16_program_quantizes_and_generates(cli, tmp_path):
     assert scales and {s.dtype for s in scales} == {torch.bfloat16}  # (q, k, v and gate, up fused on lowering)
     rotary = [n for n in ep.graph.nodes if n.target == torch.ops.aten.cos.default]
     assert rotary and all(n.meta["val"].dtype == torch.float32 for n in rotary)
+    freqs = [v for k, v in {**ep.state_dict, **ep.constants}.items() if k.endswith("inv_freq")]
+    assert freqs and all(v.dtype == torch.float32 for v in freqs)  # not rounded to 16 bits
 
     from graphopt.compiler.causal_lm import prefill_inputs
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(9))
@@ -183,6 +185,25 @@ def test_bfloat16_program_quantizes_and_generates(cli, tmp_path):
     assert err < 0.03, err
     tokens = half.generate(ids[:1, :8], 8, eos_token_id=[])
     assert tokens.shape == (1, 8)
+
+
+def test_half_precision_conversion_keeps_what_transformers_keeps_in_float32():
+    """A transformers model given as a module (or from the zoo) is converted like from_pretrained(dtype=...) loads
+    it: the rotary inverse frequencies (a non-persistent buffer) stay float32; the caller's module is not changed;
+    a float16 conversion that overflows is refused, naming the parameter."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from graphopt.compiler import capture as cap
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    half = cap._converted(cap.Loaded("module", "llama", model=model), "causal-lm", "bfloat16").model
+    assert half.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert half.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32  # a copy was converted
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = 1e6
+    with pytest.raises(graphopt.GraphoptError, match="--dtype float16: 'model.layers.0.mlp.up_proj.weight' .* "
+                                                     "beyond float16's range"):
+        cap._converted(cap.Loaded("module", "llama", model=model), "causal-lm", "float16")
 
 
 def test_bfloat16_single_program(cli, tmp_path):

@@ -350,13 +350,15 @@ def capture(source: Any, *, task: str = "auto", inputs: list[str] | None = None,
     extra_methods: optional methods the pipeline's passes need (causal-lm: "verify"). dtype: the float dtype the
     program computes in; the model is converted before export, so its own float32 islands (rotary angles, say)
     stay float32, and float inputs (examples, --input specs, the KV cache) take this dtype."""
+    if dtype not in PROGRAM_DTYPES:
+        raise GraphoptError(f"--dtype '{dtype}': choose one of {', '.join(PROGRAM_DTYPES)}")
     specs = [parse_input(s) if isinstance(s, str) else s for s in (inputs or [])]
     dims = parse_dynamic_all(dynamic or [])
     loaded = loaded or load_source(source, unsafe_load, dtype)
     kind = resolve_task(task, loaded)
-    if dtype not in PROGRAM_DTYPES:
-        raise GraphoptError(f"--dtype '{dtype}': choose one of {', '.join(PROGRAM_DTYPES)}")
     if dtype != "float32":
+        if loaded.sha256 is None and loaded.model is not None:  # the source's hash, not the converted copy's
+            loaded = dataclasses.replace(loaded, sha256=hash_state(loaded.model))
         loaded = _converted(loaded, kind, dtype)
         specs = [dataclasses.replace(s, dtype=dtype) if DTYPES[s.dtype].is_floating_point else s for s in specs]
     source_info = {"kind": loaded.kind, "spec": loaded.description, "sha256": loaded.sha256}
@@ -416,10 +418,38 @@ def _converted(loaded: Loaded, kind: str, dtype: str) -> Loaded:
     if kind == "diffusion":
         raise GraphoptError(f"--dtype {dtype}: diffusion programs run in float32 only; drop --dtype")
     model = loaded.model
-    if loaded.kind == "module":
-        import copy
-        model = copy.deepcopy(model)
-    return dataclasses.replace(loaded, model=model.to(DTYPES[dtype]))
+    if loaded.kind != "hf-dir":  # from_pretrained already loaded that in `dtype`, the way transformers does it
+        if loaded.kind == "module":
+            import copy
+            model = copy.deepcopy(model)
+        model = _to_dtype(model, DTYPES[dtype])
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise GraphoptError(f"--dtype {dtype}: '{name}' of '{loaded.description}' has values beyond {dtype}'s "
+                                f"range (max {torch.finfo(t.dtype).max:.4g}); use --dtype bfloat16 or float32")
+    return dataclasses.replace(loaded, model=model)
+
+
+def _to_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """model.to(dtype), except what transformers' own loading keeps in float32: non-persistent float buffers (the
+    rotary inverse frequencies: rounded to 16 bits they shift a position-2048 angle by radians) and the modules a
+    model class lists in _keep_in_fp32_modules. Plain nn.Modules are converted whole."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        PreTrainedModel = ()
+    if not isinstance(model, PreTrainedModel):
+        return model.to(dtype)
+    keep = [(m, n, b) for m in model.modules() for n, b in m._buffers.items()
+            if b is not None and b.is_floating_point() and n in m._non_persistent_buffers_set]
+    model.to(dtype)
+    for m, n, b in keep:
+        m._buffers[n] = b
+    for pattern in getattr(model, "_keep_in_fp32_modules", None) or []:
+        for name, m in model.named_modules():
+            if pattern in name.split("."):
+                m.to(torch.float32)
+    return model
 
 
 def _as_task(program: Program, kind: str, loaded: Loaded) -> Program:

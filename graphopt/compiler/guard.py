@@ -60,8 +60,18 @@ def guard_inputs(program, calibration, samples: int) -> dict[str, list[tuple]]:
     return inputs
 
 
-def reference_outputs(program, inputs: dict[str, list[tuple]]) -> dict[str, list[tuple]]:
-    return {m: [program.run(m, *x) for x in xs] for m, xs in inputs.items()}
+def reference_outputs(program, inputs: dict[str, list[tuple]], counts: dict[str, int] | None = None
+                      ) -> dict[str, list[tuple]]:
+    """Each method's outputs on the guard inputs; counts: keep only that many outputs per method (the original
+    ones, when a pass has appended some)."""
+    return {m: [program.run(m, *_with_added_inputs(program, m, x))[:(counts or {}).get(m)] for x in xs]
+            for m, xs in inputs.items()}
+
+
+def _with_added_inputs(program, method: str, x: tuple) -> tuple:
+    # inputs a pass appended (a routing decision) take their example values, which keep the old behaviour
+    n_in = len(program.methods[method].graph_signature.user_inputs)
+    return tuple(x) + tuple(program.example_inputs[method][len(x):n_in])
 
 
 def check(program, reference: dict[str, list[tuple]], inputs: dict[str, list[tuple]], metric: str,
@@ -71,10 +81,7 @@ def check(program, reference: dict[str, list[tuple]], inputs: dict[str, list[tup
     for m, xs in inputs.items():
         if m not in program.methods:
             continue
-        n_in = len(program.methods[m].graph_signature.user_inputs)
         for x, ref in zip(xs, reference[m]):
-            # inputs a pass appended (a routing decision) take their example values, which keep the old behaviour
-            x = tuple(x) + tuple(program.example_inputs[m][len(x):n_in])
-            out = program.run(m, *x)
+            out = program.run(m, *_with_added_inputs(program, m, x))
             worst = max(worst, compare(ref, out[:len(ref)] if extra_outputs else out, metric))
     return worst

@@ -15,9 +15,10 @@ from ..compiler.quantize import unpack
 
 def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int,
                in_features: int) -> torch.Tensor:
-    q = unpack(packed, bits, in_features).to(scale.dtype)
-    s = scale.repeat_interleave(group, dim=1)
-    z = zero.repeat_interleave(group, dim=1)
+    """Ŵ in float32 (16-bit scales too: one rounding to the activations' dtype afterwards, as the GPU kernels)."""
+    q = unpack(packed, bits, in_features).to(torch.float32)
+    s = scale.float().repeat_interleave(group, dim=1)
+    z = zero.float().repeat_interleave(group, dim=1)
     return s * q + z
 
 
