@@ -123,10 +123,12 @@ class CompiledModel:
         for r in self.reports:
             metric = r.get("error_metric", "-")
             metric = f"{metric:.2e}" if isinstance(metric, float) else str(metric)
+            total = r.get("error_vs_original")  # a lossy pass after another: the accumulated error too
+            total = "" if total is None else f" (total {total:.2e})" if isinstance(total, float) else f" ({total})"
             rows.append([r["pass"], r["status"], f"{r['seconds']:.2f}",
                          f"{r['nodes_before']} -> {r['nodes_after']}",
                          f"{r['param_bytes_before'] / 1e6:.2f} -> {r['param_bytes_after'] / 1e6:.2f}",
-                         f"{metric} / {r['tolerance']:g}", r.get("headline", "")])
+                         f"{metric} / {r['tolerance']:g}{total}", r.get("headline", "")])
         return rows
 
 

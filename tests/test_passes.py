@@ -186,6 +186,9 @@ def test_passes_after_a_lossy_one_answer_for_their_own_change(temp_pass):
     assert reports[1]["error_metric"] == 0.0  # dce: exact against the nudged program
     assert reports[2]["error_metric"] == pytest.approx(0.01, rel=1e-3)
     assert reports[2]["error_vs_original"] == pytest.approx(0.0201, rel=1e-3) and "error_vs_original" not in reports[0]
+    from graphopt.api import CompiledModel
+    rows = CompiledModel.summary_rows(type("R", (), {"reports": reports})())
+    assert rows[2][5] == "1.00e-02 / 0.02 (total 2.01e-02)" and rows[1][5] == "0.00e+00 / 1e-05"
     # a lossy pass whose accumulated error passes its tolerance is still judged on its own step
     new, reports, _ = run_passes(p, "test-nudge,test-nudge,test-nudge")
     assert [r["status"] for r in reports] == ["ok", "ok", "ok"] and reports[2]["error_vs_original"] > 0.02
