@@ -19,7 +19,7 @@ from collections import OrderedDict
 import torch
 
 from .quantize import QuantResult
-from .weight_quant import LinearSite, _flat_args, _param_targets
+from .weight_quant import LinearSite, _flat_args, _param_targets, as_stored
 
 
 def block_key(target: str) -> str | None:
@@ -174,7 +174,7 @@ def tune_blocks(ep, sites: list[LinearSite], results: dict[str, QuantResult], ca
                     p0 = ep.state_dict[t]
                     tuned_params[t] = (p0.float() * (1 + c[t])).to(p0.dtype).detach()
             for t in quant_targets:
-                current[t] = results[t].dequantize()[:, :in_features[t]].to(ep.state_dict[t].dtype).contiguous()
+                current[t] = as_stored(results[t], ep.state_dict[t].dtype)[:, :in_features[t]].contiguous()
             for t in float_targets:
                 if t in tuned_params:
                     current[t] = tuned_params[t]

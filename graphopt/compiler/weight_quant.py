@@ -253,8 +253,8 @@ def calibrate_and_quantize(ep, sites: list[LinearSite], calibration: list[tuple]
             else:
                 res = quantize(w0, H)
             results[site.weight] = res
-            quantized[site.weight] = res.dequantize()[:, :site.in_features].to(
-                ep.state_dict[site.weight].dtype).contiguous()
+            quantized[site.weight] = as_stored(res, ep.state_dict[site.weight].dtype)[:, :site.in_features] \
+                .contiguous()
         if runs is not None:
             runs.set_weights(quantized)
     return results
@@ -308,6 +308,14 @@ def rewrite_linears(ep, results: dict[str, QuantResult],
         count += 1
     ed.remove_unused_inputs()
     return ed.build(), count
+
+
+def as_stored(r: QuantResult, dtype: torch.dtype) -> torch.Tensor:
+    """The weight the rewritten layer computes with, in `dtype`: with scales and zeros rounded as _encode stores
+    them (16-bit for half-precision programs), so later layers calibrate on what the bundle runs."""
+    if dtype in (torch.bfloat16, torch.float16):
+        r = dataclasses.replace(r, scale=r.scale.to(dtype).float(), zero=r.zero.to(dtype).float())
+    return r.dequantize().to(dtype).contiguous()
 
 
 def _encode(r: QuantResult, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
