@@ -360,7 +360,6 @@ def capture(source: Any, *, task: str = "auto", inputs: list[str] | None = None,
         if loaded.sha256 is None and loaded.model is not None:  # the source's hash, not the converted copy's
             loaded = dataclasses.replace(loaded, sha256=hash_state(loaded.model))
         loaded = _converted(loaded, kind, dtype)
-        specs = [dataclasses.replace(s, dtype=dtype) if DTYPES[s.dtype].is_floating_point else s for s in specs]
     source_info = {"kind": loaded.kind, "spec": loaded.description, "sha256": loaded.sha256}
     if kind == "causal-lm":
         if specs or dims or example_inputs is not None:
