@@ -310,12 +310,17 @@ def rewrite_linears(ep, results: dict[str, QuantResult],
     return ed.build(), count
 
 
+def _scale_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """How scales and zeros are stored: in a half-precision program's dtype, else float32."""
+    return weight_dtype if weight_dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
 def as_stored(r: QuantResult, dtype: torch.dtype) -> torch.Tensor:
     """The weight the rewritten layer computes with, in `dtype`: with scales and zeros rounded as _encode stores
-    them (16-bit for half-precision programs), so later layers calibrate on what the bundle runs."""
-    if dtype in (torch.bfloat16, torch.float16):
-        r = dataclasses.replace(r, scale=r.scale.to(dtype).float(), zero=r.zero.to(dtype).float())
-    return r.dequantize().to(dtype).contiguous()
+    them, so later layers calibrate on what the bundle runs."""
+    sdt = _scale_dtype(dtype)
+    r = dataclasses.replace(r, scale=r.scale.to(sdt).float(), zero=r.zero.to(sdt).float())
+    return r.dequantize().to(dtype)
 
 
 def _encode(r: QuantResult, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -329,7 +334,7 @@ def _encode(r: QuantResult, dtype: torch.dtype = torch.float32) -> tuple[torch.T
         cols = flat.repeat_interleave(r.group, dim=1)
         q[cols] = 0
         scale[flat] = 1.0
-    sdt = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+    sdt = _scale_dtype(dtype)
     return pack(q, r.bits), scale.to(sdt), zero.to(sdt)
 
 
