@@ -4,6 +4,8 @@
 #                       --arch 90 --bias`) loaded and launched through the CUDA driver, checked against the reference
 #   2. dq_kernels.py  - Triton kernel correctness on the GPU, tile sweep, timings vs torch bf16 / int4
 #   3. generate.py    - the zoo LM's generation with the torch backend (and transformers) on the GPU
+#   4. quant_speed.py --device cuda   - the quantizers' solves on the GPU at 7B layer shapes (+ a CPU-vs-GPU loss check)
+#   5. quant_quality.py --device cuda - the passes calibrating and solving on the GPU (device=cuda), bits/byte vs CPU
 # Each part has its own time limit; logs and JSON go to $OUT.
 set -u
 OUT=${OUT:-/tmp/gpu-out}
@@ -22,4 +24,6 @@ PARTS=${PARTS:-"plugin_ptx dq_kernels generate_gpu"}  # a subset when rerunning 
 case " $PARTS " in *" plugin_ptx "*) run plugin_ptx 80 python3 plugin_ptx.py --ptx-dir ../build/plugins --json "$OUT/plugin_ptx.json";; esac
 case " $PARTS " in *" dq_kernels "*) run dq_kernels 550 python3 dq_kernels.py ${DQ_ARGS:-} --json "$OUT/dq_kernels.json";; esac
 case " $PARTS " in *" generate_gpu "*) run generate_gpu 170 python3 generate.py --device cuda --prompts 16 --json "$OUT/generate_gpu.json";; esac
+case " $PARTS " in *" quant_speed_gpu "*) run quant_speed_gpu 240 python3 quant_speed.py --device cuda --json "$OUT/quant_speed_gpu.json";; esac
+case " $PARTS " in *" quant_quality_gpu "*) run quant_quality_gpu 240 python3 quant_quality.py --quick --quality-only --device cuda --methods rtn,gptq,decoupleq,decoupleq_bw --json "$OUT/quant_quality_gpu.json";; esac
 for f in "$OUT"/*.log; do echo "---- $f"; tail -n 12 "$f"; done

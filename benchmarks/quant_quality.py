@@ -15,7 +15,8 @@ rounds (7; quick: 3). Keys ort_{name}_...: tokens_per_s (decode tokens/s: decode
 prefill, the runtime's sampling and cache hand-over included), end_to_end_tokens_per_s (new tokens over the whole
 generate call, prefill included), prefill_ms and decode_step_us (time inside ONNX Runtime), and vs_fp32_speedup,
 vs_fp32_end_to_end_speedup, vs_fp32_decode_step_speedup, max_rel_vs_torch.
---speed-only skips the quality part, --quality-only the speed part.
+--speed-only skips the quality part, --quality-only the speed part. --device cuda calibrates and solves on the GPU
+(the passes' device option; key "device"): bits/byte should match a CPU run's up to rounding.
 """
 from __future__ import annotations
 
@@ -123,6 +124,8 @@ def main() -> None:
         only = ap.add_mutually_exclusive_group()
         only.add_argument("--speed-only", action="store_true", help="measure only the ORT decode speeds")
         only.add_argument("--quality-only", action="store_true", help="measure only bits per byte")
+        ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where the quantization passes calibrate and solve (default cpu)")
 
     args = parse_args(__doc__.splitlines()[0], options)
     speed_only, quality_only = args.speed_only, args.quality_only
@@ -135,7 +138,7 @@ def main() -> None:
     torch.set_num_threads(2)
     windows = 64 if args.quick else 512
     settings = {k: SETTINGS[k] for k in (("w2g64", "w4g128") if args.quick else SETTINGS)}
-    m: dict = {"machine": machine(), "heldout_windows": windows}
+    m: dict = {"machine": machine(), "heldout_windows": windows, "device": args.device}
     base = capture("zoo:tiny-code-lm", task="single")
     calibration = zoo.lm_calibration()
     m["fp32_bits_per_byte"] = round(bits_per_byte(base, windows), 4)
@@ -143,6 +146,8 @@ def main() -> None:
     for method in () if speed_only else methods:
         for name, (bits, group) in settings.items():
             spec = METHODS[method].format(bits=bits, group=group)
+            if args.device != "cpu":
+                spec = f"{spec[:-1]},device={args.device}}}"
             t0 = time.perf_counter()
             program, reports, _ = run_pipeline(base, parse_pipeline(spec), PassContext(calibration=calibration))
             quant_s = reports[0]["seconds"]

@@ -514,3 +514,35 @@ def test_layer_progress_reaches_a_log_without_a_terminal(monkeypatch):
     lines = [line for line in log.getvalue().splitlines() if "gptq: layers" in line]
     # two input groups (gate/up share one), the last one is not announced: the stage's "done" line follows
     assert len(lines) == 1 and lines[0].startswith("[graphopt] gptq: layers 1/2 (")
+
+
+def test_calibration_on_a_device_copy_matches_and_leaves_the_program_alone(monkeypatch):
+    """device=cuda runs calibration, H and the solves on a copy of the program moved to the GPU. Here the same copy
+    is made for the CPU: the results must equal the in-place path's, and the original program must be untouched."""
+    from graphopt.compiler import weight_quant
+    spec = "decoupleq{bits=2,group=32,iters=1,blockwise=true,blockwise_steps=8}"
+    p, plain, _ = run(spec, model=Stack().eval(), calibration=calib(8))
+    state_before = {k: v.clone() for k, v in p.methods["forward"].state_dict.items()}
+    original, copies = weight_quant.program_on, []
+
+    def copying(ep, device):
+        copies.append(original(ep, device, copy_on_cpu=True))
+        assert copies[-1] is not ep and copies[-1].graph_module is not ep.graph_module
+        return copies[-1]
+    monkeypatch.setattr(weight_quant, "program_on", copying)
+    p2, copied, _ = run(spec, model=Stack().eval(), calibration=calib(8))
+    assert len(copies) == 1
+    for k, v in p2.methods["forward"].state_dict.items():
+        assert torch.equal(v, state_before[k]), k
+    ep_plain, ep_copied = plain.methods["forward"], copied.methods["forward"]
+    assert set(ep_plain.constants) == set(ep_copied.constants)
+    for k in ep_plain.constants:
+        assert torch.equal(ep_plain.constants[k], ep_copied.constants[k]), k
+    for k in ep_plain.state_dict:
+        assert torch.equal(ep_plain.state_dict[k], ep_copied.state_dict[k]), k
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without a GPU")
+def test_device_cuda_without_a_gpu_is_a_one_line_error():
+    with pytest.raises(GraphoptError, match=r"decoupleq\{device\}: device=cuda but torch sees no CUDA device"):
+        run("decoupleq{bits=4,group=32,device=cuda}")

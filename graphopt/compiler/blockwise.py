@@ -8,7 +8,8 @@ layer-wise values (s = s0·(1 + a), z = z0 + s0·b, p = p0·(1 + c)) so one lear
 update is kept only if its loss on held-out calibration sequences (a quarter of them) falls; with fewer than 4
 sequences there is no held-out set and the check is on the tuning sequences themselves (the report says so).
 
-The graph is run by an fx Interpreter that starts from the block's cached inputs (every value that does not depend
+The program and calibration inputs may be on a GPU (weight_quant.program_on); the returned results and parameters
+are on the CPU. The graph is run by an fx Interpreter that starts from the block's cached inputs (every value that does not depend
 on the block's parameters) and stops at the block's last node, so each step costs one block, not the whole prefix.
 """
 from __future__ import annotations
@@ -123,7 +124,10 @@ def tune_blocks(ep, sites: list[LinearSite], results: dict[str, QuantResult], ca
                 envs.append({n: runner.recorded.get(n) for n in cached})
                 targets.append(target.detach())
 
-        base = {t: results[t] for t in quant_targets}
+        device = ep.state_dict[quant_targets[0]].device
+        base = {t: dataclasses.replace(results[t], w_int=results[t].w_int.to(device),
+                                       scale=results[t].scale.to(device), zero=results[t].zero.to(device))
+                for t in quant_targets}
         a = {t: torch.zeros_like(base[t].scale, requires_grad=True) for t in quant_targets}
         b = {t: torch.zeros_like(base[t].zero, requires_grad=True) for t in quant_targets}
         c = {t: torch.zeros_like(ep.state_dict[t], dtype=torch.float32, requires_grad=True) for t in float_targets}
@@ -169,13 +173,15 @@ def tune_blocks(ep, sites: list[LinearSite], results: dict[str, QuantResult], ca
             if kept:
                 for t in quant_targets:
                     s, z = scale_zero(t)
-                    results[t] = dataclasses.replace(base[t], scale=s.detach(), zero=z.detach(), loss=None)
+                    results[t] = dataclasses.replace(results[t], scale=s.detach().cpu(), zero=z.detach().cpu(),
+                                                     loss=None)
                 for t in float_targets:
                     p0 = ep.state_dict[t]
                     tuned_params[t] = (p0.float() * (1 + c[t])).to(p0.dtype).detach()
             for t in quant_targets:
-                current[t] = as_stored(results[t], ep.state_dict[t].dtype)[:, :in_features[t]].contiguous()
+                current[t] = as_stored(results[t], ep.state_dict[t].dtype)[:, :in_features[t]].contiguous() \
+                    .to(device)
             for t in float_targets:
                 if t in tuned_params:
                     current[t] = tuned_params[t]
-    return results, tuned_params, report
+    return results, {t: p.cpu() for t, p in tuned_params.items()}, report

@@ -6,12 +6,14 @@ earlier group already quantized (so later layers see, and compensate for, the ea
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import fnmatch
 from typing import Callable
 
 import torch
 from torch.export.graph_signature import InputKind
+from torch.utils import _pytree as pytree
 
 from ..errors import GraphoptError
 from .graph_edit import GraphEditor
@@ -132,6 +134,35 @@ def unsupported_layers(ep) -> list[str]:
     return found
 
 
+def resolve_device(name: str, where: str) -> torch.device:
+    """The device calibration and solves run on, from a pass's `device` option; a one-line error if absent."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GraphoptError(f"{where}: device={name} but torch sees no CUDA device "
+                            f"(torch {torch.__version__}, a CPU build?); use device=cpu")
+    return device
+
+
+def program_on(ep, device: torch.device, copy_on_cpu: bool = False):
+    """`ep` for running on `device`: a copy of its graph with device arguments rewritten (torch's
+    move_to_device_pass) and its weights and constants moved there. The original program is not touched; on the CPU
+    it is returned as is unless copy_on_cpu (tests take that path to run the copy's mechanics here)."""
+    if device.type == "cpu" and not copy_on_cpu:
+        return ep
+    from torch.export.passes import move_to_device_pass
+    gm = copy.deepcopy(ep.graph_module)  # the graph; weights are inputs, held by the state dict, not copied here
+    twin = torch.export.ExportedProgram(
+        root=gm, graph=gm.graph, graph_signature=copy.deepcopy(ep.graph_signature),
+        state_dict=dict(ep.state_dict), range_constraints=dict(ep.range_constraints),
+        module_call_graph=copy.deepcopy(ep.module_call_graph), constants=dict(ep.constants))
+    return move_to_device_pass(twin, device)  # rebinds the copied dicts' entries: the originals stay put
+
+
+def to_device(tree, device: torch.device):
+    """Every tensor in a nested structure of inputs, on `device`."""
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.to(device), tree)
+
+
 def _flat_args(ep, weights: dict[str, torch.Tensor], user_inputs: tuple) -> list:
     args, it = [], iter(user_inputs)
     for spec in ep.graph_signature.input_specs:
@@ -219,7 +250,10 @@ def calibrate_and_quantize(ep, sites: list[LinearSite], calibration: list[tuple]
                            quantize: Callable[[torch.Tensor, torch.Tensor], QuantResult], progress,
                            label: str, stats: dict | None = None,
                            pad_to: dict[str, int] | None = None) -> dict[str, QuantResult]:
-    """Quantize `sites` in graph order, each input group calibrated on the partially quantized program."""
+    """Quantize `sites` in graph order, each input group calibrated on the partially quantized program.
+
+    `ep` and `calibration` may live on a GPU (see `program_on`): the activations, H and the solves then stay there
+    (the solvers run where H is); the results come back on the CPU."""
     groups: dict[str, list[LinearSite]] = {}
     for s in sites:
         groups.setdefault(s.input_node, []).append(s)
@@ -228,7 +262,7 @@ def calibrate_and_quantize(ep, sites: list[LinearSite], calibration: list[tuple]
     for input_node, members in progress.track(list(groups.items()), f"{label}: layers"):
         H = None
         if runs is not None:
-            acc = HessianAccumulator(members[0].in_features)
+            acc = HessianAccumulator(members[0].in_features, ep.state_dict[members[0].weight].device)
             for x in runs.inputs_of(members[0].node):
                 x = x.detach().reshape(-1, x.shape[-1])
                 if not torch.isfinite(x).all():
@@ -240,7 +274,7 @@ def calibrate_and_quantize(ep, sites: list[LinearSite], calibration: list[tuple]
                 stats["calibration_rows"] = min(stats.get("calibration_rows", acc.count), acc.count)
         quantized = {}
         for site in members:
-            w0 = ep.state_dict[site.weight].detach().float()
+            w0 = ep.state_dict[site.weight].detach().float()  # (on the program's device, like H)
             if not torch.isfinite(w0).all():
                 raise GraphoptError(f"{label}: weight '{site.weight}' contains NaN/inf; refusing to quantize it "
                                     f"(fix the checkpoint; exclude='{site.weight}' would keep it in float)")
@@ -254,7 +288,7 @@ def calibrate_and_quantize(ep, sites: list[LinearSite], calibration: list[tuple]
                 res = quantize(w0, H)
             results[site.weight] = res
             quantized[site.weight] = as_stored(res, ep.state_dict[site.weight].dtype)[:, :site.in_features] \
-                .contiguous()
+                .contiguous().to(ep.state_dict[site.weight].device)
         if runs is not None:
             runs.set_weights(quantized)
     return results
@@ -381,13 +415,16 @@ class WeightQuantPass:
             raise GraphoptError(f"{self.name}: no linear layer to quantize (kept in float: {kept or 'none'}){why}")
         torch.manual_seed(ctx.seed)
         stats: dict = {}
-        results = calibrate_and_quantize(ep, usable, inputs, self.quantize, ctx.progress, self.name, stats, pad_to)
+        device = resolve_device(self.config.get("device", "cpu"), f"{self.name}{{device}}")
+        run_ep, run_inputs = program_on(ep, device), to_device(inputs, device)
+        results = calibrate_and_quantize(run_ep, usable, run_inputs, self.quantize, ctx.progress, self.name, stats,
+                                         pad_to)
         param_updates, blockwise = {}, None
         losses = {k: r.loss for k, r in results.items() if r.loss is not None}  # layer-wise, before any tuning
         if self.config.get("blockwise"):
             from .blockwise import tune_blocks
             results, param_updates, blockwise = tune_blocks(
-                ep, usable, results, inputs, steps=int(self.config["blockwise_steps"]), progress=ctx.progress,
+                run_ep, usable, results, run_inputs, steps=int(self.config["blockwise_steps"]), progress=ctx.progress,
                 label=f"{self.name} block-wise", int_zero=self.config.get("zero") == "int")
             if not blockwise["blocks"]:
                 ctx.progress.info(f"note: {self.name}{{blockwise=true}} found no repeated blocks (numbered module "

@@ -9,6 +9,9 @@ QUANT_OPTIONS = {
     "zero": Option(str, "float", "float: any offset per group; int: an integer multiple of the scale (an integer "
                                  "zero point: ONNX Runtime's fast MatMulNBits path, no side product; see README)",
                    choices=("float", "int")),
+    "device": Option(str, "cpu", "where calibration runs and layers are solved: cpu, or cuda (the program and "
+                                 "calibration data are copied to the GPU; results are the same up to rounding)",
+                     choices=("cpu", "cuda")),
     "ort_accuracy": Option(int, 4, "ONNX Runtime MatMulNBits accuracy_level: 0 = fp32 compute, "
                                    "4 = int8 activations (faster on CPU); below 4, 2-bit weights are stored "
                                    "on the 4-bit layout (ORT has no fast fp32 2-bit kernel)", choices=(0, 1, 2, 3, 4)),
