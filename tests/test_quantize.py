@@ -337,6 +337,32 @@ def test_dead_input_features_are_tolerated():
         assert result.loss <= rtn(w, 3, 32, H).loss
 
 
+@pytest.mark.parametrize("case", ["damped", "dead features", "escalated damping", "dead row not zero"])
+def test_sweep_losses_equal_the_direct_product(case):
+    """decoupleq judges its integer steps by the GPTQ sweep's own errors (w − ŵ = err U) instead of a [K, K]
+    product: the two must agree, also where the sweep's H differs from the loss's (dead features, more damping)."""
+    from graphopt.compiler import quantize as q
+    w, H = make_problem(7, n=16, k=64)
+    w, H = w.double(), H.clone()
+    if case == "dead features":
+        H[:, :3] = 0
+        H[:3, :] = 0
+    elif case == "escalated damping":
+        H -= 1.5 * torch.linalg.eigvalsh(H)[0].abs() * torch.eye(64, dtype=H.dtype) + 0.2 * H.diagonal().mean() * \
+            torch.eye(64, dtype=H.dtype)  # indefinite: the 1 % damping is not enough
+    elif case == "dead row not zero":
+        H[0, 0] = 0  # not a Gram matrix: its off-diagonal entries stay
+    U, shift = q._inverse_cholesky(H, 0.01)
+    assert (shift is None) == (case == "dead row not zero")
+    if case == "escalated damping":
+        assert float(shift.min()) > 0.01 * float(H.diagonal().mean()) * 5  # the damping grew
+    scale, zero = q._minmax_grid(w, 32, -2, 1)
+    codes, _, _, err_sq = q._gptq_sweep(w, U, 2, 32, block=16, scale=scale, zero=zero)
+    got = q._sweep_losses(w, codes, scale, zero, 32, H, err_sq, shift)
+    want = q._error_losses(w - q._dequantize(codes, scale, zero, 32), H)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
 def test_deterministic(problem):
     w, H = problem
     for fn in (lambda: gptq(w, H, 2, 32), lambda: decoupleq(w, H, 2, 32, iters=2),

@@ -273,8 +273,9 @@ def rtn(w0: torch.Tensor, bits: int, group: int = -1, H: torch.Tensor | None = N
 # GPTQ
 # ---------------------------------------------------------------------------------------
 
-def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor U of (H + damping)⁻¹, the matrix the GPTQ sweep propagates with.
+def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Upper Cholesky factor U of (H + damping)⁻¹, the matrix the GPTQ sweep propagates with, and the diagonal
+    `shift` [K] with (UᵀU)⁻¹ = H + diag(shift) (None if H had to change off its diagonal; see `_sweep_losses`).
 
     Features that never fired (zero diagonal) get H_ii = 1 so H stays invertible; their
     weights cannot change the output, so their error is never propagated. If H is still
@@ -282,8 +283,10 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
     """
     if damp < 0:
         raise ValueError(f"damp must be >= 0, got {damp}")
+    original = H
     H = H.clone()
     dead = H.diagonal() == 0
+    only_diagonal = not bool(original[dead].any())  # a dead feature's row (and column) was already zero
     H[dead, :] = 0
     H[:, dead] = 0
     H.diagonal()[dead] = 1
@@ -295,15 +298,19 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
         if info == 0:
             upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
             if info == 0:
-                return upper
+                shift = dead.to(H.dtype) + extra * mean_diag if only_diagonal else None
+                return upper, shift
         extra = max(10 * extra, 1e-6)
     raise ValueError("H is not positive definite even after heavy damping")
 
 
 def _gptq_sweep(w: torch.Tensor, U: torch.Tensor, bits: int, group: int, block: int,
                 scale: torch.Tensor | None = None, zero: torch.Tensor | None = None, int_zero: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One GPTQ pass over the columns of w [N, K] (float64), returning (codes, scale, zero).
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One GPTQ pass over the columns of w [N, K] (float64), returning (codes, scale, zero, err_sq).
+
+    err_sq [N] is each row's Σ of squared scaled errors; with U from `_inverse_cholesky` it is the row's loss on
+    H + diag(shift), because w − ŵ = err U and U (H + diag(shift)) Uᵀ = I (see `_sweep_losses`).
 
     With scale/zero given ([N, G]) the grid is fixed; otherwise each group's grid is set from
     the min/max of its current, error-compensated weights when the sweep reaches its first
@@ -321,6 +328,7 @@ def _gptq_sweep(w: torch.Tensor, U: torch.Tensor, bits: int, group: int, block: 
     else:
         scale_t, zero_t = W_t.new_zeros(K // group, N), W_t.new_zeros(K // group, N)
     codes_t = W_t.new_zeros(K, N)
+    err_sq = W_t.new_zeros(N)
     for start in range(0, K, block):
         stop = min(start + block, K)
         block_t = W_t[start:stop]  # [b, N], a view: row i is column start + i
@@ -343,9 +351,10 @@ def _gptq_sweep(w: torch.Tensor, U: torch.Tensor, bits: int, group: int, block: 
             err_t[i] = err
             if i + 1 < stop - start:
                 block_t[i + 1:].addr_(U_block[i, i + 1:], err, alpha=-1)
+        err_sq += (err_t * err_t).sum(dim=0)
         if stop < K:
             W_t[stop:].addmm_(U[start:stop, stop:].T, err_t, alpha=-1)
-    return codes_t.T.contiguous(), scale_t.T.contiguous(), zero_t.T.contiguous()
+    return codes_t.T.contiguous(), scale_t.T.contiguous(), zero_t.T.contiguous(), err_sq
 
 
 def gptq(w0: torch.Tensor, H: torch.Tensor, bits: int, group: int = -1,
@@ -364,8 +373,8 @@ def gptq(w0: torch.Tensor, H: torch.Tensor, bits: int, group: int = -1,
     w = w.to(H.device)  # solved where H is
     if block <= 0:
         raise ValueError(f"block must be positive, got {block}")
-    U = _inverse_cholesky(H, damp)
-    q, scale, z = _gptq_sweep(w, U, bits, group, block, int_zero=int_zero)
+    U, _ = _inverse_cholesky(H, damp)
+    q, scale, z, _ = _gptq_sweep(w, U, bits, group, block, int_zero=int_zero)
     return _result(w, H, q, scale, z, bits, group)
 
 
@@ -515,9 +524,20 @@ def _box_projected_solve(w0: torch.Tensor, H: torch.Tensor, lower: torch.Tensor,
     return w
 
 
-def _integer_step(w0: torch.Tensor, H: torch.Tensor, U: torch.Tensor, scale: torch.Tensor,
-                  zero: torch.Tensor, bits: int, group: int, integer: str) -> torch.Tensor:
-    """Integer codes for a fixed grid: a GPTQ sweep on w0, or on the box-relaxed optimum."""
+def _sweep_losses(w0: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
+                  H: torch.Tensor, err_sq: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+    """Per-row loss (w0 − ŵ) H (w0 − ŵ)ᵀ of a GPTQ sweep on w0 itself: its err_sq minus the shift's share,
+    Σ_i shift_i e_i², in O(NK) instead of a [K, K] product (falls back to that product when shift is None)."""
+    e = w0 - _dequantize(q, scale, zero, group)
+    if shift is None:
+        return _error_losses(e, H)
+    return err_sq - (e * e) @ shift
+
+
+def _integer_step(w0: torch.Tensor, H: torch.Tensor, U: torch.Tensor, shift: torch.Tensor | None,
+                  scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int, integer: str
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer codes for a fixed grid and their per-row loss: a GPTQ sweep on w0, or on the box-relaxed optimum."""
     target = w0
     if integer == "pgd":
         qmin, qmax = _int_range(bits)
@@ -526,8 +546,10 @@ def _integer_step(w0: torch.Tensor, H: torch.Tensor, U: torch.Tensor, scale: tor
         # the least-squares scale may be negative, which flips the box's ends
         lower, upper = torch.minimum(low_end, high_end), torch.maximum(low_end, high_end)
         target = _box_projected_solve(w0, H, lower, upper, _PGD_STEPS)
-    q, _, _ = _gptq_sweep(target, U, bits, group, block=128, scale=scale, zero=zero)
-    return q
+    q, _, _, err_sq = _gptq_sweep(target, U, bits, group, block=128, scale=scale, zero=zero)
+    if integer == "pgd":  # swept on the relaxed target, not w0: err_sq is not w0's loss
+        return q, _row_losses(w0, _dequantize(q, scale, zero, group), H)
+    return q, _sweep_losses(w0, q, scale, zero, group, H, err_sq, shift)
 
 
 def _keep_improved(improved: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
@@ -564,11 +586,11 @@ def decoupleq(w0: torch.Tensor, H: torch.Tensor, bits: int, group: int = -1, ite
     qmin, qmax = _int_range(bits)
     H = _check_hessian(H, K)
     w = w.to(H.device)  # solved where H is
-    U = _inverse_cholesky(H, damp)
+    U, shift = _inverse_cholesky(H, damp)
 
     scale, zero = _shrunk_grid(w, H, group, qmin, qmax, shrink_grid, max_shrink, int_zero)
-    q, _, _ = _gptq_sweep(w, U, bits, group, block=128, scale=scale, zero=zero)
-    loss = _row_losses(w, _dequantize(q, scale, zero, group), H)
+    q, _, _, err_sq = _gptq_sweep(w, U, bits, group, block=128, scale=scale, zero=zero)
+    loss = _sweep_losses(w, q, scale, zero, group, H, err_sq, shift)
     wH = w @ H
     wHw = (wH * w).sum(1)
 
@@ -582,8 +604,7 @@ def decoupleq(w0: torch.Tensor, H: torch.Tensor, bits: int, group: int = -1, ite
 
     def integer_step() -> None:
         nonlocal q, loss
-        new_q = _integer_step(w, H, U, scale, zero, bits, group, integer)
-        new_loss = _row_losses(w, _dequantize(new_q, scale, zero, group), H)
+        new_q, new_loss = _integer_step(w, H, U, shift, scale, zero, bits, group, integer)
         improved = new_loss < loss
         q = _keep_improved(improved, new_q, q)
         loss = torch.where(improved, new_loss, loss)
