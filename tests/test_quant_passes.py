@@ -516,12 +516,39 @@ def test_layer_progress_reaches_a_log_without_a_terminal(monkeypatch):
     assert len(lines) == 1 and lines[0].startswith("[graphopt] gptq: layers 1/2 (")
 
 
+class InPlaceStack(Stack):
+    """Stack with what real models have: an in-place op (kept by export's training IR) and a tensor made with an
+    explicit device (a device argument in the graph)."""
+
+    def forward(self, ids):
+        h = self.emb(ids) + torch.arange(ids.shape[-1], device=ids.device, dtype=torch.float32)[:, None] * 0.01
+        for b in self.blocks:
+            h = b(h)
+            h.mul_(0.9)
+        return self.head(h)
+
+
+def test_a_device_copy_moves_only_the_copy():
+    from graphopt.compiler.weight_quant import program_on
+    ep = capture(InPlaceStack().eval(), example_inputs=(torch.randint(0, 50, (2, 16)),)).methods["forward"]
+    assert any(n.target is aten.mul_.Tensor for n in ep.graph.nodes)
+    state, vals = dict(ep.state_dict), {n.name: n.meta.get("val") for n in ep.graph.nodes}
+    devices = {n.name: n.kwargs["device"] for n in ep.graph.nodes if "device" in n.kwargs}
+    assert devices  # the arange
+    twin = program_on(ep, torch.device("meta"))
+    assert all(v.device.type == "meta" for v in twin.state_dict.values())
+    assert all(torch.device(n.kwargs["device"]).type == "meta" for n in twin.graph.nodes if "device" in n.kwargs)
+    assert all(ep.state_dict[k] is v and v.device.type == "cpu" for k, v in state.items())
+    assert all(n.meta.get("val") is vals[n.name] for n in ep.graph.nodes)
+    assert {n.name: n.kwargs["device"] for n in ep.graph.nodes if "device" in n.kwargs} == devices
+
+
 def test_calibration_on_a_device_copy_matches_and_leaves_the_program_alone(monkeypatch):
     """device=cuda runs calibration, H and the solves on a copy of the program moved to the GPU. Here the same copy
     is made for the CPU: the results must equal the in-place path's, and the original program must be untouched."""
     from graphopt.compiler import weight_quant
     spec = "decoupleq{bits=2,group=32,iters=1,blockwise=true,blockwise_steps=8}"
-    p, plain, _ = run(spec, model=Stack().eval(), calibration=calib(8))
+    p, plain, _ = run(spec, model=InPlaceStack().eval(), calibration=calib(8))
     state_before = {k: v.clone() for k, v in p.methods["forward"].state_dict.items()}
     original, copies = weight_quant.program_on, []
 
@@ -530,7 +557,7 @@ def test_calibration_on_a_device_copy_matches_and_leaves_the_program_alone(monke
         assert copies[-1] is not ep and copies[-1].graph_module is not ep.graph_module
         return copies[-1]
     monkeypatch.setattr(weight_quant, "program_on", copying)
-    p2, copied, _ = run(spec, model=Stack().eval(), calibration=calib(8))
+    p2, copied, _ = run(spec, model=InPlaceStack().eval(), calibration=calib(8))
     assert len(copies) == 1
     for k, v in p2.methods["forward"].state_dict.items():
         assert torch.equal(v, state_before[k]), k

@@ -363,6 +363,33 @@ def test_sweep_losses_equal_the_direct_product(case):
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("k", [5, 64, 67])
+def test_loss_shortcuts_equal_the_direct_products(k):
+    """The block-triangle e H eᵀ and the normal equations' quadratic give what ((e @ H) * e).sum(1) gives."""
+    from graphopt.compiler import quantize as q
+    w, H = make_problem(3, n=6, k=k)
+    w = w.double()
+    e = torch.randn(6, k, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    torch.testing.assert_close(q._error_losses(e, H), ((e @ H) * e).sum(1), rtol=1e-12, atol=0)
+    group = k  # per channel: every K
+    codes = rtn(w, 3, -1).w_int.double()
+    for int_bits in (0, 3):
+        scale, zero, loss = q._fit_scale_zero(w @ H, ((w @ H) * w).sum(1), codes, H, group, int_bits)
+        direct = ((w - q._dequantize(codes, scale, zero, group)) @ H * (w - q._dequantize(codes, scale, zero, group)))
+        torch.testing.assert_close(loss, direct.sum(1), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (8, 1)])
+def test_the_sweep_leaves_its_input_alone(shape):
+    from graphopt.compiler import quantize as q
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    H = torch.eye(shape[1], dtype=torch.float64) + 0.1
+    before = w.clone()
+    U, _ = q._inverse_cholesky(H, 0.01)
+    q._gptq_sweep(w, U, 2, shape[1], block=16)
+    assert torch.equal(w, before)
+
+
 def test_deterministic(problem):
     w, H = problem
     for fn in (lambda: gptq(w, H, 2, 32), lambda: decoupleq(w, H, 2, 32, iters=2),

@@ -23,6 +23,9 @@ Methods
              and an integer solve (GPTQ sweep or projected gradient + rounding) with
              (s, z) fixed, keeping per channel only the steps that lower the loss.
 
+Device: the solvers run where H is (a GPU if H is there), in float64 on any device; their results
+(QuantResult) always come back on the CPU.
+
 Packed layout (`pack` / `unpack`)
   Values are stored unsigned: u = v + 2^(b−1). Each byte holds 8 // b values, the first
   value in the lowest bits ("little end first"):
@@ -322,7 +325,7 @@ def _gptq_sweep(w: torch.Tensor, U: torch.Tensor, bits: int, group: int, block: 
     # Work transposed, [K, N]: the sweep touches one column of every row at a time (a strided column of the [N, K]
     # layout), and the lazy update then rewrites contiguous rows (on the [N, K] layout it streamed strided column
     # slices, most of the sweep's time at large K).
-    W_t = w.T.contiguous()
+    W_t = w.T.clone(memory_format=torch.contiguous_format)  # a copy even where w.T is contiguous (N or K = 1)
     if scale is not None:
         scale_t, zero_t = scale.T.contiguous(), zero.T.contiguous()
     else:
@@ -493,8 +496,9 @@ def _fit_scale_zero(w0H: torch.Tensor, w0Hw0: torch.Tensor, q: torch.Tensor, H: 
         degenerate = (q_groups.amax(dim=2) == q_groups.amin(dim=2)).any(dim=1)
         theta = _solve_rows(M, rhs, degenerate)
         scale[rows], zero[rows] = theta[:, :G], theta[:, G:]
-        loss[rows] = _quadratic_losses(w0Hw0[rows], theta, M, rhs)
-        if int_zero_bits:
+        if not int_zero_bits:
+            loss[rows] = _quadratic_losses(w0Hw0[rows], theta, M, rhs)
+        else:
             c = _zero_multiple(scale[rows], zero[rows], int_zero_bits)
             shifted = q[rows] + _per_column(c, group)  # Ŵ = s ⊙ (q + c): linear in s alone
             M, rhs = _normal_equations(w0H[rows], shifted, H, group)

@@ -6,7 +6,6 @@ earlier group already quantized (so later layers see, and compensate for, the ea
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import fnmatch
 from typing import Callable
@@ -144,18 +143,14 @@ def resolve_device(name: str, where: str) -> torch.device:
 
 
 def program_on(ep, device: torch.device, copy_on_cpu: bool = False):
-    """`ep` for running on `device`: a copy of its graph with device arguments rewritten (torch's
-    move_to_device_pass) and its weights and constants moved there. The original program is not touched; on the CPU
-    it is returned as is unless copy_on_cpu (tests take that path to run the copy's mechanics here)."""
+    """`ep` for running on `device`: a copy (GraphEditor's: same signature, verifiers and guards) with its device
+    arguments rewritten and its weights and constants moved there by torch's move_to_device_pass. The original
+    program is not touched; on the CPU it is returned as is unless copy_on_cpu (tests take that path)."""
     if device.type == "cpu" and not copy_on_cpu:
         return ep
     from torch.export.passes import move_to_device_pass
-    gm = copy.deepcopy(ep.graph_module)  # the graph; weights are inputs, held by the state dict, not copied here
-    twin = torch.export.ExportedProgram(
-        root=gm, graph=gm.graph, graph_signature=copy.deepcopy(ep.graph_signature),
-        state_dict=dict(ep.state_dict), range_constraints=dict(ep.range_constraints),
-        module_call_graph=copy.deepcopy(ep.module_call_graph), constants=dict(ep.constants))
-    return move_to_device_pass(twin, device)  # rebinds the copied dicts' entries: the originals stay put
+    twin = GraphEditor(ep).build()  # a copied graph and copied dicts: the pass rebinds only the copies' entries
+    return move_to_device_pass(twin, device)
 
 
 def to_device(tree, device: torch.device):
