@@ -25,5 +25,5 @@ case " $PARTS " in *" plugin_ptx "*) run plugin_ptx 80 python3 plugin_ptx.py --p
 case " $PARTS " in *" dq_kernels "*) run dq_kernels 550 python3 dq_kernels.py ${DQ_ARGS:-} --json "$OUT/dq_kernels.json";; esac
 case " $PARTS " in *" generate_gpu "*) run generate_gpu 170 python3 generate.py --device cuda --prompts 16 --json "$OUT/generate_gpu.json";; esac
 case " $PARTS " in *" quant_speed_gpu "*) run quant_speed_gpu 240 python3 quant_speed.py --device cuda --json "$OUT/quant_speed_gpu.json";; esac
-case " $PARTS " in *" quant_quality_gpu "*) run quant_quality_gpu 240 python3 quant_quality.py --quick --quality-only --device cuda --methods rtn,gptq,decoupleq,decoupleq_bw --json "$OUT/quant_quality_gpu.json";; esac
+case " $PARTS " in *" quant_quality_gpu "*) run quant_quality_gpu 240 python3 quant_quality.py --quick --quality-only --device cuda --methods gptq,decoupleq,decoupleq_int --json "$OUT/quant_quality_gpu.json";; esac
 for f in "$OUT"/*.log; do echo "---- $f"; tail -n 12 "$f"; done

@@ -1,6 +1,7 @@
 """Weight quantization quality and speed on the zoo LM: rtn vs gptq vs decoupleq.
 
-    python benchmarks/quant_quality.py [--quick] [--json FILE]
+    python benchmarks/quant_quality.py [--quick] [--methods M1,M2] [--speed-only | --quality-only] [--device cuda]
+                                       [--json FILE]
 
 Quality: held-out bits per byte of the quantized program (the exported graph with graphopt::dq_linear, run by
 torch) on evenly spaced held-out windows of 256 tokens (512 windows; quick: 64), calibrated on the zoo's 16 x 128
@@ -15,8 +16,9 @@ rounds (7; quick: 3). Keys ort_{name}_...: tokens_per_s (decode tokens/s: decode
 prefill, the runtime's sampling and cache hand-over included), end_to_end_tokens_per_s (new tokens over the whole
 generate call, prefill included), prefill_ms and decode_step_us (time inside ONNX Runtime), and vs_fp32_speedup,
 vs_fp32_end_to_end_speedup, vs_fp32_decode_step_speedup, max_rel_vs_torch.
---speed-only skips the quality part, --quality-only the speed part. --device cuda calibrates and solves on the GPU
-(the passes' device option; key "device"): bits/byte should match a CPU run's up to rounding.
+--speed-only skips the quality part, --quality-only the speed part. --device cuda makes the quality part's passes
+calibrate and solve on the GPU (their device option; key "device"): bits/byte should match a CPU run's up to
+rounding. The speed part's bundles are always quantized on the CPU.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""How long the quantizers take on layers of a 7B model's shapes: rtn, gptq, decoupleq (per layer, this CPU).
+"""How long the quantizers take on layers of a 7B model's shapes: rtn, gptq, decoupleq (per layer; CPU or GPU).
 
     python benchmarks/quant_speed.py [--quick] [--device cuda] [--json FILE]
 
@@ -10,7 +10,8 @@ block's seven layers (4 x q/k/v/o, 2 x gate/up, 1 x down). Only the layer solves
 packing and export are extra (on the zoo LM they are a few seconds, see quant_quality.py). decoupleq runs its
 defaults (iters=4, integer=gptq).
 --device cuda solves on the GPU (the solvers run where H is) and first checks that a 1024 x 1024 layer's loss there
-matches the CPU's: keys {method}_{setting}_device_vs_cpu_loss_rel (|loss_gpu / loss_cpu - 1|).
+matches the CPU's: keys {method}_{setting}_device_vs_cpu_loss_rel (|loss_gpu / loss_cpu - 1|); "device" and
+"device_name" say where it ran.
 """
 from __future__ import annotations
 
@@ -34,10 +35,12 @@ def hessian(K: int, seed: int) -> torch.Tensor:
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], lambda ap: ap.add_argument(
-        "--device", default="cpu", help="where the solvers run: cpu (default) or cuda"))
+        "--device", default="cpu", choices=("cpu", "cuda"), help="where the solvers run (default cpu)"))
     from graphopt.compiler import quantize as q
     torch.set_num_threads(2)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("quant_speed.py: --device cuda but torch sees no CUDA device; use --device cpu")
     d, f = (2048, 5504) if args.quick else (4096, 11008)
     shapes = {"qkvo": (d, d), "gate_up": (f, d), "down": (d, f)}
     methods = {"rtn": lambda w, H, b, g: q.rtn(w, b, g, H),

@@ -9,8 +9,9 @@ update is kept only if its loss on held-out calibration sequences (a quarter of 
 sequences there is no held-out set and the check is on the tuning sequences themselves (the report says so).
 
 The program and calibration inputs may be on a GPU (weight_quant.program_on); the returned results and parameters
-are on the CPU. The graph is run by an fx Interpreter that starts from the block's cached inputs (every value that does not depend
-on the block's parameters) and stops at the block's last node, so each step costs one block, not the whole prefix.
+are on the CPU. The graph is run by an fx Interpreter that starts from the block's cached inputs (every value that
+does not depend on the block's parameters) and stops at the block's last node, so each step costs one block, not
+the whole prefix.
 """
 from __future__ import annotations
 

@@ -23,8 +23,9 @@ Methods
              and an integer solve (GPTQ sweep or projected gradient + rounding) with
              (s, z) fixed, keeping per channel only the steps that lower the loss.
 
-Device: the solvers run where H is (a GPU if H is there), in float64 on any device; their results
-(QuantResult) always come back on the CPU.
+Device: the solvers run where H is (a GPU if H is there; rtn without H where the weight is), in float64
+(the shrink search ranks its candidates in float32; the rare min-norm fallback solve runs on the CPU, gelsd
+being CPU-only). Results (QuantResult) always come back on the CPU.
 
 Packed layout (`pack` / `unpack`)
   Values are stored unsigned: u = v + 2^(b−1). Each byte holds 8 // b values, the first
@@ -470,9 +471,9 @@ def _solve_rows(M: torch.Tensor, rhs: torch.Tensor, degenerate: torch.Tensor) ->
 
 def _quadratic_losses(w0Hw0: torch.Tensor, theta: torch.Tensor, M: torch.Tensor, rhs: torch.Tensor
                       ) -> torch.Tensor:
-    """Per-row loss w0Hw0 − 2 θ·r + θᵀMθ of the normal equations' quadratic: (w0 − θB) H (w0 − θB)ᵀ in O(G²)
-    per row instead of a [K, K] product. Float64 keeps the cancellation harmless: even at 8 bits the loss is
-    ~1e-5 of w0Hw0, far above its ~1e-16 rounding."""
+    """Per-row loss w0Hw0 − 2 θ·r + θᵀMθ of the normal equations' quadratic: (w0 − θB) H (w0 − θB)ᵀ
+    in O(G²) per row instead of a [K, K] product. Float64 keeps the cancellation harmless: even at
+    8 bits the loss is ~1e-5 of w0Hw0, far above its ~1e-16 rounding."""
     return w0Hw0 - 2 * (theta * rhs).sum(1) + (torch.einsum("ri,rij->rj", theta, M) * theta).sum(1)
 
 

@@ -2,7 +2,8 @@
 
 Shared by the rtn, gptq and decoupleq passes. Linear layers are quantized in graph order, groups of layers that read
 the same input (q/k/v, gate/up) together, each group calibrated on activations produced by the program with every
-earlier group already quantized (so later layers see, and compensate for, the earlier layers' error).
+earlier group already quantized (so later layers see, and compensate for, the earlier layers' error). With
+device=cuda all of that runs on a copy of the program moved to the GPU (`program_on`).
 """
 from __future__ import annotations
 

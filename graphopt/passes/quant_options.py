@@ -9,8 +9,8 @@ QUANT_OPTIONS = {
     "zero": Option(str, "float", "float: any offset per group; int: an integer multiple of the scale (an integer "
                                  "zero point: ONNX Runtime's fast MatMulNBits path, no side product; see README)",
                    choices=("float", "int")),
-    "device": Option(str, "cpu", "where calibration runs and layers are solved: cpu, or cuda (the program and "
-                                 "calibration data are copied to the GPU; results are the same up to rounding)",
+    "device": Option(str, "cpu", "where layers are calibrated and solved (block-wise stage included); cuda: on a "
+                                 "GPU copy of the program, the same results up to rounding (not yet run on a GPU)",
                      choices=("cpu", "cuda")),
     "ort_accuracy": Option(int, 4, "ONNX Runtime MatMulNBits accuracy_level: 0 = fp32 compute, "
                                    "4 = int8 activations (faster on CPU); below 4, 2-bit weights are stored "
