@@ -176,11 +176,11 @@ def _resolve_group(group: int, K: int) -> int:
     return group
 
 
-def _check_weight(w0: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
-    """The weight as float64 on `device` (default: where it is)."""
+def _check_weight(w0: torch.Tensor) -> torch.Tensor:
+    """The weight as float64, where it is."""
     if w0.dim() != 2:
         raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(w0.shape)}")
-    w = w0.detach().to(device=device or w0.device, dtype=_DTYPE)
+    w = w0.detach().to(dtype=_DTYPE)
     if not torch.isfinite(w).all():
         raise ValueError("weight contains NaN or inf")
     return w
