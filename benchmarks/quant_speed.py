@@ -48,7 +48,7 @@ def main() -> None:
                "decoupleq": lambda w, H, b, g: q.decoupleq(w, H, b, g)}
     m: dict = {"machine": machine(), "hidden": d, "intermediate": f, "device": str(device)}
     if device.type != "cpu":
-        m["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+        m["device_name"] = torch.cuda.get_device_name(device)
         H = hessian(1024, seed=1)
         w = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(1)) * 0.02
         for setting, (bits, group) in SETTINGS.items():
