@@ -321,6 +321,55 @@ def test_more_iterations_never_raise_a_channel_loss(problem, integer):
         previous = losses
 
 
+def _decoupleq_every_row(w, H, bits, group, iters, integer, zero):
+    """decoupleQ's alternation as the paper states it: every step solves every row, and a row keeps the step's
+    result only if its loss falls (the pass solves only rows whose input to a step changed)."""
+    from graphopt.compiler import quantize as qz
+    w = w.double()
+    qmin, qmax = int_range(bits)
+    int_zero = zero == "int"
+    U, shift = qz._inverse_cholesky(H, 0.01)
+    scale, zero_pt = qz._shrunk_grid(w, H, group, qmin, qmax, 20, 0.8, int_zero)
+    q, _, _, err_sq = qz._gptq_sweep(w, U, bits, group, block=128, scale=scale, zero=zero_pt)
+    loss = qz._sweep_losses(w, q, scale, zero_pt, group, H, err_sq, shift)
+    wH = w @ H
+    wHw = (wH * w).sum(1)
+
+    def float_step():
+        nonlocal scale, zero_pt, loss
+        s, z, new = qz._fit_scale_zero(wH, wHw, q, H, group, bits if int_zero else 0)
+        better = new < loss
+        scale, zero_pt = torch.where(better[:, None], s, scale), torch.where(better[:, None], z, zero_pt)
+        loss = torch.where(better, new, loss)
+
+    for _ in range(iters):
+        float_step()
+        new_q, new = qz._integer_step(w, H, U, shift, scale, zero_pt, bits, group, integer)
+        better = new < loss
+        q, loss = torch.where(better[:, None], new_q, q), torch.where(better, new, loss)
+    float_step()
+    return q, scale, zero_pt
+
+
+@pytest.mark.parametrize("integer,zero,bits,group", [("gptq", "float", 2, 32), ("gptq", "int", 3, -1),
+                                                     ("pgd", "float", 2, 64), ("gptq", "float", 4, 128)])
+def test_solving_only_changed_rows_gives_the_every_row_result(problem, monkeypatch, integer, zero, bits, group):
+    from graphopt.compiler import quantize as qz
+    w, H = problem
+    w = torch.cat([w, make_problem(1, n=96)[0]])  # 128 rows: several stop improving before the last round
+    q_ref, s_ref, z_ref = _decoupleq_every_row(w, H, bits, group if group > 0 else K, 4, integer, zero)
+    solved = []  # rows each float / integer step solved
+    fit, step = qz._fit_scale_zero, qz._integer_step
+    monkeypatch.setattr(qz, "_fit_scale_zero", lambda wH, *a, **k: solved.append(("float", len(wH))) or fit(wH, *a, **k))
+    monkeypatch.setattr(qz, "_integer_step", lambda w0, *a, **k: solved.append(("int", len(w0))) or step(w0, *a, **k))
+    result = decoupleq(w, H, bits, group, iters=4, integer=integer, zero=zero)
+    assert torch.equal(result.w_int, q_ref.to(torch.int8))
+    torch.testing.assert_close(result.scale, s_ref.float(), rtol=0, atol=0)
+    torch.testing.assert_close(result.zero, z_ref.float(), rtol=0, atol=0)
+    assert solved[0] == ("float", len(w))  # the first float step solves every row, later steps fewer
+    assert solved[-1][1] < len(w) and all(n <= len(w) for _, n in solved)
+
+
 def test_eight_bits_reconstruct_closely(problem):
     w, H = problem
     for result in (gptq(w, H, 8, -1), decoupleq(w, H, 8, -1), gptq(w, H, 8, 32), decoupleq(w, H, 8, 32, iters=1)):
@@ -361,6 +410,23 @@ def test_sweep_losses_equal_the_direct_product(case):
     got = q._sweep_losses(w, codes, scale, zero, 32, H, err_sq, shift)
     want = q._error_losses(w - q._dequantize(codes, scale, zero, 32), H)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [1, 2, 67])
+def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse(k):
+    from graphopt.compiler import quantize as q
+    _, H = make_problem(3, n=1, k=k)
+    U, shift = q._inverse_cholesky(H, 0.01)
+    damped = H + torch.diag(shift)
+    assert torch.equal(U, U.triu()) and (U.diagonal() > 0).all()
+    torch.testing.assert_close(U.T @ U @ damped, torch.eye(k, dtype=H.dtype), rtol=0, atol=1e-10)
+    # the factor GPTQ implementations build (factorize, invert, factorize the inverse) is the same matrix
+    reference = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    torch.testing.assert_close(U, reference, rtol=1e-9, atol=1e-12)
+    # LAPACK's trtri (float64 on the CPU) and torch's triangular solve (other devices) agree
+    R = torch.linalg.cholesky(damped.flip(0, 1)).flip(0, 1)
+    torch.testing.assert_close(q._upper_inverse(R.clone()), q._upper_inverse(R.float()).double(), rtol=1e-4,
+                               atol=1e-6 * float(U.abs().max()))
 
 
 @pytest.mark.parametrize("k", [5, 64, 67])

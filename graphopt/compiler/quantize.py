@@ -295,17 +295,35 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch
     H[:, dead] = 0
     H.diagonal()[dead] = 1
     mean_diag = H.diagonal().mean()
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     extra = damp
     for _ in range(8):
-        chol, info = torch.linalg.cholesky_ex(H + extra * mean_diag * eye)
+        # With P the order reversal and P (H + d) P = L Lᵀ, H + d = R Rᵀ for the upper triangular R = P L P, so
+        # (H + d)⁻¹ = R⁻ᵀ R⁻¹ and U = R⁻¹ is the upper Cholesky factor of the inverse: one factorization and one
+        # triangular inverse (K³/3 each) instead of factorizing, inverting and factorizing the inverse (4K³/3).
+        flipped = H.flip(0, 1)  # a copy
+        flipped.diagonal().add_(extra * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(flipped)
         if info == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
-            if info == 0:
+            upper = _upper_inverse(lower.flip(0, 1))
+            if torch.isfinite(upper).all():
                 shift = dead.to(H.dtype) + extra * mean_diag if only_diagonal else None
                 return upper, shift
         extra = max(10 * extra, 1e-6)
     raise ValueError("H is not positive definite even after heavy damping")
+
+
+def _upper_inverse(R: torch.Tensor) -> torch.Tensor:
+    """R⁻¹ of an upper triangular R (overwritten on the CPU). On the CPU by LAPACK's trtri (K³/3; torch has no
+    binding, and a triangular solve against the identity costs K³) on Rᵀ, whose Fortran order is R's C order:
+    its inverse (R⁻¹)ᵀ comes back in Fortran order, i.e. R⁻¹ in C order. Elsewhere by torch's triangular solve."""
+    if R.device.type != "cpu" or R.dtype != torch.float64:
+        return torch.linalg.solve_triangular(R, torch.eye(R.shape[0], dtype=R.dtype, device=R.device), upper=True)
+    from scipy.linalg import lapack
+
+    inverse_t, info = lapack.dtrtri(R.contiguous().numpy().T, lower=1, overwrite_c=1)
+    if info != 0:
+        return torch.full_like(R, math.nan)
+    return torch.from_numpy(inverse_t.T)
 
 
 def _gptq_sweep(w: torch.Tensor, U: torch.Tensor, bits: int, group: int, block: int,
@@ -600,20 +618,36 @@ def decoupleq(w0: torch.Tensor, H: torch.Tensor, bits: int, group: int = -1, ite
     wH = w @ H
     wHw = (wH * w).sum(1)
 
+    # A step's output for a row depends only on that row's input to it (codes for the float step, the grid for
+    # the integer step), so a row whose input has not changed since the step last ran for it would get the same
+    # result and loss again, which cannot beat its current loss: only rows with a new input are solved. After a
+    # few rounds most rows have stopped improving (on a 1024 x 2048 layer at w2g64: 61, 25, 9, 2 % of the rows
+    # in rounds 2-5). The init's sweep is the gptq integer step on the shrunk grid; pgd's is not.
+    codes_new = torch.ones(w.shape[0], dtype=torch.bool, device=w.device)  # codes changed since their float step
+    grid_new = torch.full_like(codes_new, integer == "pgd")  # grid changed since its integer step
+
     def float_step() -> None:
-        nonlocal scale, zero, loss
-        new_scale, new_zero, new_loss = _fit_scale_zero(wH, wHw, q, H, group, bits if int_zero else 0)
-        improved = new_loss < loss
-        scale = _keep_improved(improved, new_scale, scale)
-        zero = _keep_improved(improved, new_zero, zero)
-        loss = torch.where(improved, new_loss, loss)
+        rows = codes_new.nonzero().squeeze(1)
+        codes_new.fill_(False)
+        if not len(rows):
+            return
+        new_scale, new_zero, new_loss = _fit_scale_zero(wH[rows], wHw[rows], q[rows], H, group,
+                                                        bits if int_zero else 0)
+        kept = new_loss < loss[rows]
+        improved = rows[kept]
+        scale[improved], zero[improved], loss[improved] = new_scale[kept], new_zero[kept], new_loss[kept]
+        grid_new[improved] = True
 
     def integer_step() -> None:
-        nonlocal q, loss
-        new_q, new_loss = _integer_step(w, H, U, shift, scale, zero, bits, group, integer)
-        improved = new_loss < loss
-        q = _keep_improved(improved, new_q, q)
-        loss = torch.where(improved, new_loss, loss)
+        rows = grid_new.nonzero().squeeze(1)
+        grid_new.fill_(False)
+        if not len(rows):
+            return
+        new_q, new_loss = _integer_step(w[rows], H, U, shift, scale[rows], zero[rows], bits, group, integer)
+        kept = new_loss < loss[rows]
+        improved = rows[kept]
+        q[improved], loss[improved] = new_q[kept], new_loss[kept]
+        codes_new[improved] = True
 
     for _ in range(iters):
         float_step()
