@@ -21,7 +21,9 @@ Methods
              error onto the columns not yet quantized (lazy block updates).
   decoupleq  decoupleQ: alternate an exact least-squares solve of (s, z) with W_int fixed
              and an integer solve (GPTQ sweep or projected gradient + rounding) with
-             (s, z) fixed, keeping per channel only the steps that lower the loss.
+             (s, z) fixed, keeping per channel only the steps that lower the loss. A step
+             solves only the channels whose input to it changed since it last ran for them
+             (the others would get the same result again).
 
 Device: the solvers run where H is (a GPU if H is there; rtn without H where the weight is), in float64
 (the shrink search ranks its candidates in float32; the rare min-norm fallback solve runs on the CPU, gelsd
