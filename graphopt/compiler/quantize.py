@@ -315,14 +315,17 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch
 
 
 def _upper_inverse(R: torch.Tensor) -> torch.Tensor:
-    """R⁻¹ of an upper triangular R (overwritten on the CPU). On the CPU by LAPACK's trtri (K³/3; torch has no
+    """R⁻¹ of an upper triangular R (which may be overwritten). On the CPU by LAPACK's trtri (K³/3; torch has no
     binding, and a triangular solve against the identity costs K³) on Rᵀ, whose Fortran order is R's C order:
-    its inverse (R⁻¹)ᵀ comes back in Fortran order, i.e. R⁻¹ in C order. Elsewhere by torch's triangular solve."""
+    its inverse (R⁻¹)ᵀ comes back in Fortran order, i.e. R⁻¹ in C order, as the GPTQ sweep reads it. Elsewhere
+    by torch's triangular solve."""
     if R.device.type != "cpu" or R.dtype != torch.float64:
         return torch.linalg.solve_triangular(R, torch.eye(R.shape[0], dtype=R.dtype, device=R.device), upper=True)
     from scipy.linalg import lapack
+    from threadpoolctl import threadpool_limits
 
-    inverse_t, info = lapack.dtrtri(R.contiguous().numpy().T, lower=1, overwrite_c=1)
+    with threadpool_limits(torch.get_num_threads(), user_api="blas"):  # SciPy's own BLAS: torch's thread count
+        inverse_t, info = lapack.dtrtri(R.contiguous().numpy().T, lower=1, overwrite_c=1)
     if info != 0:
         return torch.full_like(R, math.nan)
     return torch.from_numpy(inverse_t.T)
@@ -622,9 +625,10 @@ def decoupleq(w0: torch.Tensor, H: torch.Tensor, bits: int, group: int = -1, ite
 
     # A step's output for a row depends only on that row's input to it (codes for the float step, the grid for
     # the integer step), so a row whose input has not changed since the step last ran for it would get the same
-    # result and loss again, which cannot beat its current loss: only rows with a new input are solved. After a
-    # few rounds most rows have stopped improving (on a 1024 x 2048 layer at w2g64: 61, 25, 9, 2 % of the rows
-    # in rounds 2-5). The init's sweep is the gptq integer step on the shrunk grid; pgd's is not.
+    # result and loss again, which cannot beat its current loss: only rows with a new input are solved. (The
+    # same in exact arithmetic; BLAS may round a subset's products differently, ~1e-14, which only matters at a
+    # tie.) After a few rounds most rows have stopped improving (on a 1024 x 2048 layer at w2g64: 61, 25, 9, 2 %
+    # of the rows in rounds 2-5). The init's sweep is the gptq integer step on the shrunk grid; pgd's is not.
     codes_new = torch.ones(w.shape[0], dtype=torch.bool, device=w.device)  # codes changed since their float step
     grid_new = torch.full_like(codes_new, integer == "pgd")  # grid changed since its integer step
 
@@ -648,8 +652,8 @@ def decoupleq(w0: torch.Tensor, H: torch.Tensor, bits: int, group: int = -1, ite
         new_q, new_loss = _integer_step(w[rows], H, U, shift, scale[rows], zero[rows], bits, group, integer)
         kept = new_loss < loss[rows]
         improved = rows[kept]
+        codes_new[improved] = (new_q[kept] != q[improved]).any(dim=1)  # same codes: same float step
         q[improved], loss[improved] = new_q[kept], new_loss[kept]
-        codes_new[improved] = True
 
     for _ in range(iters):
         float_step()
