@@ -581,11 +581,6 @@ def _integer_step(w0: torch.Tensor, H: torch.Tensor, U: torch.Tensor, shift: tor
     return q, _sweep_losses(w0, q, scale, zero, group, H, err_sq, shift)
 
 
-def _keep_improved(improved: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """Row-wise select: new where the channel's loss fell, old elsewhere."""
-    return torch.where(improved[:, None], new, old)
-
-
 def decoupleq(w0: torch.Tensor, H: torch.Tensor, bits: int, group: int = -1, iters: int = 4,
               integer: str = "gptq", damp: float = 0.01, shrink_grid: int = 20,
               max_shrink: float = 0.8, seed: int = 0, zero: str = "float") -> QuantResult:
