@@ -7,8 +7,8 @@
    x M 16 with bf16 and fp32 (all GEMMs, whole and split over 3 K ranges, and split_k="auto"), against
    dq_linear_reference (rel L2 error); key `check_failures`.
    Every swept configuration is checked too before it is timed.
-2. Sweep (on the two larger shapes) at M = 1 (the "units" GEMV family, plain, with biased codes and software
-   pipelined, over rows per program x warps x K step; the "dequant" GEMV) and M = 16, 64 (the "planes",
+2. Sweep (on the two larger shapes) at M = 1 (the "units" GEMV family, plain, with biased codes, software
+   pipelined and in fp16x2 ("units_h2"), over rows per program x warps x K step; the "dequant" GEMV) and M = 16, 64 (the "planes",
    "planes8", "scaled" and "scaled8" GEMMs over tiles, pipeline stages and split K, and the "dequant" GEMM) for
    W4g128 and W2g64: the best configuration per shape and its time, and the default configuration's time. At
    M = 1 also `*_read_ceiling_us`: a kernel that only streams the same number of bytes. Correctness checks and
@@ -45,6 +45,10 @@ SETTINGS = {4: 128, 2: 64}  # bits -> group
 # instructions per code, so none is swept; fewer warps give more, shorter K steps to overlap); and the older
 # "dequant" GEMV. Block_n 4, "reduce" and the planes GEMM at M = 1 were slower (2026-11-27); "_pf" needs ~250
 # registers at 8 rows, so fewer of its forms are swept.
+# "units_h2" (fp16x2 arithmetic, 2026-11-28, untimed when added; offline SASS 2.9 / 2.5 instructions per code at
+# W4g128 / W2g64 against units_hi's 4.1 / 3.9): 8 rows (the units default), 4 rows (fewer registers: W2 needs ~170
+# at 8), and 2 warps (shorter K steps). `--sweep h2` times only these and the default at M = 1, on every shape.
+H2_SWEEP = [dict(gemv="units_h2", block_n=bn, num_warps=nw) for bn, nw in ((8, 4), (4, 4), (8, 2), (4, 2))]
 GEMV_SWEEP = ([dict(gemv="units", block_n=8, num_warps=4, k_runs=2), dict(gemv="units", block_n=16, num_warps=4),
                dict(gemv="units_hi", block_n=8, num_warps=4)]
               + [dict(gemv=g, block_n=bn, num_warps=nw, k_runs=1) for g, bn, nw in
@@ -53,7 +57,8 @@ GEMV_SWEEP = ([dict(gemv="units", block_n=8, num_warps=4, k_runs=2), dict(gemv="
                  itertools.product(("units_sw", "units_hi_sw"), (1, 2))]
               + [dict(gemv=g, block_n=8, num_warps=nw, k_runs=1) for g, nw in
                  itertools.product(("units_pf", "units_hi_pf"), (1, 2))]
-              + [dict(gemv="dequant")])
+              + [dict(gemv="dequant")]
+              + H2_SWEEP)
 # M = 16, 64: the tensor-core GEMMs over tiles and pipeline depth ("planes"/"planes8": integer codes, scaled per
 # group after the dot; "scaled"/"scaled8": operand dequantized in registers), and the older "dequant" GEMM; the
 # tiles are the best four of the 2026-11-27 sweep. 8 warps or 16 columns per program were 2-7x slower then.
@@ -136,6 +141,9 @@ def check_cases(cases: list[tuple], device: str = "cuda") -> tuple[int, float, l
                        for sk in (1, 3) if planes_fit(bits, max(group, 0), 256, u)])
         if M <= 4 and dt != torch.float32:
             variants.append(dict(gemv="planes", block_k=256))
+            # fp16x2 GEMV: its default K step is longer than K here (only the masked tail step runs), 256 gives
+            # 4 full (unmasked) steps
+            variants += [dict(gemv="units_h2"), dict(gemv="units_h2", block_k=256)]
         for kw in variants:
             runs += 1
             try:
@@ -247,9 +255,10 @@ def launch_cfg(cfg: dict, bits: int, group: int, dtype: torch.dtype) -> dict:
 
 def main() -> None:
     def options(ap) -> None:
-        ap.add_argument("--sweep", choices=("full", "gemm16", "previous", "none"), default="full",
-                        help="configurations to sweep: all, only the M = 16 GEMM variants, the defaults before "
-                             "2026-11-28 (on every shape), or none (defaults only)")
+        ap.add_argument("--sweep", choices=("full", "gemm16", "h2", "previous", "none"), default="full",
+                        help="configurations to sweep: all, only the M = 16 GEMM variants, only the fp16x2 GEMVs "
+                             "at M = 1 (on every shape), the defaults before 2026-11-28 (on every shape), or none "
+                             "(defaults only)")
         ap.add_argument("--no-checks", action="store_true",
                         help="skip the correctness phase (each timed configuration, the default too, is still "
                              "checked against the reference at its shape first)")
@@ -294,6 +303,8 @@ def main() -> None:
     def sweep_for(K: int, N: int, M: int) -> list[dict]:
         if args.sweep == "previous":
             return PREVIOUS[M]
+        if args.sweep == "h2":
+            return H2_SWEEP if M == 1 else []
         if (K, N) == SHAPES[0] or args.sweep == "none" or (args.sweep == "gemm16" and M != 16):
             return []
         if args.sweep == "gemm16":

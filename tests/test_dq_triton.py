@@ -192,6 +192,57 @@ def test_pipelined_units_gemv_refusals() -> None:
         dq.units_run(2, 64, torch.bfloat16, "units_fast")
 
 
+@pytest.mark.parametrize("bits,group,K,block_k,M", [(4, 128, 384, 256, 1), (2, 64, 320, 128, 3), (3, 32, 224, 64, 1),
+                                                   (8, 32, 96, 64, 4), (4, -1, 224, 64, 2), (2, 32, 96, 64, 1)],
+                         ids=["w4g128", "w2g64", "w3g32", "w8g32", "w4pc", "w2g32"])
+def test_units_h2_gemv_matches_reference(bits: int, group: int, K: int, block_k: int, M: int) -> None:
+    # "units_h2" computes in fp16x2 (codes dequantized exactly, products summed in fp16 per run, then fp32), so
+    # it must stay within ~1e-3 of the exact "units" kernel's error. Each K here is one or more full K steps
+    # (unmasked loads) and a partial last one (masked); N = 20 leaves a partial row block (rows clamped, never
+    # stored); M = 2-4 pad to 2 or 4 activation rows. The CPU interpreter runs the same arithmetic on the fp16
+    # halves instead of the inline PTX.
+    assert K > block_k and K % block_k
+    for dtype in (torch.float16, torch.bfloat16):
+        case = make_case(bits, group, M, N=20, K=K, dtype=dtype, scale_dtype=torch.bfloat16, bias=True, seed=bits + K)
+        blocks = dict(block_n=4, num_warps=1)
+        y = check(case, gemv="units_h2", block_k=block_k, **blocks)
+        ref = dq.dq_linear_reference(**{**case, "x": case["x"].float(), "bias": case["bias"].float()})
+        exact = dq.dq_linear_triton(**case, gemv="units", **blocks)
+        err = lambda t: ((t.float() - ref).norm() / ref.norm()).item()  # noqa: E731
+        assert err(y) <= err(exact) + 1.5e-3, (dtype, err(y), err(exact))
+
+
+def test_units_h2_scales_activations_per_run() -> None:
+    # fp16 lanes overflow past 65504: without the per-run power-of-two scaling, x ~ 3e4 (fp16) or 1e6 (bf16, out
+    # of fp16's range altogether) times codes up to 8 would give inf (the scales keep the outputs in range). Tiny activations (1e-6, fp16 subnormals
+    # unscaled) must keep their precision too. One run per magnitude (W4g128: runs of 32 codes).
+    K = 128
+    for dtype, big in ((torch.float16, 3e4), (torch.bfloat16, 1e6)):
+        case = make_case(4, 32, 1, N=8, K=K, dtype=dtype, scale_dtype=torch.float32, seed=7)
+        case["scale"] *= 1e-3  # outputs inside fp16's range; the products q x are not
+        case["zero"] *= 1e-3
+        x = torch.randn(1, K, generator=torch.Generator().manual_seed(8))
+        x[:, :32] *= big
+        x[:, 32:64] *= 1e-6
+        case["x"] = x.to(dtype)
+        y = dq.dq_linear_triton(**case, gemv="units_h2", block_n=4, num_warps=1)
+        assert torch.isfinite(y).all()
+        exact = dq.dq_linear_triton(**case, gemv="units", block_n=4, num_warps=1)
+        ref = dq.dq_linear_reference(**{**case, "x": case["x"].float()})
+        err = lambda t: ((t.float() - ref).norm() / ref.norm()).item()  # noqa: E731
+        assert err(y) <= err(exact) + 1.5e-3, (dtype, err(y), err(exact))
+        small = make_case(4, 32, 1, N=8, K=K, dtype=dtype, scale_dtype=torch.float32, seed=9)
+        tiny = torch.zeros(1, K)
+        tiny[:, 32:64] = torch.randn(1, 32, generator=torch.Generator().manual_seed(10)) * 1e-4  # some subnormal
+        small["x"] = tiny.to(dtype)
+        ys = dq.dq_linear_triton(**small, gemv="units_h2", block_n=4, num_warps=1)
+        exact = dq.dq_linear_triton(**small, gemv="units", block_n=4, num_warps=1)
+        ref = dq.dq_linear_reference(**{**small, "x": small["x"].float()})
+        assert err(ys) <= err(exact) + 1.5e-3, (dtype, err(ys), err(exact))
+    with pytest.raises(ValueError, match="takes float16 or bfloat16 activations only"):
+        dq.dq_linear_triton(**make_case(4, 128, 1, K=256), gemv="units_h2")
+
+
 def test_units_gemv_is_the_default_when_it_fits() -> None:
     fits = make_case(4, 128, 1, K=256)
     assert dq._prepare(**fits, block_n=None, block_k=None).specs["name"] == "_dq_gemv_units_hi_kernel"
@@ -379,7 +430,8 @@ def test_every_kernel_form_compiles_for_sm90(tmp_path) -> None:
         from graphopt.kernels.dq_triton import GEMM_KERNELS, UNITS_GEMVS, kernel_specs
         forms = [(2, 16, "bf16", True, dict(m=3, gemv=g)) for g in UNITS_GEMVS]
         forms += [(2, 64, "bf16", True, dict(m=1, gemv=g, num_warps=1)) for g in UNITS_GEMVS]
-        forms += [(4, 128, "fp32", True, dict(m=3, gemv=g, num_warps=1)) for g in UNITS_GEMVS[2:]]
+        forms += [(4, 128, "fp32", True, dict(m=3, gemv=g, num_warps=1)) for g in UNITS_GEMVS[2:] if g != "units_h2"]
+        forms += [(b, g, "fp16", True, dict(m=1, gemv="units_h2")) for b, g in ((4, 128), (3, -1), (8, 32))]
         forms += [(4, 128, "bf16", False, dict(m=16, gemm=g)) for g in GEMM_KERNELS]
         forms += [(2, 64, "bf16", False, dict(m=16, gemm=g, split_k=4, block_n=64, block_k=128))
                   for g in ("planes", "scaled")]

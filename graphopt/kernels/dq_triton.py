@@ -56,6 +56,7 @@ computes bf16 tl.dot on the raw bf16 bit patterns (Triton 3.9), so the launcher 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -657,6 +658,292 @@ def _units_store(y_ptr, m, stride_ym, M, offs_n, n_mask, acc, xt, s_pc, zz_pc, b
              mask=n_mask & (offs_n * 0 + m < M))
 
 
+_H2_ASM = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"))  # see _h2_fma
+
+
+@triton.jit
+def _h2_split(v):
+    # an int32 holding fp16x2 -> (low, high) fp16 halves (the interpreter's path)
+    return (v.to(tl.int16).to(tl.float16, bitcast=True), (v >> 16).to(tl.int16).to(tl.float16, bitcast=True))
+
+
+@triton.jit
+def _h2_join(lo, hi):
+    # two fp16 tensors -> one int32 holding them as fp16x2 (the interpreter's path)
+    return ((hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+            | (lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF))
+
+
+@triton.jit
+def _h2_fma(w, xp, acc, mask, magic, mul, add, FIRST: tl.constexpr):
+    # acc + dq(w) * xp per fp16x2 lane (FIRST: no acc, dq(w) * xp), with dq(w) = ((w & mask) | magic) * mul + add:
+    # one LOP3 and two HFMA2. Every operand is an int32 holding fp16x2, so Triton never sees the halves (as fp16
+    # tensors with a trailing pair dim, its layouts paired other elements and ptxas spent a PRMT per code
+    # re-pairing them). Triton's CPU interpreter has no inline PTX: there the same arithmetic runs on the halves
+    # (fp32 products, each result rounded to fp16: the fused HFMA2's result but for rare double-rounding ties).
+    if _H2_ASM:
+        if FIRST:
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 t; lop3.b32 t, $1, $3, $4, 0xea; fma.rn.f16x2 t, t, $5, $6; mul.rn.f16x2 $0, t, $2; }",
+                "=r,r,r,r,r,r,r", [w, xp, mask, magic, mul, add], dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 t; lop3.b32 t, $1, $4, $5, 0xea; fma.rn.f16x2 t, t, $6, $7; fma.rn.f16x2 $0, t, $2, $3; }",
+                "=r,r,r,r,r,r,r,r", [w, xp, acc, mask, magic, mul, add], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        q_lo, q_hi = _h2_split((w & mask) | magic)
+        m_lo, m_hi = _h2_split(mul)
+        a_lo, a_hi = _h2_split(add)
+        x_lo, x_hi = _h2_split(xp)
+        c_lo, c_hi = _h2_split(acc)
+        d_lo = (q_lo.to(tl.float32) * m_lo.to(tl.float32) + a_lo.to(tl.float32)).to(tl.float16)
+        d_hi = (q_hi.to(tl.float32) * m_hi.to(tl.float32) + a_hi.to(tl.float32)).to(tl.float16)
+        if FIRST:
+            return _h2_join((d_lo.to(tl.float32) * x_lo.to(tl.float32)).to(tl.float16),
+                            (d_hi.to(tl.float32) * x_hi.to(tl.float32)).to(tl.float16))
+        return _h2_join((d_lo.to(tl.float32) * x_lo.to(tl.float32) + c_lo.to(tl.float32)).to(tl.float16),
+                        (d_hi.to(tl.float32) * x_hi.to(tl.float32) + c_hi.to(tl.float32)).to(tl.float16))
+
+
+@triton.jit
+def _h2_cvt(lo, hi):
+    # two fp32 tensors -> fp16x2 in an int32 (low half: lo), rounded to nearest
+    if _H2_ASM:
+        return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,r,r", [lo, hi], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    else:
+        return _h2_join(lo.to(tl.float16), hi.to(tl.float16))
+
+
+@triton.jit
+def _h2_total(v):
+    # fp16x2 in an int32 -> the sum of its halves in fp32
+    if _H2_ASM:
+        return tl.inline_asm_elementwise(
+            "{ .reg .f16 l, h; .reg .f32 a, b; mov.b32 {l, h}, $1; cvt.f32.f16 a, l; cvt.f32.f16 b, h; "
+            "add.f32 $0, a, b; }", "=r,r", [v], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        lo, hi = _h2_split(v)
+        return lo.to(tl.float32) + hi.to(tl.float32)
+
+
+@triton.jit
+def _h2_const(value: tl.constexpr, zero):
+    # fp16 `value` in both halves of an int32 (a runtime value, so ptxas keeps it in a register)
+    b = (tl.full([1], value, tl.float32).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) + zero
+    return b | (b << 16)  # [1]: broadcasts
+
+
+@triton.jit
+def _h2_slot_fma(wi, wu, xp, acc, j: tl.constexpr, SB: tl.constexpr, MASK: tl.constexpr, OFFSET: tl.constexpr,
+                 zero, FIRST: tl.constexpr):
+    # acc + codes j and j + 16 / SB of words wi (their fp16x2 pair, exact signed codes) times xp, their activations.
+    # Each half's code is OR-ed into the mantissa of fp16 1024 (0x6400) at bit p <= 10 - SB and reads
+    # 1024 + code * 2^p; one HFMA2 takes that to code - OFFSET, exactly. Slots above bit 10 - SB come from
+    # wu = wi >> 8 (each half's upper byte; what lands in the low half's upper byte is masked off).
+    P: tl.constexpr = j * SB
+    UP: tl.constexpr = P + SB > 10
+    PP: tl.constexpr = P - 8 if P + SB > 10 else P
+    M2: tl.constexpr = (MASK << PP) | (MASK << (PP + 16))
+    mul = _h2_const(1.0 / (1 << PP), zero)
+    add = _h2_const(-(1024.0 / (1 << PP) + OFFSET), zero)
+    if UP:
+        return _h2_fma(wu, xp[None, :], acc, zero + M2, zero + 0x64006400, mul, add, FIRST)
+    else:
+        return _h2_fma(wi, xp[None, :], acc, zero + M2, zero + 0x64006400, mul, add, FIRST)
+
+
+@triton.jit
+def _h2_half(x_ptr, m, stride_xm, M, K, kx, factor, H: tl.constexpr, FULL: tl.constexpr):
+    # H (<= 8) activations per run at kx, scaled by `factor`, as H fp32 [T] columns
+    return _split_cols(_h2_x_slot(x_ptr, m, stride_xm, M, K, kx, FULL).to(tl.float32) * factor[:, None], H)
+
+
+@triton.jit
+def _h2_word(acc, wi, x_ptr, m, stride_xm, M, K, kx, factor, i: tl.constexpr, CPW: tl.constexpr, SB: tl.constexpr,
+             MASK: tl.constexpr, OFFSET: tl.constexpr, FULL: tl.constexpr, zero):
+    # acc + all codes of word slot i ([BLOCK_N, T] words wi) times x[m]'s activations scaled by `factor`. Each half
+    # word's activations are one load ([T, H], H <= 8: at most 16 bytes per thread, so their thread layout matches
+    # the weights' and needs no shared memory).
+    H: tl.constexpr = CPW // 2
+    lo = _h2_half(x_ptr, m, stride_xm, M, K, kx + i * CPW, factor, H, FULL)
+    hi = _h2_half(x_ptr, m, stride_xm, M, K, kx + i * CPW + H, factor, H, FULL)
+    wu = wi >> 8
+    for j in tl.static_range(H):
+        acc = _h2_slot_fma(wi, wu, _h2_cvt(lo[j], hi[j]), acc, j, SB, MASK, OFFSET, zero, i == 0 and j == 0)
+    return acc
+
+
+@triton.jit
+def _h2_run_stats(x_ptr, m, stride_xm, M, K, kx, i: tl.constexpr, CPW: tl.constexpr, FULL: tl.constexpr):
+    # max |x| and Σ x (fp32) of word slot i of every run of x[m] ([T] each), from the same loads as _h2_word's
+    H: tl.constexpr = CPW // 2
+    lo = _h2_x_slot(x_ptr, m, stride_xm, M, K, kx + i * CPW, FULL).to(tl.float32)
+    hi = _h2_x_slot(x_ptr, m, stride_xm, M, K, kx + i * CPW + H, FULL).to(tl.float32)
+    return (tl.maximum(tl.max(tl.abs(lo), axis=1), tl.max(tl.abs(hi), axis=1)),
+            tl.sum(lo, axis=1) + tl.sum(hi, axis=1))
+
+
+@triton.jit
+def _h2_row_partial(w0, w1, w2, w3, x_ptr, m, stride_xm, M, K, kx, R: tl.constexpr, CPW: tl.constexpr,
+                    SB: tl.constexpr, MASK: tl.constexpr, OFFSET: tl.constexpr, FULL: tl.constexpr, zero):
+    # For one activation row: Σ_k x[m, k] q_k per (weight row, run) and Σ_k x[m, k] per run, in fp32. For the
+    # first, the run's x is scaled by 2^(127 - e), e the exponent field of its max |x| (at most 253), into
+    # [-2, 2): fp16 holds a bf16 or fp16 value exactly there (above 2^-14), and with |q| <= 2^(b-1) the fp16 lanes
+    # cannot overflow (each sums RUN / 2 <= 32 products at <= 4 bits, 8 at 8 bits); the total is scaled back by
+    # 2^(e - 127). Σ x (times the zero, often as large as the codes' term) is summed in fp32 from the loads.
+    amax, xs = _h2_run_stats(x_ptr, m, stride_xm, M, K, kx, 0, CPW, FULL)
+    if R >= 2:
+        a1, s1 = _h2_run_stats(x_ptr, m, stride_xm, M, K, kx, 1, CPW, FULL)
+        amax = tl.maximum(amax, a1)
+        xs += s1
+    if R == 4:
+        a2, s2 = _h2_run_stats(x_ptr, m, stride_xm, M, K, kx, 2, CPW, FULL)
+        a3, s3 = _h2_run_stats(x_ptr, m, stride_xm, M, K, kx, 3, CPW, FULL)
+        amax = tl.maximum(amax, tl.maximum(a2, a3))
+        xs += s2 + s3
+    e = tl.minimum((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF, 253)
+    factor = ((254 - e) << 23).to(tl.float32, bitcast=True)  # 2^(127 - e)
+    inv = (e << 23).to(tl.float32, bitcast=True)  # 2^(e - 127); 0 when max |x| < 2^-126 (negligible)
+    acc = tl.zeros(w0.shape, dtype=tl.int32)  # never read: the first slot's product starts the sum
+    acc = _h2_word(acc, w0, x_ptr, m, stride_xm, M, K, kx, factor, 0, CPW, SB, MASK, OFFSET, FULL, zero)
+    if R >= 2:
+        acc = _h2_word(acc, w1, x_ptr, m, stride_xm, M, K, kx, factor, 1, CPW, SB, MASK, OFFSET, FULL, zero)
+    if R == 4:
+        acc = _h2_word(acc, w2, x_ptr, m, stride_xm, M, K, kx, factor, 2, CPW, SB, MASK, OFFSET, FULL, zero)
+        acc = _h2_word(acc, w3, x_ptr, m, stride_xm, M, K, kx, factor, 3, CPW, SB, MASK, OFFSET, FULL, zero)
+    return _h2_total(acc) * inv[None, :], xs
+
+
+@triton.jit
+def _h2_x_slot(x_ptr, m, stride_xm, M, K, kx, FULL: tl.constexpr):
+    # As _x_slot; in a full K step row 0 (which always exists) loads unmasked: no registers zeroed first
+    if FULL and m == 0:
+        return tl.load(x_ptr + kx)
+    return _x_slot(x_ptr, m, stride_xm, M, K, kx)
+
+
+@triton.jit
+def _h2_accumulate(acc, xt, w0, w1, w2, w3, s, z, x_ptr, m, stride_xm, M, K, kx, R: tl.constexpr,
+                   CPW: tl.constexpr, SB: tl.constexpr, MASK: tl.constexpr, OFFSET: tl.constexpr, GROUP: tl.constexpr,
+                   FULL: tl.constexpr, zero):
+    # one activation row's K step: acc += s Σ x q + z Σ x per (weight row, run); per channel Σ x goes to xt
+    p, xs = _h2_row_partial(w0, w1, w2, w3, x_ptr, m, stride_xm, M, K, kx, R, CPW, SB, MASK, OFFSET, FULL, zero)
+    if GROUP == 0:
+        return acc + p, xt + xs
+    return acc + p * s + xs[None, :] * z, xt
+
+
+@triton.jit
+def _h2_step(k0, accs, words, scale_ptr, zero_ptr, x_ptr, q_idx, q_row, i_idx, t_idx, c_idx, M, N, K, stride_xm,
+             stride_pn, stride_sn, stride_zn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
+             R: tl.constexpr, CPW: tl.constexpr, RUN: tl.constexpr, SB: tl.constexpr, MASK: tl.constexpr,
+             OFFSET: tl.constexpr, GROUP: tl.constexpr, FULL: tl.constexpr, zero):
+    # One K step of the units_h2 GEMV for every activation row. FULL: the step lies inside K, so the weights,
+    # scales and zeros load without masks (rows past N were clamped to N - 1 by the caller and are never stored).
+    # Unmasked loads need no registers zeroed first (two CS2R per row and a PRMT per 16-bit scale or zero).
+    uq = k0 // CPW + (q_idx % T) * R + q_row * (stride_pn // 4)
+    if FULL:
+        w_raw = tl.load(words + uq[None, :] + i_idx[:, None])
+    else:
+        okq = k0 + (q_idx % T) * RUN < K
+        w_raw = tl.load(words + uq[None, :] + i_idx[:, None], mask=okq[None, :], other=0)
+    wc = _split_cols(tl.trans(w_raw), R)  # R tensors [BLOCK_N * T]: word slot i of each (row, run)
+    w0 = tl.reshape(wc[0], [BLOCK_N, T])
+    w1 = tl.reshape(wc[1], [BLOCK_N, T])
+    w2 = tl.reshape(wc[2], [BLOCK_N, T])
+    w3 = tl.reshape(wc[3], [BLOCK_N, T])
+    kx = (k0 + t_idx * RUN)[:, None] + c_idx[None, :]  # [T, CPW / 2]: the first half word of each run
+    s = tl.zeros([BLOCK_N, T], dtype=tl.float32)
+    z = s
+    if GROUP != 0:
+        gq = (k0 + (q_idx % T) * RUN) // GROUP
+        if FULL:
+            s_raw = tl.load(scale_ptr + q_row * stride_sn + gq)
+            z_raw = tl.load(zero_ptr + q_row * stride_zn + gq)
+        else:
+            okg = k0 + (q_idx % T) * RUN < K
+            s_raw = tl.load(scale_ptr + q_row * stride_sn + gq, mask=okg, other=0.0)
+            z_raw = tl.load(zero_ptr + q_row * stride_zn + gq, mask=okg, other=0.0)
+        s = tl.reshape(s_raw.to(tl.float32), [BLOCK_N, T])
+        z = tl.reshape(z_raw.to(tl.float32), [BLOCK_N, T])
+    acc0, acc1, acc2, acc3, xt0, xt1, xt2, xt3 = accs
+    acc0, xt0 = _h2_accumulate(acc0, xt0, w0, w1, w2, w3, s, z, x_ptr, 0, stride_xm, M, K, kx, R, CPW, SB, MASK,
+                               OFFSET, GROUP, FULL, zero)
+    if BLOCK_M > 1:
+        acc1, xt1 = _h2_accumulate(acc1, xt1, w0, w1, w2, w3, s, z, x_ptr, 1, stride_xm, M, K, kx, R, CPW, SB, MASK,
+                                   OFFSET, GROUP, FULL, zero)
+    if BLOCK_M > 2:
+        acc2, xt2 = _h2_accumulate(acc2, xt2, w0, w1, w2, w3, s, z, x_ptr, 2, stride_xm, M, K, kx, R, CPW, SB, MASK,
+                                   OFFSET, GROUP, FULL, zero)
+        acc3, xt3 = _h2_accumulate(acc3, xt3, w0, w1, w2, w3, s, z, x_ptr, 3, stride_xm, M, K, kx, R, CPW, SB, MASK,
+                                   OFFSET, GROUP, FULL, zero)
+    return acc0, acc1, acc2, acc3, xt0, xt1, xt2, xt3
+
+
+@triton.jit
+def _dq_gemv_units_h2_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
+                             M, N, K, stride_xm, stride_pn, stride_sn, stride_zn, stride_ym,
+                             BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # The units GEMV with packed half-precision arithmetic, for fp16/bf16 activations. Codes are read in 32-bit
+    # words (R <= 4 per run: one 16-byte load per row); each pair of codes (slot j of both 16-bit halves) is one
+    # LOP3 and one HFMA2 to exact signed codes in fp16x2, and one HFMA2 multiplies it with the matching pair of
+    # activations into an fp16x2 partial sum (_h2_fma): ~1.6 instructions per code in the core against ~3 for the
+    # fp32 forms. Activations are scaled per run by a power of two (_h2_row_partial) so fp16 neither overflows nor
+    # drops their bits; each run's sums are finished in fp32: Σ_k x_k (s q_k + z) = s Σ x q + z Σ x. The fp16 sums
+    # round (relative 2^-11 per add), so the error against the fp32 reference is larger than "units_hi"'s, still
+    # below bf16's output rounding. Layout as in _units_gemv (one run per thread and K step, BLOCK_K = RUN * 32 *
+    # num_warps); full K steps run without load masks and the last partial one with them (_h2_step).
+    SB: tl.constexpr = 4 if BITS == 3 else BITS
+    MASK: tl.constexpr = (1 << SB) - 1
+    OFFSET: tl.constexpr = 1 << (SB - 1)
+    CPW: tl.constexpr = 32 // SB  # codes per word
+    R: tl.constexpr = 4 if GROUP == 0 else min(4, GROUP // CPW)
+    RUN: tl.constexpr = R * CPW
+    T: tl.constexpr = BLOCK_K // RUN
+
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    i_idx = tl.arange(0, R)
+    t_idx = tl.arange(0, T)
+    c_idx = tl.arange(0, CPW // 2)  # activations are loaded per half word
+    words = packed_ptr.to(tl.pointer_type(tl.int32))
+    q_idx = tl.arange(0, BLOCK_N * T)
+    q_row = tl.minimum(pid * BLOCK_N + q_idx // T, N - 1)  # rows past N read row N - 1 (never stored)
+    zero = stride_ym >> 31  # 0 (strides are non-negative), opaque to the compiler
+    accs = (tl.zeros([BLOCK_N, T], dtype=tl.float32), tl.zeros([BLOCK_N, T], dtype=tl.float32),
+            tl.zeros([BLOCK_N, T], dtype=tl.float32), tl.zeros([BLOCK_N, T], dtype=tl.float32),
+            tl.zeros([T], dtype=tl.float32), tl.zeros([T], dtype=tl.float32),  # per channel: Σ x
+            tl.zeros([T], dtype=tl.float32), tl.zeros([T], dtype=tl.float32))
+    k_full = K - K % BLOCK_K
+    for k0 in range(0, k_full, BLOCK_K):
+        accs = _h2_step(k0, accs, words, scale_ptr, zero_ptr, x_ptr, q_idx, q_row, i_idx, t_idx, c_idx, M, N, K,
+                        stride_xm, stride_pn, stride_sn, stride_zn, BLOCK_M, BLOCK_N, T, R, CPW, RUN, SB, MASK,
+                        OFFSET, GROUP, True, zero)
+    if k_full < K:
+        accs = _h2_step(k_full, accs, words, scale_ptr, zero_ptr, x_ptr, q_idx, q_row, i_idx, t_idx, c_idx, M, N, K,
+                        stride_xm, stride_pn, stride_sn, stride_zn, BLOCK_M, BLOCK_N, T, R, CPW, RUN, SB, MASK,
+                        OFFSET, GROUP, False, zero)
+    acc0, acc1, acc2, acc3, xt0, xt1, xt2, xt3 = accs
+
+    bias = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    s_pc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    z_pc = s_pc
+    if GROUP == 0:
+        s_pc = tl.load(scale_ptr + offs_n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
+        z_pc = tl.load(zero_ptr + offs_n * stride_zn, mask=n_mask, other=0.0).to(tl.float32)
+    _units_store(y_ptr, 0, stride_ym, M, offs_n, n_mask, acc0, xt0, s_pc, z_pc, bias, GROUP)
+    if BLOCK_M > 1:
+        _units_store(y_ptr, 1, stride_ym, M, offs_n, n_mask, acc1, xt1, s_pc, z_pc, bias, GROUP)
+    if BLOCK_M > 2:
+        _units_store(y_ptr, 2, stride_ym, M, offs_n, n_mask, acc2, xt2, s_pc, z_pc, bias, GROUP)
+        _units_store(y_ptr, 3, stride_ym, M, offs_n, n_mask, acc3, xt3, s_pc, z_pc, bias, GROUP)
+
+
 @triton.jit
 def _dq_gemm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
                     M, N, K, stride_xm, stride_pn, stride_sn, stride_zn, stride_ym,
@@ -927,12 +1214,14 @@ def _sum_splits_kernel(ws_ptr, y_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.const
 GEMV_KERNELS = {"units": _dq_gemv_units_kernel, "units_hi": _dq_gemv_units_hi_kernel,
                 "units_pf": _dq_gemv_units_pf_kernel, "units_hi_pf": _dq_gemv_units_hi_pf_kernel,
                 "units_sw": _dq_gemv_units_sw_kernel, "units_hi_sw": _dq_gemv_units_hi_sw_kernel,
+                "units_h2": _dq_gemv_units_h2_kernel,
                 "reduce": _dq_gemv_kernel,
                 "dequant": _dq_gemv_dequant_kernel,
                 "planes": _dq_gemm_planes_kernel}  # "planes": the GEMM kernel with a 16-row tile
 # The _units_gemv family: name -> its PIPE constexpr (0 none, 1 registers, 3 Triton's pipeliner with 3 stages).
 # Pipelined forms take runs of up to 8 units (units_run), so some need K to be a multiple of a longer run.
-UNITS_PIPE = {"units": 0, "units_hi": 0, "units_pf": 1, "units_hi_pf": 1, "units_sw": 3, "units_hi_sw": 3}
+UNITS_PIPE = {"units": 0, "units_hi": 0, "units_pf": 1, "units_hi_pf": 1, "units_sw": 3, "units_hi_sw": 3,
+              "units_h2": 0}
 UNITS_GEMVS = tuple(UNITS_PIPE)
 # GEMV_UNITS_DEFAULT when the shape allows it (units_run divides K, rows aligned: the launcher checks), else "dequant"
 # (ahead-of-time kernels, which must take any K, always use "dequant").
@@ -1026,6 +1315,11 @@ def units_run(bits: int, group: int, dtype: torch.dtype | str, gemv: str = "unit
     cpu = min(128 // xbits, 32 // sb)
     if gemv not in UNITS_PIPE:
         raise ValueError(f"gemv must be one of {', '.join(UNITS_PIPE)} for units_run, got {gemv!r}")
+    if gemv == "units_h2":  # 32-bit words, fp16x2 arithmetic
+        if xbits != 16:
+            raise ValueError("gemv='units_h2' computes in fp16x2 and takes float16 or bfloat16 activations only; "
+                             "use gemv='units' for float32")
+        cpu = 32 // sb
     rmax = 8 if UNITS_PIPE[gemv] >= 1 else 4  # as RMAX in _units_gemv
     group = max(group, 0)  # -1: per channel too
     r = min(128 // (cpu * sb), rmax) if group == 0 else min(128 // (cpu * sb), rmax, group // cpu)
