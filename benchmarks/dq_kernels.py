@@ -8,11 +8,12 @@
    dq_linear_reference (rel L2 error); key `check_failures`.
    Every swept configuration is checked too before it is timed.
 2. Sweep (on the two larger shapes) at M = 1 (the "units" GEMV family, plain, with biased codes, software
-   pipelined and in fp16x2 ("units_h2"), over rows per program x warps x K step; the "dequant" GEMV) and M = 16, 64 (the "planes",
-   "planes8", "scaled" and "scaled8" GEMMs over tiles, pipeline stages and split K, and the "dequant" GEMM) for
-   W4g128 and W2g64: the best configuration per shape and its time, and the default configuration's time. At
-   M = 1 also `*_read_ceiling_us`: a kernel that only streams the same number of bytes. Correctness checks and
-   the compilation of every timed configuration run first in `--jobs` processes (spawned; Triton's compiler is
+   pipelined and in fp16x2 ("units_h2"), over rows per program x warps x K step; the "dequant" GEMV) and
+   M = 16, 64 (the "planes", "planes8", "scaled" and "scaled8" GEMMs over tiles, pipeline stages and split K,
+   and the "dequant" GEMM) for W4g128 and W2g64 (`--sweep h2`: only the "units_h2" GEMVs at M = 1, on every
+   shape): the best configuration per shape and its time, and the default configuration's time. At M = 1 also
+   `*_read_ceiling_us`: a kernel that only streams the same number of bytes. Correctness checks and the
+   compilation of every timed configuration run first in `--jobs` processes (spawned; Triton's compiler is
    single-threaded and dominated the run time), so the timing loop finds Triton's disk cache warm.
 3. For (K, N) in {(4096, 4096), (8192, 8192), (4096, 14336)}, M in {1, 16, 64}, bits 2 (group 64) and 4 (group
    128), bf16 activations: GPU microseconds per call (graph_us: calls replayed in a CUDA graph, so Python launch

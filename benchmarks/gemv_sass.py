@@ -74,7 +74,8 @@ def loop_opcodes(cubin: bytes) -> tuple[Counter, int]:
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], lambda ap: ap.add_argument(
-        "--gemv", default="units_hi,units", help="comma-separated GEMV forms (graphopt.kernels.dq_triton.UNITS_GEMVS)"))
+        "--gemv", default="units_hi,units,units_h2",
+        help="comma-separated GEMV forms (graphopt.kernels.dq_triton.UNITS_GEMVS)"))
     os.environ.pop("TRITON_INTERPRET", None)
     import torch
     import triton

@@ -192,8 +192,8 @@ def test_pipelined_units_gemv_refusals() -> None:
         dq.units_run(2, 64, torch.bfloat16, "units_fast")
 
 
-@pytest.mark.parametrize("bits,group,K,block_k,M", [(4, 128, 384, 256, 1), (2, 64, 320, 128, 3), (3, 32, 224, 64, 1),
-                                                   (8, 32, 96, 64, 4), (4, -1, 224, 64, 2), (2, 32, 96, 64, 1)],
+@pytest.mark.parametrize("bits,group,K,block_k,M", [(4, 128, 384, 256, 1), (2, 64, 320, 128, 1), (3, 32, 224, 64, 2),
+                                                   (8, 32, 96, 64, 4), (4, -1, 224, 64, 1), (2, 32, 96, 64, 3)],
                          ids=["w4g128", "w2g64", "w3g32", "w8g32", "w4pc", "w2g32"])
 def test_units_h2_gemv_matches_reference(bits: int, group: int, K: int, block_k: int, M: int) -> None:
     # "units_h2" computes in fp16x2 (codes dequantized exactly, products summed in fp16 per run, then fp32), so
@@ -203,7 +203,8 @@ def test_units_h2_gemv_matches_reference(bits: int, group: int, K: int, block_k:
     # halves instead of the inline PTX.
     assert K > block_k and K % block_k
     for dtype in (torch.float16, torch.bfloat16):
-        case = make_case(bits, group, M, N=20, K=K, dtype=dtype, scale_dtype=torch.bfloat16, bias=True, seed=bits + K)
+        case = make_case(bits, group, M, N=20, K=K, dtype=dtype, scale_dtype=torch.bfloat16, bias=True,
+                         seed=bits + K)
         blocks = dict(block_n=4, num_warps=1)
         y = check(case, gemv="units_h2", block_k=block_k, **blocks)
         ref = dq.dq_linear_reference(**{**case, "x": case["x"].float(), "bias": case["bias"].float()})
@@ -214,8 +215,8 @@ def test_units_h2_gemv_matches_reference(bits: int, group: int, K: int, block_k:
 
 def test_units_h2_scales_activations_per_run() -> None:
     # fp16 lanes overflow past 65504: without the per-run power-of-two scaling, x ~ 3e4 (fp16) or 1e6 (bf16, out
-    # of fp16's range altogether) times codes up to 8 would give inf (the scales keep the outputs in range). Tiny activations (1e-6, fp16 subnormals
-    # unscaled) must keep their precision too. One run per magnitude (W4g128: runs of 32 codes).
+    # of fp16's range altogether) times codes up to 8 would give inf (the scales keep the outputs in range). Tiny
+    # activations (1e-4, some fp16 subnormals) must keep their precision too. W4g32: runs of 32 codes.
     K = 128
     for dtype, big in ((torch.float16, 3e4), (torch.bfloat16, 1e6)):
         case = make_case(4, 32, 1, N=8, K=K, dtype=dtype, scale_dtype=torch.float32, seed=7)
@@ -430,7 +431,8 @@ def test_every_kernel_form_compiles_for_sm90(tmp_path) -> None:
         from graphopt.kernels.dq_triton import GEMM_KERNELS, UNITS_GEMVS, kernel_specs
         forms = [(2, 16, "bf16", True, dict(m=3, gemv=g)) for g in UNITS_GEMVS]
         forms += [(2, 64, "bf16", True, dict(m=1, gemv=g, num_warps=1)) for g in UNITS_GEMVS]
-        forms += [(4, 128, "fp32", True, dict(m=3, gemv=g, num_warps=1)) for g in UNITS_GEMVS[2:] if g != "units_h2"]
+        forms += [(4, 128, "fp32", True, dict(m=3, gemv=g, num_warps=1))
+                  for g in UNITS_GEMVS[2:] if g != "units_h2"]
         forms += [(b, g, "fp16", True, dict(m=1, gemv="units_h2")) for b, g in ((4, 128), (3, -1), (8, 32))]
         forms += [(4, 128, "bf16", False, dict(m=16, gemm=g)) for g in GEMM_KERNELS]
         forms += [(2, 64, "bf16", False, dict(m=16, gemm=g, split_k=4, block_n=64, block_k=128))

@@ -30,6 +30,11 @@ Kernels (all accumulate in fp32 and write y in x's dtype)
                    phases in lockstep on every SM (its H100 batch-1 times lie between the max and the sum of the
                    pure read time and the issue time). Runs of up to 8 units. Timed on an H200: "_pf" no faster
                    than units_hi, "_sw" 1.8-4.3x slower than the plain kernels, so neither is a default.
+  _dq_gemv_units_h2_kernel  the units GEMV in fp16x2 for 16-bit activations (gemv="units_h2", not a default:
+                   untimed): 32-bit words, each pair of codes one LOP3 + HFMA2 to exact signed codes and one HFMA2
+                   into an fp16x2 partial sum (inline PTX, _h2_fma), activations scaled per run by a power of two so
+                   the fp16 sums cannot overflow; full K steps load without masks. Offline 2.9 / 2.5 SASS
+                   instructions per code at W4g128 / W2g64 against units_hi's 4.1 / 3.9.
   _dq_gemm_planes_kernel / _dq_gemm_planes8_kernel  the default GEMM up to 16 rows at 3/4 (and 8) bits: code
                    slot j of every 16-bit (8-bit) unit is its own operand, element-wise in the loaded units, so Triton
                    dequantizes in the tensor-core operand registers; integer codes go into tl.dot and each group's
@@ -658,6 +663,8 @@ def _units_store(y_ptr, m, stride_ym, M, offs_n, n_mask, acc, xt, s_pc, zz_pc, b
              mask=n_mask & (offs_n * 0 + m < M))
 
 
+_H2_WORDS = 4  # 32-bit words per thread run of the units_h2 GEMV (at most; groups may cap it): one 16-byte load
+H2_RUN_WORDS = tl.constexpr(_H2_WORDS)
 _H2_ASM = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"))  # see _h2_fma
 
 
@@ -785,33 +792,27 @@ def _h2_run_stats(x_ptr, m, stride_xm, M, K, kx, i: tl.constexpr, CPW: tl.conste
 
 
 @triton.jit
-def _h2_row_partial(w0, w1, w2, w3, x_ptr, m, stride_xm, M, K, kx, R: tl.constexpr, CPW: tl.constexpr,
-                    SB: tl.constexpr, MASK: tl.constexpr, OFFSET: tl.constexpr, FULL: tl.constexpr, zero):
-    # For one activation row: Σ_k x[m, k] q_k per (weight row, run) and Σ_k x[m, k] per run, in fp32. For the
-    # first, the run's x is scaled by 2^(127 - e), e the exponent field of its max |x| (at most 253), into
-    # [-2, 2): fp16 holds a bf16 or fp16 value exactly there (above 2^-14), and with |q| <= 2^(b-1) the fp16 lanes
-    # cannot overflow (each sums RUN / 2 <= 32 products at <= 4 bits, 8 at 8 bits); the total is scaled back by
-    # 2^(e - 127). Σ x (times the zero, often as large as the codes' term) is summed in fp32 from the loads.
+def _h2_row_partial(wc, x_ptr, m, stride_xm, M, K, kx, BLOCK_N: tl.constexpr, T: tl.constexpr, R: tl.constexpr,
+                    CPW: tl.constexpr, SB: tl.constexpr, MASK: tl.constexpr, OFFSET: tl.constexpr,
+                    FULL: tl.constexpr, zero):
+    # For one activation row: Σ_k x[m, k] q_k per (weight row, run) and Σ_k x[m, k] per run, in fp32 (wc: the R
+    # word slots of each (row, run), [BLOCK_N * T] each). For the first, the run's x is scaled by 2^(127 - e), e
+    # the exponent field of its max |x| (at most 253), into [-2, 2): fp16 holds a bf16 or fp16 value exactly there
+    # (above 2^-14), and with |q| <= 2^(b-1) the fp16 lanes cannot overflow (each sums RUN / 2 <= 64 products of
+    # |q x| <= 2^b); the total is scaled back by 2^(e - 127). Σ x (times the zero, often as large as the codes'
+    # term) is summed in fp32 from the loads.
     amax, xs = _h2_run_stats(x_ptr, m, stride_xm, M, K, kx, 0, CPW, FULL)
-    if R >= 2:
-        a1, s1 = _h2_run_stats(x_ptr, m, stride_xm, M, K, kx, 1, CPW, FULL)
-        amax = tl.maximum(amax, a1)
-        xs += s1
-    if R == 4:
-        a2, s2 = _h2_run_stats(x_ptr, m, stride_xm, M, K, kx, 2, CPW, FULL)
-        a3, s3 = _h2_run_stats(x_ptr, m, stride_xm, M, K, kx, 3, CPW, FULL)
-        amax = tl.maximum(amax, tl.maximum(a2, a3))
-        xs += s2 + s3
+    for i in tl.static_range(1, R):
+        a_i, s_i = _h2_run_stats(x_ptr, m, stride_xm, M, K, kx, i, CPW, FULL)
+        amax = tl.maximum(amax, a_i)
+        xs += s_i
     e = tl.minimum((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF, 253)
     factor = ((254 - e) << 23).to(tl.float32, bitcast=True)  # 2^(127 - e)
     inv = (e << 23).to(tl.float32, bitcast=True)  # 2^(e - 127); 0 when max |x| < 2^-126 (negligible)
-    acc = tl.zeros(w0.shape, dtype=tl.int32)  # never read: the first slot's product starts the sum
-    acc = _h2_word(acc, w0, x_ptr, m, stride_xm, M, K, kx, factor, 0, CPW, SB, MASK, OFFSET, FULL, zero)
-    if R >= 2:
-        acc = _h2_word(acc, w1, x_ptr, m, stride_xm, M, K, kx, factor, 1, CPW, SB, MASK, OFFSET, FULL, zero)
-    if R == 4:
-        acc = _h2_word(acc, w2, x_ptr, m, stride_xm, M, K, kx, factor, 2, CPW, SB, MASK, OFFSET, FULL, zero)
-        acc = _h2_word(acc, w3, x_ptr, m, stride_xm, M, K, kx, factor, 3, CPW, SB, MASK, OFFSET, FULL, zero)
+    acc = tl.zeros([BLOCK_N, T], dtype=tl.int32)  # never read: the first slot's product starts the sum
+    for i in tl.static_range(R):
+        acc = _h2_word(acc, tl.reshape(wc[i], [BLOCK_N, T]), x_ptr, m, stride_xm, M, K, kx, factor, i, CPW, SB,
+                       MASK, OFFSET, FULL, zero)
     return _h2_total(acc) * inv[None, :], xs
 
 
@@ -824,11 +825,11 @@ def _h2_x_slot(x_ptr, m, stride_xm, M, K, kx, FULL: tl.constexpr):
 
 
 @triton.jit
-def _h2_accumulate(acc, xt, w0, w1, w2, w3, s, z, x_ptr, m, stride_xm, M, K, kx, R: tl.constexpr,
-                   CPW: tl.constexpr, SB: tl.constexpr, MASK: tl.constexpr, OFFSET: tl.constexpr, GROUP: tl.constexpr,
-                   FULL: tl.constexpr, zero):
+def _h2_accumulate(acc, xt, wc, s, z, x_ptr, m, stride_xm, M, K, kx, BLOCK_N: tl.constexpr, T: tl.constexpr,
+                   R: tl.constexpr, CPW: tl.constexpr, SB: tl.constexpr, MASK: tl.constexpr, OFFSET: tl.constexpr,
+                   GROUP: tl.constexpr, FULL: tl.constexpr, zero):
     # one activation row's K step: acc += s Σ x q + z Σ x per (weight row, run); per channel Σ x goes to xt
-    p, xs = _h2_row_partial(w0, w1, w2, w3, x_ptr, m, stride_xm, M, K, kx, R, CPW, SB, MASK, OFFSET, FULL, zero)
+    p, xs = _h2_row_partial(wc, x_ptr, m, stride_xm, M, K, kx, BLOCK_N, T, R, CPW, SB, MASK, OFFSET, FULL, zero)
     if GROUP == 0:
         return acc + p, xt + xs
     return acc + p * s + xs[None, :] * z, xt
@@ -849,10 +850,6 @@ def _h2_step(k0, accs, words, scale_ptr, zero_ptr, x_ptr, q_idx, q_row, i_idx, t
         okq = k0 + (q_idx % T) * RUN < K
         w_raw = tl.load(words + uq[None, :] + i_idx[:, None], mask=okq[None, :], other=0)
     wc = _split_cols(tl.trans(w_raw), R)  # R tensors [BLOCK_N * T]: word slot i of each (row, run)
-    w0 = tl.reshape(wc[0], [BLOCK_N, T])
-    w1 = tl.reshape(wc[1], [BLOCK_N, T])
-    w2 = tl.reshape(wc[2], [BLOCK_N, T])
-    w3 = tl.reshape(wc[3], [BLOCK_N, T])
     kx = (k0 + t_idx * RUN)[:, None] + c_idx[None, :]  # [T, CPW / 2]: the first half word of each run
     s = tl.zeros([BLOCK_N, T], dtype=tl.float32)
     z = s
@@ -868,15 +865,15 @@ def _h2_step(k0, accs, words, scale_ptr, zero_ptr, x_ptr, q_idx, q_row, i_idx, t
         s = tl.reshape(s_raw.to(tl.float32), [BLOCK_N, T])
         z = tl.reshape(z_raw.to(tl.float32), [BLOCK_N, T])
     acc0, acc1, acc2, acc3, xt0, xt1, xt2, xt3 = accs
-    acc0, xt0 = _h2_accumulate(acc0, xt0, w0, w1, w2, w3, s, z, x_ptr, 0, stride_xm, M, K, kx, R, CPW, SB, MASK,
+    acc0, xt0 = _h2_accumulate(acc0, xt0, wc, s, z, x_ptr, 0, stride_xm, M, K, kx, BLOCK_N, T, R, CPW, SB, MASK,
                                OFFSET, GROUP, FULL, zero)
     if BLOCK_M > 1:
-        acc1, xt1 = _h2_accumulate(acc1, xt1, w0, w1, w2, w3, s, z, x_ptr, 1, stride_xm, M, K, kx, R, CPW, SB, MASK,
+        acc1, xt1 = _h2_accumulate(acc1, xt1, wc, s, z, x_ptr, 1, stride_xm, M, K, kx, BLOCK_N, T, R, CPW, SB, MASK,
                                    OFFSET, GROUP, FULL, zero)
     if BLOCK_M > 2:
-        acc2, xt2 = _h2_accumulate(acc2, xt2, w0, w1, w2, w3, s, z, x_ptr, 2, stride_xm, M, K, kx, R, CPW, SB, MASK,
+        acc2, xt2 = _h2_accumulate(acc2, xt2, wc, s, z, x_ptr, 2, stride_xm, M, K, kx, BLOCK_N, T, R, CPW, SB, MASK,
                                    OFFSET, GROUP, FULL, zero)
-        acc3, xt3 = _h2_accumulate(acc3, xt3, w0, w1, w2, w3, s, z, x_ptr, 3, stride_xm, M, K, kx, R, CPW, SB, MASK,
+        acc3, xt3 = _h2_accumulate(acc3, xt3, wc, s, z, x_ptr, 3, stride_xm, M, K, kx, BLOCK_N, T, R, CPW, SB, MASK,
                                    OFFSET, GROUP, FULL, zero)
     return acc0, acc1, acc2, acc3, xt0, xt1, xt2, xt3
 
@@ -899,7 +896,7 @@ def _dq_gemv_units_h2_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y
     MASK: tl.constexpr = (1 << SB) - 1
     OFFSET: tl.constexpr = 1 << (SB - 1)
     CPW: tl.constexpr = 32 // SB  # codes per word
-    R: tl.constexpr = 4 if GROUP == 0 else min(4, GROUP // CPW)
+    R: tl.constexpr = H2_RUN_WORDS if GROUP == 0 else min(H2_RUN_WORDS, GROUP // CPW)
     RUN: tl.constexpr = R * CPW
     T: tl.constexpr = BLOCK_K // RUN
 
@@ -1320,6 +1317,9 @@ def units_run(bits: int, group: int, dtype: torch.dtype | str, gemv: str = "unit
             raise ValueError("gemv='units_h2' computes in fp16x2 and takes float16 or bfloat16 activations only; "
                              "use gemv='units' for float32")
         cpu = 32 // sb
+        group = max(group, 0)
+        r = _H2_WORDS if group == 0 else min(_H2_WORDS, group // cpu)  # as R in _dq_gemv_units_h2_kernel
+        return cpu, r * cpu
     rmax = 8 if UNITS_PIPE[gemv] >= 1 else 4  # as RMAX in _units_gemv
     group = max(group, 0)  # -1: per channel too
     r = min(128 // (cpu * sb), rmax) if group == 0 else min(128 // (cpu * sb), rmax, group // cpu)
