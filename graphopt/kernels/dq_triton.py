@@ -682,29 +682,38 @@ def _h2_join(lo, hi):
 
 
 @triton.jit
-def _h2_fma(w, xp, acc, mask, magic, mul, add, FIRST: tl.constexpr):
-    # acc + dq(w) * xp per fp16x2 lane (FIRST: no acc, dq(w) * xp), with dq(w) = ((w & mask) | magic) * mul + add:
-    # one LOP3 and two HFMA2. Every operand is an int32 holding fp16x2, so Triton never sees the halves (as fp16
-    # tensors with a trailing pair dim, its layouts paired other elements and ptxas spent a PRMT per code
-    # re-pairing them). Triton's CPU interpreter has no inline PTX: there the same arithmetic runs on the halves
-    # (fp32 products, each result rounded to fp16: the fused HFMA2's result but for rare double-rounding ties).
+def _h2_dq(w, mask, magic, mul, add):
+    # ((w & mask) | magic) * mul + add per fp16x2 lane: one LOP3 and one HFMA2 (the codes of one slot pair as exact
+    # signed fp16x2, see _h2_slot_dq). Every operand is an int32 holding fp16x2, so Triton never sees the halves (as
+    # fp16 tensors with a trailing pair dim, its layouts paired other elements and ptxas spent a PRMT per code
+    # re-pairing them). Triton's CPU interpreter has no inline PTX: there the same arithmetic runs on the halves.
     if _H2_ASM:
-        if FIRST:
-            return tl.inline_asm_elementwise(
-                "{ .reg .b32 t; lop3.b32 t, $1, $3, $4, 0xea; fma.rn.f16x2 t, t, $5, $6; mul.rn.f16x2 $0, t, $2; }",
-                "=r,r,r,r,r,r,r", [w, xp, mask, magic, mul, add], dtype=tl.int32, is_pure=True, pack=1)
-        else:
-            return tl.inline_asm_elementwise(
-                "{ .reg .b32 t; lop3.b32 t, $1, $4, $5, 0xea; fma.rn.f16x2 t, t, $6, $7; fma.rn.f16x2 $0, t, $2, $3; }",
-                "=r,r,r,r,r,r,r,r", [w, xp, acc, mask, magic, mul, add], dtype=tl.int32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t; lop3.b32 t, $1, $2, $3, 0xea; fma.rn.f16x2 $0, t, $4, $5; }",
+            "=r,r,r,r,r,r", [w, mask, magic, mul, add], dtype=tl.int32, is_pure=True, pack=1)
     else:
         q_lo, q_hi = _h2_split((w & mask) | magic)
         m_lo, m_hi = _h2_split(mul)
         a_lo, a_hi = _h2_split(add)
+        return _h2_join((q_lo.to(tl.float32) * m_lo.to(tl.float32) + a_lo.to(tl.float32)).to(tl.float16),
+                        (q_hi.to(tl.float32) * m_hi.to(tl.float32) + a_hi.to(tl.float32)).to(tl.float16))
+
+
+@triton.jit
+def _h2_fma(d, xp, acc, FIRST: tl.constexpr):
+    # acc + d * xp per fp16x2 lane (one HFMA2); FIRST: d * xp (acc unread). The interpreter computes the product in
+    # fp32 and rounds the result to fp16: the fused HFMA2's result but for rare double-rounding ties.
+    if _H2_ASM:
+        if FIRST:
+            return tl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [d, xp], dtype=tl.int32,
+                                             is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [d, xp, acc],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        d_lo, d_hi = _h2_split(d)
         x_lo, x_hi = _h2_split(xp)
         c_lo, c_hi = _h2_split(acc)
-        d_lo = (q_lo.to(tl.float32) * m_lo.to(tl.float32) + a_lo.to(tl.float32)).to(tl.float16)
-        d_hi = (q_hi.to(tl.float32) * m_hi.to(tl.float32) + a_hi.to(tl.float32)).to(tl.float16)
         if FIRST:
             return _h2_join((d_lo.to(tl.float32) * x_lo.to(tl.float32)).to(tl.float16),
                             (d_hi.to(tl.float32) * x_hi.to(tl.float32)).to(tl.float16))
@@ -742,12 +751,11 @@ def _h2_const(value: tl.constexpr, zero):
 
 
 @triton.jit
-def _h2_slot_fma(wi, wu, xp, acc, j: tl.constexpr, SB: tl.constexpr, MASK: tl.constexpr, OFFSET: tl.constexpr,
-                 zero, FIRST: tl.constexpr):
-    # acc + codes j and j + 16 / SB of words wi (their fp16x2 pair, exact signed codes) times xp, their activations.
-    # Each half's code is OR-ed into the mantissa of fp16 1024 (0x6400) at bit p <= 10 - SB and reads
-    # 1024 + code * 2^p; one HFMA2 takes that to code - OFFSET, exactly. Slots above bit 10 - SB come from
-    # wu = wi >> 8 (each half's upper byte; what lands in the low half's upper byte is masked off).
+def _h2_slot_dq(wi, wu, j: tl.constexpr, SB: tl.constexpr, MASK: tl.constexpr, OFFSET: tl.constexpr, zero):
+    # Codes j and j + 16 / SB of words wi as one fp16x2 pair of exact signed codes. Each half's code is OR-ed into
+    # the mantissa of fp16 1024 (0x6400) at bit p <= 10 - SB and reads 1024 + code * 2^p; one HFMA2 takes that to
+    # code - OFFSET, exactly. Slots above bit 10 - SB come from wu = wi >> 8 (each half's upper byte; what lands in
+    # the low half's upper byte is masked off).
     P: tl.constexpr = j * SB
     UP: tl.constexpr = P + SB > 10
     PP: tl.constexpr = P - 8 if P + SB > 10 else P
@@ -755,65 +763,9 @@ def _h2_slot_fma(wi, wu, xp, acc, j: tl.constexpr, SB: tl.constexpr, MASK: tl.co
     mul = _h2_const(1.0 / (1 << PP), zero)
     add = _h2_const(-(1024.0 / (1 << PP) + OFFSET), zero)
     if UP:
-        return _h2_fma(wu, xp[None, :], acc, zero + M2, zero + 0x64006400, mul, add, FIRST)
+        return _h2_dq(wu, zero + M2, zero + 0x64006400, mul, add)
     else:
-        return _h2_fma(wi, xp[None, :], acc, zero + M2, zero + 0x64006400, mul, add, FIRST)
-
-
-@triton.jit
-def _h2_half(x_ptr, m, stride_xm, M, K, kx, factor, H: tl.constexpr, FULL: tl.constexpr):
-    # H (<= 8) activations per run at kx, scaled by `factor`, as H fp32 [T] columns
-    return _split_cols(_h2_x_slot(x_ptr, m, stride_xm, M, K, kx, FULL).to(tl.float32) * factor[:, None], H)
-
-
-@triton.jit
-def _h2_word(acc, wi, x_ptr, m, stride_xm, M, K, kx, factor, i: tl.constexpr, CPW: tl.constexpr, SB: tl.constexpr,
-             MASK: tl.constexpr, OFFSET: tl.constexpr, FULL: tl.constexpr, zero):
-    # acc + all codes of word slot i ([BLOCK_N, T] words wi) times x[m]'s activations scaled by `factor`. Each half
-    # word's activations are one load ([T, H], H <= 8: at most 16 bytes per thread, so their thread layout matches
-    # the weights' and needs no shared memory).
-    H: tl.constexpr = CPW // 2
-    lo = _h2_half(x_ptr, m, stride_xm, M, K, kx + i * CPW, factor, H, FULL)
-    hi = _h2_half(x_ptr, m, stride_xm, M, K, kx + i * CPW + H, factor, H, FULL)
-    wu = wi >> 8
-    for j in tl.static_range(H):
-        acc = _h2_slot_fma(wi, wu, _h2_cvt(lo[j], hi[j]), acc, j, SB, MASK, OFFSET, zero, i == 0 and j == 0)
-    return acc
-
-
-@triton.jit
-def _h2_run_stats(x_ptr, m, stride_xm, M, K, kx, i: tl.constexpr, CPW: tl.constexpr, FULL: tl.constexpr):
-    # max |x| and Σ x (fp32) of word slot i of every run of x[m] ([T] each), from the same loads as _h2_word's
-    H: tl.constexpr = CPW // 2
-    lo = _h2_x_slot(x_ptr, m, stride_xm, M, K, kx + i * CPW, FULL).to(tl.float32)
-    hi = _h2_x_slot(x_ptr, m, stride_xm, M, K, kx + i * CPW + H, FULL).to(tl.float32)
-    return (tl.maximum(tl.max(tl.abs(lo), axis=1), tl.max(tl.abs(hi), axis=1)),
-            tl.sum(lo, axis=1) + tl.sum(hi, axis=1))
-
-
-@triton.jit
-def _h2_row_partial(wc, x_ptr, m, stride_xm, M, K, kx, BLOCK_N: tl.constexpr, T: tl.constexpr, R: tl.constexpr,
-                    CPW: tl.constexpr, SB: tl.constexpr, MASK: tl.constexpr, OFFSET: tl.constexpr,
-                    FULL: tl.constexpr, zero):
-    # For one activation row: Σ_k x[m, k] q_k per (weight row, run) and Σ_k x[m, k] per run, in fp32 (wc: the R
-    # word slots of each (row, run), [BLOCK_N * T] each). For the first, the run's x is scaled by 2^(127 - e), e
-    # the exponent field of its max |x| (at most 253), into [-2, 2): fp16 holds a bf16 or fp16 value exactly there
-    # (above 2^-14), and with |q| <= 2^(b-1) the fp16 lanes cannot overflow (each sums RUN / 2 <= 64 products of
-    # |q x| <= 2^b); the total is scaled back by 2^(e - 127). Σ x (times the zero, often as large as the codes'
-    # term) is summed in fp32 from the loads.
-    amax, xs = _h2_run_stats(x_ptr, m, stride_xm, M, K, kx, 0, CPW, FULL)
-    for i in tl.static_range(1, R):
-        a_i, s_i = _h2_run_stats(x_ptr, m, stride_xm, M, K, kx, i, CPW, FULL)
-        amax = tl.maximum(amax, a_i)
-        xs += s_i
-    e = tl.minimum((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF, 253)
-    factor = ((254 - e) << 23).to(tl.float32, bitcast=True)  # 2^(127 - e)
-    inv = (e << 23).to(tl.float32, bitcast=True)  # 2^(e - 127); 0 when max |x| < 2^-126 (negligible)
-    acc = tl.zeros([BLOCK_N, T], dtype=tl.int32)  # never read: the first slot's product starts the sum
-    for i in tl.static_range(R):
-        acc = _h2_word(acc, tl.reshape(wc[i], [BLOCK_N, T]), x_ptr, m, stride_xm, M, K, kx, factor, i, CPW, SB,
-                       MASK, OFFSET, FULL, zero)
-    return _h2_total(acc) * inv[None, :], xs
+        return _h2_dq(wi, zero + M2, zero + 0x64006400, mul, add)
 
 
 @triton.jit
@@ -825,14 +777,45 @@ def _h2_x_slot(x_ptr, m, stride_xm, M, K, kx, FULL: tl.constexpr):
 
 
 @triton.jit
-def _h2_accumulate(acc, xt, wc, s, z, x_ptr, m, stride_xm, M, K, kx, BLOCK_N: tl.constexpr, T: tl.constexpr,
-                   R: tl.constexpr, CPW: tl.constexpr, SB: tl.constexpr, MASK: tl.constexpr, OFFSET: tl.constexpr,
-                   GROUP: tl.constexpr, FULL: tl.constexpr, zero):
-    # one activation row's K step: acc += s Σ x q + z Σ x per (weight row, run); per channel Σ x goes to xt
-    p, xs = _h2_row_partial(wc, x_ptr, m, stride_xm, M, K, kx, BLOCK_N, T, R, CPW, SB, MASK, OFFSET, FULL, zero)
+def _h2_half(x_ptr, m, stride_xm, M, K, kx, factor, H: tl.constexpr, FULL: tl.constexpr):
+    # H (<= 8) activations per run at kx, scaled by `factor`, as H fp32 [T] columns. One load per half word
+    # ([T, H]: at most 16 bytes per thread, so the thread layout matches the weights' and needs no shared memory).
+    return _split_cols(_h2_x_slot(x_ptr, m, stride_xm, M, K, kx, FULL).to(tl.float32) * factor[:, None], H)
+
+
+@triton.jit
+def _h2_run_stats(x_ptr, m, stride_xm, M, K, kx, i: tl.constexpr, CPW: tl.constexpr, FULL: tl.constexpr):
+    # max |x| and Σ x (fp32) of word slot i of every run of x[m] ([T] each), from the same loads as _h2_half's
+    H: tl.constexpr = CPW // 2
+    lo = _h2_x_slot(x_ptr, m, stride_xm, M, K, kx + i * CPW, FULL).to(tl.float32)
+    hi = _h2_x_slot(x_ptr, m, stride_xm, M, K, kx + i * CPW + H, FULL).to(tl.float32)
+    return (tl.maximum(tl.max(tl.abs(lo), axis=1), tl.max(tl.abs(hi), axis=1)),
+            tl.sum(lo, axis=1) + tl.sum(hi, axis=1))
+
+
+@triton.jit
+def _h2_row_scale(x_ptr, m, stride_xm, M, K, kx, R: tl.constexpr, CPW: tl.constexpr, FULL: tl.constexpr):
+    # Per run of x[m]: the power of two 2^(127 - e) that takes its activations into [-2, 2) (e the exponent field
+    # of its max |x|, at most 253), its inverse, and Σ x in fp32. There fp16 holds a bf16 or fp16 value exactly
+    # (above 2^-14 of the max), and with |q| <= 2^(b-1) the fp16 lanes cannot overflow (each sums RUN / 2 <= 32
+    # products of |q x| <= 2^b). The inverse is 0 when max |x| < 2^-126 (a negligible run).
+    amax, xs = _h2_run_stats(x_ptr, m, stride_xm, M, K, kx, 0, CPW, FULL)
+    for i in tl.static_range(1, R):
+        a_i, s_i = _h2_run_stats(x_ptr, m, stride_xm, M, K, kx, i, CPW, FULL)
+        amax = tl.maximum(amax, a_i)
+        xs += s_i
+    e = tl.minimum((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF, 253)
+    return ((254 - e) << 23).to(tl.float32, bitcast=True), (e << 23).to(tl.float32, bitcast=True), xs
+
+
+@triton.jit
+def _h2_finish(acc, xt, p, inv, xs, s, z, GROUP: tl.constexpr):
+    # one activation row's K step into its fp32 accumulators: acc += s Σ x q + z Σ x per (weight row, run) (per
+    # channel: acc += Σ x q, xt += Σ x, both scaled after the loop)
+    p32 = _h2_total(p) * inv[None, :]
     if GROUP == 0:
-        return acc + p, xt + xs
-    return acc + p * s + xs[None, :] * z, xt
+        return acc + p32, xt + xs
+    return acc + p32 * s + xs[None, :] * z, xt
 
 
 @triton.jit
@@ -842,7 +825,9 @@ def _h2_step(k0, accs, words, scale_ptr, zero_ptr, x_ptr, q_idx, q_row, i_idx, t
              OFFSET: tl.constexpr, GROUP: tl.constexpr, FULL: tl.constexpr, zero):
     # One K step of the units_h2 GEMV for every activation row. FULL: the step lies inside K, so the weights,
     # scales and zeros load without masks (rows past N were clamped to N - 1 by the caller and are never stored).
-    # Unmasked loads need no registers zeroed first (two CS2R per row and a PRMT per 16-bit scale or zero).
+    # Unmasked loads need no registers zeroed first (two CS2R per row and a PRMT per 16-bit scale or zero). Each
+    # slot pair of codes is dequantized once (_h2_slot_dq) and multiplied into every activation row's fp16x2 sum.
+    H: tl.constexpr = CPW // 2
     uq = k0 // CPW + (q_idx % T) * R + q_row * (stride_pn // 4)
     if FULL:
         w_raw = tl.load(words + uq[None, :] + i_idx[:, None])
@@ -864,17 +849,46 @@ def _h2_step(k0, accs, words, scale_ptr, zero_ptr, x_ptr, q_idx, q_row, i_idx, t
             z_raw = tl.load(zero_ptr + q_row * stride_zn + gq, mask=okg, other=0.0)
         s = tl.reshape(s_raw.to(tl.float32), [BLOCK_N, T])
         z = tl.reshape(z_raw.to(tl.float32), [BLOCK_N, T])
-    acc0, acc1, acc2, acc3, xt0, xt1, xt2, xt3 = accs
-    acc0, xt0 = _h2_accumulate(acc0, xt0, wc, s, z, x_ptr, 0, stride_xm, M, K, kx, BLOCK_N, T, R, CPW, SB, MASK,
-                               OFFSET, GROUP, FULL, zero)
+    f0, inv0, xs0 = _h2_row_scale(x_ptr, 0, stride_xm, M, K, kx, R, CPW, FULL)
+    f1, inv1, xs1 = f0, inv0, xs0
+    f2, inv2, xs2 = f0, inv0, xs0
+    f3, inv3, xs3 = f0, inv0, xs0
     if BLOCK_M > 1:
-        acc1, xt1 = _h2_accumulate(acc1, xt1, wc, s, z, x_ptr, 1, stride_xm, M, K, kx, BLOCK_N, T, R, CPW, SB, MASK,
-                                   OFFSET, GROUP, FULL, zero)
+        f1, inv1, xs1 = _h2_row_scale(x_ptr, 1, stride_xm, M, K, kx, R, CPW, FULL)
     if BLOCK_M > 2:
-        acc2, xt2 = _h2_accumulate(acc2, xt2, wc, s, z, x_ptr, 2, stride_xm, M, K, kx, BLOCK_N, T, R, CPW, SB, MASK,
-                                   OFFSET, GROUP, FULL, zero)
-        acc3, xt3 = _h2_accumulate(acc3, xt3, wc, s, z, x_ptr, 3, stride_xm, M, K, kx, BLOCK_N, T, R, CPW, SB, MASK,
-                                   OFFSET, GROUP, FULL, zero)
+        f2, inv2, xs2 = _h2_row_scale(x_ptr, 2, stride_xm, M, K, kx, R, CPW, FULL)
+        f3, inv3, xs3 = _h2_row_scale(x_ptr, 3, stride_xm, M, K, kx, R, CPW, FULL)
+    p0 = tl.zeros([BLOCK_N, T], dtype=tl.int32)  # fp16x2 sums (never read before the first product)
+    p1, p2, p3 = p0, p0, p0
+    for i in tl.static_range(R):
+        wi = tl.reshape(wc[i], [BLOCK_N, T])
+        wu = wi >> 8
+        lo0 = _h2_half(x_ptr, 0, stride_xm, M, K, kx + i * CPW, f0, H, FULL)
+        hi0 = _h2_half(x_ptr, 0, stride_xm, M, K, kx + i * CPW + H, f0, H, FULL)
+        lo1, hi1, lo2, hi2, lo3, hi3 = lo0, hi0, lo0, hi0, lo0, hi0
+        if BLOCK_M > 1:
+            lo1 = _h2_half(x_ptr, 1, stride_xm, M, K, kx + i * CPW, f1, H, FULL)
+            hi1 = _h2_half(x_ptr, 1, stride_xm, M, K, kx + i * CPW + H, f1, H, FULL)
+        if BLOCK_M > 2:
+            lo2 = _h2_half(x_ptr, 2, stride_xm, M, K, kx + i * CPW, f2, H, FULL)
+            hi2 = _h2_half(x_ptr, 2, stride_xm, M, K, kx + i * CPW + H, f2, H, FULL)
+            lo3 = _h2_half(x_ptr, 3, stride_xm, M, K, kx + i * CPW, f3, H, FULL)
+            hi3 = _h2_half(x_ptr, 3, stride_xm, M, K, kx + i * CPW + H, f3, H, FULL)
+        for j in tl.static_range(H):
+            d = _h2_slot_dq(wi, wu, j, SB, MASK, OFFSET, zero)
+            p0 = _h2_fma(d, _h2_cvt(lo0[j], hi0[j])[None, :], p0, i == 0 and j == 0)
+            if BLOCK_M > 1:
+                p1 = _h2_fma(d, _h2_cvt(lo1[j], hi1[j])[None, :], p1, i == 0 and j == 0)
+            if BLOCK_M > 2:
+                p2 = _h2_fma(d, _h2_cvt(lo2[j], hi2[j])[None, :], p2, i == 0 and j == 0)
+                p3 = _h2_fma(d, _h2_cvt(lo3[j], hi3[j])[None, :], p3, i == 0 and j == 0)
+    acc0, acc1, acc2, acc3, xt0, xt1, xt2, xt3 = accs
+    acc0, xt0 = _h2_finish(acc0, xt0, p0, inv0, xs0, s, z, GROUP)
+    if BLOCK_M > 1:
+        acc1, xt1 = _h2_finish(acc1, xt1, p1, inv1, xs1, s, z, GROUP)
+    if BLOCK_M > 2:
+        acc2, xt2 = _h2_finish(acc2, xt2, p2, inv2, xs2, s, z, GROUP)
+        acc3, xt3 = _h2_finish(acc3, xt3, p3, inv3, xs3, s, z, GROUP)
     return acc0, acc1, acc2, acc3, xt0, xt1, xt2, xt3
 
 
@@ -885,10 +899,10 @@ def _dq_gemv_units_h2_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y
                              BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
     # The units GEMV with packed half-precision arithmetic, for fp16/bf16 activations. Codes are read in 32-bit
     # words (R <= 4 per run: one 16-byte load per row); each pair of codes (slot j of both 16-bit halves) is one
-    # LOP3 and one HFMA2 to exact signed codes in fp16x2, and one HFMA2 multiplies it with the matching pair of
-    # activations into an fp16x2 partial sum (_h2_fma): ~1.6 instructions per code in the core against ~3 for the
-    # fp32 forms. Activations are scaled per run by a power of two (_h2_row_partial) so fp16 neither overflows nor
-    # drops their bits; each run's sums are finished in fp32: Σ_k x_k (s q_k + z) = s Σ x q + z Σ x. The fp16 sums
+    # LOP3 and one HFMA2 to exact signed codes in fp16x2 (_h2_slot_dq), and one HFMA2 per activation row multiplies
+    # it with the matching pair of activations into an fp16x2 partial sum (_h2_fma): ~1.6 instructions per code in
+    # the core against ~3 for the fp32 forms. Activations are scaled per run by a power of two (_h2_row_scale) so
+    # fp16 neither overflows nor drops their bits; each run's sums are finished in fp32: Σ_k x_k (s q_k + z) = s Σ x q + z Σ x. The fp16 sums
     # round (relative 2^-11 per add), so the error against the fp32 reference is larger than "units_hi"'s, still
     # below bf16's output rounding. Layout as in _units_gemv (one run per thread and K step, BLOCK_K = RUN * 32 *
     # num_warps); full K steps run without load masks and the last partial one with them (_h2_step).
