@@ -433,7 +433,7 @@ def test_every_kernel_form_compiles_for_sm90(tmp_path) -> None:
         forms += [(2, 64, "bf16", True, dict(m=1, gemv=g, num_warps=1)) for g in UNITS_GEMVS]
         forms += [(4, 128, "fp32", True, dict(m=3, gemv=g, num_warps=1))
                   for g in UNITS_GEMVS[2:] if g != "units_h2"]
-        forms += [(b, g, "fp16", True, dict(m=1, gemv="units_h2")) for b, g in ((4, 128), (3, -1), (8, 32))]
+        forms += [(b, g, "fp16", True, dict(m=m, gemv="units_h2")) for b, g, m in ((4, 128, 1), (3, -1, 3), (8, 32, 2))]
         forms += [(4, 128, "bf16", False, dict(m=16, gemm=g)) for g in GEMM_KERNELS]
         forms += [(2, 64, "bf16", False, dict(m=16, gemm=g, split_k=4, block_n=64, block_k=128))
                   for g in ("planes", "scaled")]
