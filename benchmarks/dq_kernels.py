@@ -48,8 +48,10 @@ SETTINGS = {4: 128, 2: 64}  # bits -> group
 # registers at 8 rows, so fewer of its forms are swept.
 # "units_h2" (fp16x2 arithmetic, 2026-11-28, untimed when added; offline SASS 2.9 / 2.5 instructions per code at
 # W4g128 / W2g64 against units_hi's 4.1 / 3.9): 8 rows (the units default), 4 rows (fewer registers: W2 needs ~170
-# at 8), and 2 warps (shorter K steps). `--sweep h2` times only these and the default at M = 1, on every shape.
-H2_SWEEP = [dict(gemv="units_h2", block_n=bn, num_warps=nw) for bn, nw in ((8, 4), (4, 4), (8, 2), (4, 2))]
+# at 8), 2 warps (shorter K steps), and "units_h2_r2" (runs of 2 words: W2 2.8 with 124 registers at 8 rows; W4 3.1
+# with 128 at 16 rows). `--sweep h2` times only these and the default at M = 1, on every shape.
+H2_SWEEP = ([dict(gemv="units_h2", block_n=bn, num_warps=nw) for bn, nw in ((8, 4), (4, 4), (8, 2))]
+            + [dict(gemv="units_h2_r2", block_n=bn, num_warps=4) for bn in (8, 16)])
 GEMV_SWEEP = ([dict(gemv="units", block_n=8, num_warps=4, k_runs=2), dict(gemv="units", block_n=16, num_warps=4),
                dict(gemv="units_hi", block_n=8, num_warps=4)]
               + [dict(gemv=g, block_n=bn, num_warps=nw, k_runs=1) for g, bn, nw in

@@ -192,21 +192,24 @@ def test_pipelined_units_gemv_refusals() -> None:
         dq.units_run(2, 64, torch.bfloat16, "units_fast")
 
 
-@pytest.mark.parametrize("bits,group,K,block_k,M", [(4, 128, 384, 256, 1), (2, 64, 320, 128, 1), (3, 32, 224, 64, 2),
-                                                   (8, 32, 96, 64, 4), (4, -1, 224, 64, 1), (2, 32, 96, 64, 3)],
-                         ids=["w4g128", "w2g64", "w3g32", "w8g32", "w4pc", "w2g32"])
-def test_units_h2_gemv_matches_reference(bits: int, group: int, K: int, block_k: int, M: int) -> None:
+@pytest.mark.parametrize("gemv,bits,group,K,block_k,M",
+                         [("units_h2", 4, 128, 384, 256, 1), ("units_h2", 2, 64, 320, 128, 1),
+                          ("units_h2", 3, 32, 224, 64, 2), ("units_h2", 8, 32, 96, 64, 4),
+                          ("units_h2", 4, -1, 224, 64, 1), ("units_h2", 2, 32, 96, 64, 3),
+                          ("units_h2_r2", 2, 64, 320, 128, 1), ("units_h2_r2", 4, -1, 224, 64, 2)],
+                         ids=["w4g128", "w2g64", "w3g32", "w8g32", "w4pc", "w2g32", "r2-w2g64", "r2-w4pc"])
+def test_units_h2_gemv_matches_reference(gemv: str, bits: int, group: int, K: int, block_k: int, M: int) -> None:
     # "units_h2" computes in fp16x2 (codes dequantized exactly, products summed in fp16 per run, then fp32), so
     # it must stay within ~1e-3 of the exact "units" kernel's error. Each K here is one or more full K steps
     # (unmasked loads) and a partial last one (masked); N = 20 leaves a partial row block (rows clamped, never
-    # stored); M = 2-4 pad to 2 or 4 activation rows. The CPU interpreter runs the same arithmetic on the fp16
-    # halves instead of the inline PTX.
+    # stored); M = 2-4 pad to 2 or 4 activation rows. "units_h2_r2" takes runs of up to 2 words instead of 4.
+    # The CPU interpreter runs the same arithmetic on the fp16 halves instead of the inline PTX.
     assert K > block_k and K % block_k
     for dtype in (torch.float16, torch.bfloat16):
         case = make_case(bits, group, M, N=20, K=K, dtype=dtype, scale_dtype=torch.bfloat16, bias=True,
                          seed=bits + K)
         blocks = dict(block_n=4, num_warps=1)
-        y = check(case, gemv="units_h2", block_k=block_k, **blocks)
+        y = check(case, gemv=gemv, block_k=block_k, **blocks)
         ref = dq.dq_linear_reference(**{**case, "x": case["x"].float(), "bias": case["bias"].float()})
         exact = dq.dq_linear_triton(**case, gemv="units", **blocks)
         err = lambda t: ((t.float() - ref).norm() / ref.norm()).item()  # noqa: E731
@@ -432,7 +435,7 @@ def test_every_kernel_form_compiles_for_sm90(tmp_path) -> None:
         forms = [(2, 16, "bf16", True, dict(m=3, gemv=g)) for g in UNITS_GEMVS]
         forms += [(2, 64, "bf16", True, dict(m=1, gemv=g, num_warps=1)) for g in UNITS_GEMVS]
         forms += [(4, 128, "fp32", True, dict(m=3, gemv=g, num_warps=1))
-                  for g in UNITS_GEMVS[2:] if g != "units_h2"]
+                  for g in UNITS_GEMVS[2:] if not g.startswith("units_h2")]
         forms += [(b, g, "fp16", True, dict(m=m, gemv="units_h2")) for b, g, m in ((4, 128, 1), (3, -1, 3), (8, 32, 2))]
         forms += [(4, 128, "bf16", False, dict(m=16, gemm=g)) for g in GEMM_KERNELS]
         forms += [(2, 64, "bf16", False, dict(m=16, gemm=g, split_k=4, block_n=64, block_k=128))

@@ -663,8 +663,6 @@ def _units_store(y_ptr, m, stride_ym, M, offs_n, n_mask, acc, xt, s_pc, zz_pc, b
              mask=n_mask & (offs_n * 0 + m < M))
 
 
-_H2_WORDS = 4  # 32-bit words per thread run of the units_h2 GEMV (at most; groups may cap it): one 16-byte load
-H2_RUN_WORDS = tl.constexpr(_H2_WORDS)
 _H2_ASM = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"))  # see _h2_fma
 
 
@@ -897,20 +895,42 @@ def _dq_gemv_units_h2_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y
                              M, N, K, stride_xm, stride_pn, stride_sn, stride_zn, stride_ym,
                              BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # units_h2 with runs of up to 4 words (one 16-byte load per row and run)
+    _units_h2_gemv(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_pn, stride_sn,
+                   stride_zn, stride_ym, BITS, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, 4)
+
+
+@triton.jit
+def _dq_gemv_units_h2_r2_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
+                                M, N, K, stride_xm, stride_pn, stride_sn, stride_zn, stride_ym,
+                                BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # units_h2 with runs of up to 2 words: half the activations per thread and step, fewer registers (W2g64 at 8 rows:
+    # 124 instead of 167, at 2.8 instead of 2.5 instructions per code)
+    _units_h2_gemv(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_pn, stride_sn,
+                   stride_zn, stride_ym, BITS, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, 2)
+
+
+@triton.jit
+def _units_h2_gemv(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
+                   M, N, K, stride_xm, stride_pn, stride_sn, stride_zn, stride_ym,
+                   BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, WORDS: tl.constexpr):
     # The units GEMV with packed half-precision arithmetic, for fp16/bf16 activations. Codes are read in 32-bit
-    # words (R <= 4 per run: one 16-byte load per row); each pair of codes (slot j of both 16-bit halves) is one
-    # LOP3 and one HFMA2 to exact signed codes in fp16x2 (_h2_slot_dq), and one HFMA2 per activation row multiplies
-    # it with the matching pair of activations into an fp16x2 partial sum (_h2_fma): ~1.6 instructions per code in
-    # the core against ~3 for the fp32 forms. Activations are scaled per run by a power of two (_h2_row_scale) so
-    # fp16 neither overflows nor drops their bits; each run's sums are finished in fp32: Σ_k x_k (s q_k + z) = s Σ x q + z Σ x. The fp16 sums
-    # round (relative 2^-11 per add), so the error against the fp32 reference is larger than "units_hi"'s, still
-    # below bf16's output rounding. Layout as in _units_gemv (one run per thread and K step, BLOCK_K = RUN * 32 *
-    # num_warps); full K steps run without load masks and the last partial one with them (_h2_step).
+    # words (R <= WORDS per run); each pair of codes (slot j of both 16-bit halves) is one LOP3 and one HFMA2 to
+    # exact signed codes in fp16x2 (_h2_slot_dq), and one HFMA2 per activation row multiplies it with the matching
+    # pair of activations into an fp16x2 partial sum (_h2_fma): ~1.6 instructions per code in the core against ~3
+    # for the fp32 forms. Activations are scaled per run by a power of two (_h2_row_scale) so fp16 neither
+    # overflows nor drops their bits; each run's sums are finished in fp32: Σ_k x_k (s q_k + z) = s Σ x q + z Σ x.
+    # The fp16 sums round (relative 2^-11 per add), so the error against the fp32 reference is larger than
+    # "units_hi"'s, still below bf16's output rounding. Layout as in _units_gemv (one run per thread and K step,
+    # BLOCK_K = RUN * 32 * num_warps); full K steps run without load masks and the last partial one with them
+    # (_h2_step).
     SB: tl.constexpr = 4 if BITS == 3 else BITS
     MASK: tl.constexpr = (1 << SB) - 1
     OFFSET: tl.constexpr = 1 << (SB - 1)
     CPW: tl.constexpr = 32 // SB  # codes per word
-    R: tl.constexpr = H2_RUN_WORDS if GROUP == 0 else min(H2_RUN_WORDS, GROUP // CPW)
+    R: tl.constexpr = WORDS if GROUP == 0 else min(WORDS, GROUP // CPW)
     RUN: tl.constexpr = R * CPW
     T: tl.constexpr = BLOCK_K // RUN
 
@@ -1225,14 +1245,15 @@ def _sum_splits_kernel(ws_ptr, y_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.const
 GEMV_KERNELS = {"units": _dq_gemv_units_kernel, "units_hi": _dq_gemv_units_hi_kernel,
                 "units_pf": _dq_gemv_units_pf_kernel, "units_hi_pf": _dq_gemv_units_hi_pf_kernel,
                 "units_sw": _dq_gemv_units_sw_kernel, "units_hi_sw": _dq_gemv_units_hi_sw_kernel,
-                "units_h2": _dq_gemv_units_h2_kernel,
+                "units_h2": _dq_gemv_units_h2_kernel, "units_h2_r2": _dq_gemv_units_h2_r2_kernel,
                 "reduce": _dq_gemv_kernel,
                 "dequant": _dq_gemv_dequant_kernel,
                 "planes": _dq_gemm_planes_kernel}  # "planes": the GEMM kernel with a 16-row tile
 # The _units_gemv family: name -> its PIPE constexpr (0 none, 1 registers, 3 Triton's pipeliner with 3 stages).
 # Pipelined forms take runs of up to 8 units (units_run), so some need K to be a multiple of a longer run.
 UNITS_PIPE = {"units": 0, "units_hi": 0, "units_pf": 1, "units_hi_pf": 1, "units_sw": 3, "units_hi_sw": 3,
-              "units_h2": 0}
+              "units_h2": 0, "units_h2_r2": 0}
+H2_WORDS = {"units_h2": 4, "units_h2_r2": 2}  # the fp16x2 GEMVs: 32-bit words per thread run (at most)
 UNITS_GEMVS = tuple(UNITS_PIPE)
 # GEMV_UNITS_DEFAULT when the shape allows it (units_run divides K, rows aligned: the launcher checks), else "dequant"
 # (ahead-of-time kernels, which must take any K, always use "dequant").
@@ -1326,13 +1347,13 @@ def units_run(bits: int, group: int, dtype: torch.dtype | str, gemv: str = "unit
     cpu = min(128 // xbits, 32 // sb)
     if gemv not in UNITS_PIPE:
         raise ValueError(f"gemv must be one of {', '.join(UNITS_PIPE)} for units_run, got {gemv!r}")
-    if gemv == "units_h2":  # 32-bit words, fp16x2 arithmetic
+    if gemv in H2_WORDS:  # 32-bit words, fp16x2 arithmetic
         if xbits != 16:
-            raise ValueError("gemv='units_h2' computes in fp16x2 and takes float16 or bfloat16 activations only; "
+            raise ValueError(f"gemv={gemv!r} computes in fp16x2 and takes float16 or bfloat16 activations only; "
                              "use gemv='units' for float32")
         cpu = 32 // sb
         group = max(group, 0)
-        r = _H2_WORDS if group == 0 else min(_H2_WORDS, group // cpu)  # as R in _dq_gemv_units_h2_kernel
+        r = H2_WORDS[gemv] if group == 0 else min(H2_WORDS[gemv], group // cpu)  # as R in _units_h2_gemv
         return cpu, r * cpu
     rmax = 8 if UNITS_PIPE[gemv] >= 1 else 4  # as RMAX in _units_gemv
     group = max(group, 0)  # -1: per channel too
