@@ -1389,7 +1389,8 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
     dtype; scale_dtype defaults to it. m: the row count if known (picks BLOCK_M; without it the variant covers
     every M up to GEMV_MAX_M when m_small, and uses 64-row tiles otherwise). block_n / block_k / num_warps /
     num_stages override the defaults (tuned on an H100 and an H200). gemv picks the small-M kernel: "units" (or
-    one of UNITS_GEMVS: biased codes "_hi", software pipelined "_pf" / "_sw"), "reduce" (per-group partial sums),
+    one of UNITS_GEMVS: biased codes "_hi", software pipelined "_pf" / "_sw", fp16x2 arithmetic "_h2" / "_h2_r2"
+    for 16-bit activations), "reduce" (per-group partial sums),
     "dequant" (element-wise dequantization into a 3-D accumulator) or "planes" (the tiled GEMM with a 16-row
     tile: _default_gemm's kernel, or the one gemm names). gemm picks the large-M kernel: "planes" (the codes of
     each slot of a 16-bit unit straight into tensor-core dots, scaled per group afterwards; needs planes_fit and
