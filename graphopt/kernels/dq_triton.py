@@ -61,7 +61,6 @@ computes bf16 tl.dot on the raw bf16 bit patterns (Triton 3.9), so the launcher 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -638,6 +637,17 @@ def _units_gemv(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
             else:
                 acc3 += p * s + xs[None, :] * zz
 
+    _units_epilogue(y_ptr, scale_ptr, zero_ptr, bias_ptr, M, stride_sn, stride_zn, stride_ym, offs_n, n_mask,
+                    (acc0, acc1, acc2, acc3, xt0, xt1, xt2, xt3), OFFSET, GROUP, BLOCK_M, BLOCK_N, HAS_BIAS)
+
+
+@triton.jit
+def _units_epilogue(y_ptr, scale_ptr, zero_ptr, bias_ptr, M, stride_sn, stride_zn, stride_ym, offs_n, n_mask, accs,
+                    OFFSET: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    HAS_BIAS: tl.constexpr):
+    # The units GEMVs' outputs from their per-(row, run) accumulators (accs: acc0..3 [BLOCK_N, T], xt0..3 [T]); per
+    # channel the scale and zero - OFFSET * scale are applied here (OFFSET: the codes' bias the kernel left in).
+    acc0, acc1, acc2, acc3, xt0, xt1, xt2, xt3 = accs
     bias = tl.zeros([BLOCK_N], dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -661,9 +671,6 @@ def _units_store(y_ptr, m, stride_ym, M, offs_n, n_mask, acc, xt, s_pc, zz_pc, b
         out = out * s_pc + tl.sum(xt, axis=0) * zz_pc
     tl.store(y_ptr + m * stride_ym + offs_n, (out + bias).to(y_ptr.dtype.element_ty),
              mask=n_mask & (offs_n * 0 + m < M))
-
-
-_H2_ASM = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"))  # see _h2_fma
 
 
 @triton.jit
@@ -957,22 +964,9 @@ def _units_h2_gemv(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
         accs = _h2_step(k_full, accs, words, scale_ptr, zero_ptr, x_ptr, q_idx, q_row, i_idx, t_idx, c_idx, M, N, K,
                         stride_xm, stride_pn, stride_sn, stride_zn, BLOCK_M, BLOCK_N, T, R, CPW, RUN, SB, MASK,
                         OFFSET, GROUP, False, zero)
-    acc0, acc1, acc2, acc3, xt0, xt1, xt2, xt3 = accs
-
-    bias = tl.zeros([BLOCK_N], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    s_pc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    z_pc = s_pc
-    if GROUP == 0:
-        s_pc = tl.load(scale_ptr + offs_n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
-        z_pc = tl.load(zero_ptr + offs_n * stride_zn, mask=n_mask, other=0.0).to(tl.float32)
-    _units_store(y_ptr, 0, stride_ym, M, offs_n, n_mask, acc0, xt0, s_pc, z_pc, bias, GROUP)
-    if BLOCK_M > 1:
-        _units_store(y_ptr, 1, stride_ym, M, offs_n, n_mask, acc1, xt1, s_pc, z_pc, bias, GROUP)
-    if BLOCK_M > 2:
-        _units_store(y_ptr, 2, stride_ym, M, offs_n, n_mask, acc2, xt2, s_pc, z_pc, bias, GROUP)
-        _units_store(y_ptr, 3, stride_ym, M, offs_n, n_mask, acc3, xt3, s_pc, z_pc, bias, GROUP)
+    # signed codes: no bias left in (OFFSET 0)
+    _units_epilogue(y_ptr, scale_ptr, zero_ptr, bias_ptr, M, stride_sn, stride_zn, stride_ym, offs_n, n_mask, accs, 0,
+                    GROUP, BLOCK_M, BLOCK_N, HAS_BIAS)
 
 
 @triton.jit
@@ -1313,6 +1307,7 @@ def _decorated_for_interpreter() -> bool:
 
 
 _INTERPRETED = _decorated_for_interpreter()  # fixed when the module was imported
+_H2_ASM = tl.constexpr(not _INTERPRETED)  # the fp16x2 GEMVs' inline PTX, or their interpreter path (see _h2_dq)
 
 
 def is_interpreted() -> bool:
