@@ -247,6 +247,26 @@ def test_units_h2_scales_activations_per_run() -> None:
         dq.dq_linear_triton(**make_case(4, 128, 1, K=256), gemv="units_h2")
 
 
+def test_preferred_gemv_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    # GRAPHOPT_DQ_GEMV picks the units GEMV the launcher tries first (to run a whole model on units_h2); where
+    # that kernel does not fit, the usual choice. The kernel choice cache must not hand out the other setting's.
+    half = make_case(4, 128, 1, N=20, K=256, dtype=torch.bfloat16, scale_dtype=torch.bfloat16, seed=5)
+    fp32 = make_case(4, 128, 1, K=256)
+    tail = make_case(2, 90, 1, N=8, K=90, dtype=torch.bfloat16, scale_dtype=torch.bfloat16)
+    name = lambda case: dq._prepare(**case, block_n=None, block_k=None).specs["name"]  # noqa: E731
+    assert name(half) == "_dq_gemv_units_hi_kernel"
+    monkeypatch.setenv("GRAPHOPT_DQ_GEMV", "units_h2")
+    assert name(half) == "_dq_gemv_units_h2_kernel"
+    assert name(fp32) == "_dq_gemv_units_hi_kernel"  # fp16x2 takes 16-bit activations only
+    assert name(tail) == "_dq_gemv_dequant_kernel"  # K = 90: no whole runs
+    assert dq._prepare(**half, block_n=None, block_k=None, gemv="units").specs["name"] == "_dq_gemv_units_kernel"
+    monkeypatch.setenv("GRAPHOPT_DQ_GEMV", "fastest")
+    with pytest.raises(ValueError, match="GRAPHOPT_DQ_GEMV='fastest' is not a units GEMV: use one of units, "):
+        name(half)
+    monkeypatch.delenv("GRAPHOPT_DQ_GEMV")
+    assert name(half) == "_dq_gemv_units_hi_kernel"
+
+
 def test_units_gemv_is_the_default_when_it_fits() -> None:
     fits = make_case(4, 128, 1, K=256)
     assert dq._prepare(**fits, block_n=None, block_k=None).specs["name"] == "_dq_gemv_units_hi_kernel"

@@ -3,7 +3,8 @@
     y = x @ Ŵᵀ + bias,   Ŵ[n, k] = scale[n, k // group] * q[n, k] + zero[n, k // group]
 
 `packed` is uint8 [N, ceil(K * storage_bits / 8)] in the layout of graphopt.compiler.quantize.pack. On CPU the op
-runs a torch reference (unpack, dequantize, F.linear); on CUDA it runs graphopt's Triton kernels when they import.
+runs a torch reference (unpack, dequantize, F.linear); on CUDA it runs graphopt's Triton kernels when they import
+(GRAPHOPT_DQ_GEMV names the batch-1 GEMV to prefer, see dq_triton.preferred_gemv).
 A fake implementation lets programs that contain it export, save as .pt2 and lower to ONNX (MatMulNBits).
 """
 from __future__ import annotations

@@ -61,6 +61,7 @@ computes bf16 tl.dot on the raw bf16 bit patterns (Triton 3.9), so the launcher 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -1595,6 +1596,21 @@ def dq_linear_reference(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tens
     return y.to(x.dtype).reshape(*x.shape[:-1], c.N)
 
 
+GEMV_ENV = "GRAPHOPT_DQ_GEMV"
+
+
+def preferred_gemv() -> str:
+    """The units GEMV the launcher tries first at M <= 4 when no gemv is given: GEMV_UNITS_DEFAULT, or the one the
+    GRAPHOPT_DQ_GEMV environment variable names (e.g. units_h2, to try the fp16x2 GEMV in a whole model); where it
+    does not fit (in_features, alignment, fp32 activations for the fp16x2 kernels) the launcher's usual choice."""
+    name = os.environ.get(GEMV_ENV, "").strip()
+    if not name:
+        return GEMV_UNITS_DEFAULT
+    if name not in UNITS_GEMVS:
+        raise ValueError(f"{GEMV_ENV}={name!r} is not a units GEMV: use one of {', '.join(UNITS_GEMVS)}, or unset it")
+    return name
+
+
 def _units_fit(packed: torch.Tensor, bits: int, c: _Checked, dtype: torch.dtype, gemv: str = "units") -> bool:
     """Whether a units-family GEMV can read these weights: whole runs only, rows aligned to the unit size."""
     group = 0 if c.per_channel else c.group
@@ -1624,6 +1640,12 @@ def _select_specs(packed: torch.Tensor, bits: int, c: _Checked, dtype: torch.dty
     """kernel_specs for one call, with the launcher's choices: the units GEMV where it fits, the byte-wide planes
     kernel or the dequant GEMM where 16-bit units would be misaligned."""
     m_small = M <= GEMV_MAX_M
+    if m_small and gemv is None:
+        preferred = preferred_gemv()
+        if preferred in H2_WORDS and dtype == torch.float32:  # fp16x2 kernels: 16-bit activations only
+            preferred = GEMV_UNITS_DEFAULT
+        if _units_fit(packed, bits, c, dtype, preferred):
+            gemv = preferred
     if m_small and gemv in (None, *UNITS_GEMVS):
         fits = _units_fit(packed, bits, c, dtype, gemv or GEMV_UNITS_DEFAULT)
         if gemv in UNITS_GEMVS and not fits:
@@ -1688,7 +1710,8 @@ def _prepare(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: t
     bucket = _next_pow2(M) if m_small else min(64, max(16, _next_pow2(M)))
     key = (bits, c.K, c.group, c.per_channel, x.dtype, scale.dtype, bucket, bias is not None,
            packed.data_ptr() % 16, packed.stride(0) % 16, block_n, block_k, num_warps, num_stages, gemv, gemm,
-           split_k, c.N, triton.cdiv(M, bucket), x.device)  # the last three: the default split's tile count
+           split_k, c.N, triton.cdiv(M, bucket), x.device,  # these three: the default split's tile count
+           preferred_gemv() if m_small and gemv is None else None)
     auto = split_k == "auto"
     if auto:  # the split depends on the exact rows too
         key += (M,)
