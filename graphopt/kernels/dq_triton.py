@@ -30,11 +30,12 @@ Kernels (all accumulate in fp32 and write y in x's dtype)
                    phases in lockstep on every SM (its H100 batch-1 times lie between the max and the sum of the
                    pure read time and the issue time). Runs of up to 8 units. Timed on an H200: "_pf" no faster
                    than units_hi, "_sw" 1.8-4.3x slower than the plain kernels, so neither is a default.
-  _dq_gemv_units_h2_kernel  the units GEMV in fp16x2 for 16-bit activations (gemv="units_h2", not a default:
-                   untimed): 32-bit words, each pair of codes one LOP3 + HFMA2 to exact signed codes and one HFMA2
-                   into an fp16x2 partial sum (inline PTX, _h2_fma), activations scaled per run by a power of two so
-                   the fp16 sums cannot overflow; full K steps load without masks. Offline 2.9 / 2.5 SASS
-                   instructions per code at W4g128 / W2g64 against units_hi's 4.1 / 3.9.
+  _dq_gemv_units_h2(_r2)_kernel  the units GEMV in fp16x2 for 16-bit activations (gemv="units_h2", not a
+                   default: untimed): 32-bit words, each pair of codes one LOP3 + HFMA2 to exact signed codes and one
+                   HFMA2 per activation row into an fp16x2 partial sum (inline PTX: _h2_dq, _h2_fma), activations
+                   scaled per run by a power of two so the fp16 sums cannot overflow; full K steps load without
+                   masks. Offline 2.9 / 2.5 SASS instructions per code at W4g128 / W2g64 against units_hi's 4.1 /
+                   3.9; "_r2" takes runs of 2 words (fewer registers). GRAPHOPT_DQ_GEMV=units_h2 prefers it.
   _dq_gemm_planes_kernel / _dq_gemm_planes8_kernel  the default GEMM up to 16 rows at 3/4 (and 8) bits: code
                    slot j of every 16-bit (8-bit) unit is its own operand, element-wise in the loaded units, so Triton
                    dequantizes in the tensor-core operand registers; integer codes go into tl.dot and each group's
