@@ -256,14 +256,18 @@ def test_preferred_gemv_from_the_environment(monkeypatch: pytest.MonkeyPatch) ->
     name = lambda case: dq._prepare(**case, block_n=None, block_k=None).specs["name"]  # noqa: E731
     assert name(half) == "_dq_gemv_units_hi_kernel"
     monkeypatch.setenv("GRAPHOPT_DQ_GEMV", "units_h2")
+    assert name(half) == "_dq_gemv_units_hi_kernel"  # read once per process
+    dq.preferred_gemv.cache_clear()
     assert name(half) == "_dq_gemv_units_h2_kernel"
     assert name(fp32) == "_dq_gemv_units_hi_kernel"  # fp16x2 takes 16-bit activations only
     assert name(tail) == "_dq_gemv_dequant_kernel"  # K = 90: no whole runs
     assert dq._prepare(**half, block_n=None, block_k=None, gemv="units").specs["name"] == "_dq_gemv_units_kernel"
     monkeypatch.setenv("GRAPHOPT_DQ_GEMV", "fastest")
+    dq.preferred_gemv.cache_clear()
     with pytest.raises(ValueError, match="GRAPHOPT_DQ_GEMV='fastest' is not a units GEMV: use one of units, "):
         name(half)
     monkeypatch.delenv("GRAPHOPT_DQ_GEMV")
+    dq.preferred_gemv.cache_clear()
     assert name(half) == "_dq_gemv_units_hi_kernel"
 
 
