@@ -31,11 +31,13 @@ def compile_cubin(specs: dict) -> bytes:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from graphopt.kernels.dq_triton import launch_options
+
     names = list(specs["signature"])
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ALIGNED if n in names}
     compiled = triton.compile(ASTSource(specs["kernel"], specs["signature"], specs["constexprs"], attrs),
                               target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": specs["num_warps"], "num_stages": specs["num_stages"]})
+                              options=launch_options(specs))
     return compiled.asm["cubin"]
 
 

@@ -157,6 +157,25 @@ def test_units_gemv_matches_reference(bits: int, group: int, M: int) -> None:
         assert err <= ((exact.float() - ref).norm() / ref.norm()).item() * 1.1 + 1e-6
 
 
+@pytest.mark.parametrize("gemv", ["units", "units_hi"])
+@pytest.mark.parametrize("bits,group,K,block_k,M", [(4, 128, 384, 128, 1), (2, 64, 320, 128, 3), (3, 32, 224, 64, 4),
+                                                    (8, 32, 160, 64, 2), (4, -1, 224, 64, 1), (2, -1, 160, 64, 4)],
+                         ids=["w4g128", "w2g64", "w3g32", "w8g32", "w4pc", "w2pc"])
+def test_units_gemv_full_and_partial_k_steps(gemv: str, bits: int, group: int, K: int, block_k: int, M: int) -> None:
+    # Full K steps load weights, scales, zeros and row 0's activations without masks; only a partial last step
+    # masks them. N = 20 in blocks of 8 leaves 4 rows past N in the last program: they read row N - 1 and must
+    # never be stored (the output buffer is exactly [M, N], so a stray store would corrupt the next row or fail).
+    assert K > block_k
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        case = make_case(bits, group, M, N=20, K=K, dtype=dtype, scale_dtype=torch.bfloat16, bias=True,
+                         seed=bits + K + M)
+        y = check(case, gemv=gemv, block_n=8, block_k=block_k, num_warps=1)
+        # one masked step over all of K: the same sums in another order
+        masked = dq.dq_linear_triton(**case, gemv=gemv, block_n=8, block_k=1 << (K - 1).bit_length(), num_warps=1)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(y, masked, rtol=tol, atol=tol * masked.float().abs().max().item())
+
+
 @pytest.mark.parametrize("hi", [False, True], ids=["exact", "hi"])
 @pytest.mark.parametrize("bits,group,K", [(4, 128, 384), (2, 64, 320), (3, 32, 224), (4, -1, 224)],
                          ids=["w4g128", "w2g64", "w3g32", "w4pc"])
@@ -426,12 +445,12 @@ def test_aot_compiles_to_ptx(tmp_path) -> None:
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
-        from graphopt.kernels.dq_triton import kernel_specs, with_bias
+        from graphopt.kernels.dq_triton import kernel_specs, launch_options, with_bias
         for m_small in (True, False):
             sp = with_bias(kernel_specs(4, 32, "fp16", m_small), True)
             k = triton.compile(ASTSource(sp["kernel"], sp["signature"], sp["constexprs"]),
                                target=GPUTarget("cuda", 90, 32),
-                               options={"num_warps": sp["num_warps"], "num_stages": sp["num_stages"]})
+                               options=launch_options(sp))
             ptx = k.asm["ptx"]
             assert ".entry " + sp["name"] in ptx, sp["name"]
             assert m_small or "mma" in ptx  # fp16 GEMM tiles use tensor cores
@@ -455,7 +474,7 @@ def test_every_kernel_form_compiles_for_sm90(tmp_path) -> None:
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
-        from graphopt.kernels.dq_triton import GEMM_KERNELS, UNITS_GEMVS, kernel_specs
+        from graphopt.kernels.dq_triton import GEMM_KERNELS, UNITS_GEMVS, kernel_specs, launch_options
         forms = [(2, 16, "bf16", True, dict(m=3, gemv=g)) for g in UNITS_GEMVS]
         forms += [(2, 64, "bf16", True, dict(m=1, gemv=g, num_warps=1)) for g in UNITS_GEMVS]
         forms += [(4, 128, "fp32", True, dict(m=3, gemv=g, num_warps=1))
@@ -472,8 +491,11 @@ def test_every_kernel_form_compiles_for_sm90(tmp_path) -> None:
             attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
             k = triton.compile(ASTSource(sp["kernel"], sp["signature"], sp["constexprs"], attrs),
                                target=GPUTarget("cuda", 90, 32),
-                               options={"num_warps": sp["num_warps"], "num_stages": sp["num_stages"]})
+                               options=launch_options(sp))
             assert ".entry " + sp["name"] in k.asm["ptx"], sp["name"]
+            # W2 at batch 1 on the plain units GEMVs: capped at 128 registers (4 programs of 4 warps per SM)
+            capped = bits == 2 and kw.get("m") == 1 and kw.get("gemv") in ("units", "units_hi", "units_h2")
+            assert (".maxnreg 128" in k.asm["ptx"]) == capped, sp["name"]
         from graphopt.kernels.dq_triton import _sum_splits_kernel
         k = triton.compile(ASTSource(_sum_splits_kernel, {"ws_ptr": "*fp32", "y_ptr": "*bf16", "MN": "i32",
                                                           "SPLIT_K": "constexpr", "BLOCK": "constexpr"},

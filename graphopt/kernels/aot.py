@@ -105,12 +105,13 @@ def compile_kernel(specs: dict[str, Any], arch: int, *, op: str, variant: str,
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from .dq_triton import launch_options
+
     kernel = specs["kernel"]
     if not hasattr(kernel, "fn") or type(kernel).__name__ == "InterpretedFunction":
         raise GraphoptError("ahead-of-time compilation needs Triton kernels compiled for a GPU: unset "
                             "TRITON_INTERPRET before graphopt.kernels is first imported")
-    options = {"num_warps": specs["num_warps"], "num_stages": specs["num_stages"], "ptx_version": ptx_version,
-               "enable_fp_fusion": True}
+    options = {**launch_options(specs), "ptx_version": ptx_version, "enable_fp_fusion": True}
     compiled = triton.compile(ASTSource(kernel, specs["signature"], specs["constexprs"]),
                               target=GPUTarget("cuda", arch, 32), options=options)
     md = compiled.metadata

@@ -360,46 +360,56 @@ def _x_slot(x_ptr, m, stride_xm, M, K, kx):
 
 
 @triton.jit
-def _x_col_slot(xr, i: tl.constexpr, x_ptr, m, stride_xm, M, K, kx, CPU: tl.constexpr, LOADED: tl.constexpr):
+def _x_slot_at(x_ptr, m, stride_xm, M, K, kx, FULL: tl.constexpr):
+    # As _x_slot; in a full K step row 0 (which always exists) loads unmasked: no registers zeroed first
+    if FULL and m == 0:
+        return tl.load(x_ptr + kx)
+    return _x_slot(x_ptr, m, stride_xm, M, K, kx)
+
+
+@triton.jit
+def _x_col_slot(xr, i: tl.constexpr, x_ptr, m, stride_xm, M, K, kx, CPU: tl.constexpr, LOADED: tl.constexpr,
+                FULL: tl.constexpr):
     # slot i of x[m] split into its CPU columns: from _x_load's slots when LOADED, else loaded here
     if LOADED:
         return _split_cols(xr[i].to(tl.float32), CPU)
     else:
-        return _split_cols(_x_slot(x_ptr, m, stride_xm, M, K, kx + i * CPU).to(tl.float32), CPU)
+        return _split_cols(_x_slot_at(x_ptr, m, stride_xm, M, K, kx + i * CPU, FULL).to(tl.float32), CPU)
 
 
 @triton.jit
-def _x_cols(xr, x_ptr, m, stride_xm, M, K, kx, R: tl.constexpr, CPU: tl.constexpr, LOADED: tl.constexpr):
+def _x_cols(xr, x_ptr, m, stride_xm, M, K, kx, R: tl.constexpr, CPU: tl.constexpr, LOADED: tl.constexpr,
+            FULL: tl.constexpr):
     # The R (1, 2, 4 or 8) unit slots of x[m] as CPU column tensors (column j: code j of each unit), [1, T] for
     # R = 1, else [R, T]. Unless LOADED, each slot is loaded just before it is split (in that order ptxas keeps
     # fewer registers live than with all loads first). One if/elif chain: Triton type-checks every return that
     # follows a taken constexpr branch, so the shapes may not differ between fall-through returns.
-    c0 = _x_col_slot(xr, 0, x_ptr, m, stride_xm, M, K, kx, CPU, LOADED)
+    c0 = _x_col_slot(xr, 0, x_ptr, m, stride_xm, M, K, kx, CPU, LOADED, FULL)
     if R == 1:
         xc = (c0[0][None, :], c0[1][None, :], c0[2][None, :], c0[3][None, :],
               c0[4][None, :], c0[5][None, :], c0[6][None, :], c0[7][None, :])
     elif R == 2:
-        c1 = _x_col_slot(xr, 1, x_ptr, m, stride_xm, M, K, kx, CPU, LOADED)
+        c1 = _x_col_slot(xr, 1, x_ptr, m, stride_xm, M, K, kx, CPU, LOADED, FULL)
         xc = (tl.trans(tl.join(c0[0], c1[0])), tl.trans(tl.join(c0[1], c1[1])),
               tl.trans(tl.join(c0[2], c1[2])), tl.trans(tl.join(c0[3], c1[3])),
               tl.trans(tl.join(c0[4], c1[4])), tl.trans(tl.join(c0[5], c1[5])),
               tl.trans(tl.join(c0[6], c1[6])), tl.trans(tl.join(c0[7], c1[7])))
     elif R == 4:
-        c1 = _x_col_slot(xr, 1, x_ptr, m, stride_xm, M, K, kx, CPU, LOADED)
-        c2 = _x_col_slot(xr, 2, x_ptr, m, stride_xm, M, K, kx, CPU, LOADED)
-        c3 = _x_col_slot(xr, 3, x_ptr, m, stride_xm, M, K, kx, CPU, LOADED)
+        c1 = _x_col_slot(xr, 1, x_ptr, m, stride_xm, M, K, kx, CPU, LOADED, FULL)
+        c2 = _x_col_slot(xr, 2, x_ptr, m, stride_xm, M, K, kx, CPU, LOADED, FULL)
+        c3 = _x_col_slot(xr, 3, x_ptr, m, stride_xm, M, K, kx, CPU, LOADED, FULL)
         xc = (_stack4(c0[0], c1[0], c2[0], c3[0]), _stack4(c0[1], c1[1], c2[1], c3[1]),
               _stack4(c0[2], c1[2], c2[2], c3[2]), _stack4(c0[3], c1[3], c2[3], c3[3]),
               _stack4(c0[4], c1[4], c2[4], c3[4]), _stack4(c0[5], c1[5], c2[5], c3[5]),
               _stack4(c0[6], c1[6], c2[6], c3[6]), _stack4(c0[7], c1[7], c2[7], c3[7]))
     else:
-        c1 = _x_col_slot(xr, 1, x_ptr, m, stride_xm, M, K, kx, CPU, LOADED)
-        c2 = _x_col_slot(xr, 2, x_ptr, m, stride_xm, M, K, kx, CPU, LOADED)
-        c3 = _x_col_slot(xr, 3, x_ptr, m, stride_xm, M, K, kx, CPU, LOADED)
-        c4 = _x_col_slot(xr, 4, x_ptr, m, stride_xm, M, K, kx, CPU, LOADED)
-        c5 = _x_col_slot(xr, 5, x_ptr, m, stride_xm, M, K, kx, CPU, LOADED)
-        c6 = _x_col_slot(xr, 6, x_ptr, m, stride_xm, M, K, kx, CPU, LOADED)
-        c7 = _x_col_slot(xr, 7, x_ptr, m, stride_xm, M, K, kx, CPU, LOADED)
+        c1 = _x_col_slot(xr, 1, x_ptr, m, stride_xm, M, K, kx, CPU, LOADED, FULL)
+        c2 = _x_col_slot(xr, 2, x_ptr, m, stride_xm, M, K, kx, CPU, LOADED, FULL)
+        c3 = _x_col_slot(xr, 3, x_ptr, m, stride_xm, M, K, kx, CPU, LOADED, FULL)
+        c4 = _x_col_slot(xr, 4, x_ptr, m, stride_xm, M, K, kx, CPU, LOADED, FULL)
+        c5 = _x_col_slot(xr, 5, x_ptr, m, stride_xm, M, K, kx, CPU, LOADED, FULL)
+        c6 = _x_col_slot(xr, 6, x_ptr, m, stride_xm, M, K, kx, CPU, LOADED, FULL)
+        c7 = _x_col_slot(xr, 7, x_ptr, m, stride_xm, M, K, kx, CPU, LOADED, FULL)
         xc = (_stack8(c0, c1, c2, c3, c4, c5, c6, c7, 0), _stack8(c0, c1, c2, c3, c4, c5, c6, c7, 1),
               _stack8(c0, c1, c2, c3, c4, c5, c6, c7, 2), _stack8(c0, c1, c2, c3, c4, c5, c6, c7, 3),
               _stack8(c0, c1, c2, c3, c4, c5, c6, c7, 4), _stack8(c0, c1, c2, c3, c4, c5, c6, c7, 5),
@@ -424,30 +434,38 @@ def _units_row_partial(f_list, b_list, xc, CPU: tl.constexpr, HI: tl.constexpr):
 
 
 @triton.jit
-def _units_w(units, k0, q_idx, q_row, i_idx, N, K, stride_pn, T: tl.constexpr, CPU: tl.constexpr,
-             RUN: tl.constexpr, UB: tl.constexpr):
+def _units_w(units, k0, q_idx, q_row, i_idx, K, stride_pn, T: tl.constexpr, CPU: tl.constexpr, RUN: tl.constexpr,
+             UB: tl.constexpr, FULL: tl.constexpr):
     # The weight units of the K step at k0 as [R, BLOCK_N * T] (column q: row q // T, run q % T: again no
-    # contiguity tie), nothing past K. Offsets come straight from q (Triton 3.6 loses the alignment facts through
-    # a reshape and would not vectorize).
+    # contiguity tie), nothing past K (q_row is clamped to a real row). Offsets come straight from q (Triton 3.6
+    # loses the alignment facts through a reshape and would not vectorize). FULL: the step lies inside K, so no
+    # mask (a masked load zeroes its registers first: two CS2R per row).
     uq = k0 // CPU + (q_idx % T) * (RUN // CPU) + q_row * (stride_pn // (UB // 8))
-    okq = (q_row < N) & (k0 + (q_idx % T) * RUN < K)
+    if FULL:
+        return tl.load(units + uq[None, :] + i_idx[:, None])
+    okq = k0 + (q_idx % T) * RUN < K
     return tl.load(units + uq[None, :] + i_idx[:, None], mask=okq[None, :], other=0)
 
 
 @triton.jit
-def _units_sz(scale_ptr, zero_ptr, k0, q_idx, q_row, N, K, stride_sn, stride_zn, BLOCK_N: tl.constexpr,
-              T: tl.constexpr, RUN: tl.constexpr, GROUP: tl.constexpr):
-    # The group scales and zeros [BLOCK_N * T] of the K step at k0, as stored (per channel: unused zeros).
+def _units_sz(scale_ptr, zero_ptr, k0, q_idx, q_row, K, stride_sn, stride_zn, BLOCK_N: tl.constexpr, T: tl.constexpr,
+              RUN: tl.constexpr, GROUP: tl.constexpr, FULL: tl.constexpr):
+    # The group scales and zeros [BLOCK_N * T] of the K step at k0, as stored (per channel: unused zeros). FULL:
+    # unmasked (a masked 16-bit load costs a PRMT to zero its half register).
     if GROUP == 0:
         s = tl.zeros([BLOCK_N * T], dtype=scale_ptr.dtype.element_ty)
         z = s
     else:
-        okq = (q_row < N) & (k0 + (q_idx % T) * RUN < K)
         gq = (k0 + (q_idx % T) * RUN) // GROUP
         so = q_row * stride_sn + gq
         zo = q_row * stride_zn + gq
-        s = tl.load(scale_ptr + so, mask=okq, other=0.0)
-        z = tl.load(zero_ptr + zo, mask=okq, other=0.0)
+        if FULL:
+            s = tl.load(scale_ptr + so)
+            z = tl.load(zero_ptr + zo)
+        else:
+            okq = k0 + (q_idx % T) * RUN < K
+            s = tl.load(scale_ptr + so, mask=okq, other=0.0)
+            z = tl.load(zero_ptr + zo, mask=okq, other=0.0)
     return s, z
 
 
@@ -548,7 +566,7 @@ def _units_gemv(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
     c_idx = tl.arange(0, CPU)
     units = packed_ptr.to(tl.pointer_type(UT))
     q_idx = tl.arange(0, BLOCK_N * T)
-    q_row = pid * BLOCK_N + q_idx // T
+    q_row = tl.minimum(pid * BLOCK_N + q_idx // T, N - 1)  # rows past N read row N - 1 (never stored)
     zero = stride_ym >> 31  # 0 (strides are non-negative), opaque to the compiler
     # Biased codes only with 16-bit activations: the bias (<= 2^11) costs fp32 accumulator bits that fp32
     # activations' tolerance does not have.
@@ -557,14 +575,10 @@ def _units_gemv(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
               _hi_code(zero, (2 % CPU) * SB, SB, MASK, zero), _hi_code(zero, (3 % CPU) * SB, SB, MASK, zero),
               _hi_code(zero, (4 % CPU) * SB, SB, MASK, zero), _hi_code(zero, (5 % CPU) * SB, SB, MASK, zero),
               _hi_code(zero, (6 % CPU) * SB, SB, MASK, zero), _hi_code(zero, (7 % CPU) * SB, SB, MASK, zero))
-    acc0 = tl.zeros([BLOCK_N, T], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_N, T], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_N, T], dtype=tl.float32)
-    acc3 = tl.zeros([BLOCK_N, T], dtype=tl.float32)
-    xt0 = tl.zeros([T], dtype=tl.float32)  # per channel: Σ x, scaled after the loop
-    xt1 = tl.zeros([T], dtype=tl.float32)
-    xt2 = tl.zeros([T], dtype=tl.float32)
-    xt3 = tl.zeros([T], dtype=tl.float32)
+    accs = (tl.zeros([BLOCK_N, T], dtype=tl.float32), tl.zeros([BLOCK_N, T], dtype=tl.float32),
+            tl.zeros([BLOCK_N, T], dtype=tl.float32), tl.zeros([BLOCK_N, T], dtype=tl.float32),
+            tl.zeros([T], dtype=tl.float32), tl.zeros([T], dtype=tl.float32),  # per channel: Σ x, scaled after the loop
+            tl.zeros([T], dtype=tl.float32), tl.zeros([T], dtype=tl.float32))
     # Software pipelining (PIPE): without it, a grid that fits in one or two waves alternates load and arithmetic
     # phases in lockstep on every SM. PIPE 1: the next K step's weights, scales, zeros and row-0 activations are
     # loaded into loop-carried registers, issued during this step's arithmetic (where in the body is ptxas's
@@ -574,74 +588,106 @@ def _units_gemv(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
     NS: tl.constexpr = PIPE if PIPE >= 2 else None
     REG_W: tl.constexpr = PIPE == 1
     REG_SZ: tl.constexpr = PIPE >= 1
-    if REG_W:
-        w_nx = _units_w(units, 0, q_idx, q_row, i_idx, N, K, stride_pn, T, CPU, RUN, UB)
-        x_nx = _x_load(x_ptr, 0, stride_xm, M, K, t_idx[:, None] * RUN + c_idx[None, :], R, CPU)
-    if REG_SZ:
-        s_nx, z_nx = _units_sz(scale_ptr, zero_ptr, 0, q_idx, q_row, N, K, stride_sn, stride_zn, BLOCK_N, T, RUN, GROUP)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=NS):
+    if PIPE == 0:
+        # Full K steps load without masks, only a partial last step with them (~10 % fewer loop instructions).
+        k_full = K - K % BLOCK_K
+        for k0 in range(0, k_full, BLOCK_K):
+            w_raw = _units_w(units, k0, q_idx, q_row, i_idx, K, stride_pn, T, CPU, RUN, UB, True)
+            accs = _units_step(k0, accs, w_raw, w_raw, w_raw, w_raw, x_ptr, scale_ptr, zero_ptr, q_idx, q_row, t_idx,
+                               c_idx, b_list, M, K, stride_xm, stride_sn, stride_zn, BLOCK_M, BLOCK_N, T, R, CPU, RUN,
+                               SB, MASK, OFFSET, GROUP, HI, False, False, True, zero)
+        if k_full < K:
+            w_raw = _units_w(units, k_full, q_idx, q_row, i_idx, K, stride_pn, T, CPU, RUN, UB, False)
+            accs = _units_step(k_full, accs, w_raw, w_raw, w_raw, w_raw, x_ptr, scale_ptr, zero_ptr, q_idx, q_row,
+                               t_idx, c_idx, b_list, M, K, stride_xm, stride_sn, stride_zn, BLOCK_M, BLOCK_N, T, R, CPU,
+                               RUN, SB, MASK, OFFSET, GROUP, HI, False, False, False, zero)
+    else:
         if REG_W:
-            w_raw, x_r0 = w_nx, x_nx
-            w_nx = _units_w(units, k0 + BLOCK_K, q_idx, q_row, i_idx, N, K, stride_pn, T, CPU, RUN, UB)
-            x_nx = _x_load(x_ptr, 0, stride_xm, M, K, (k0 + BLOCK_K + t_idx * RUN)[:, None] + c_idx[None, :], R, CPU)
-        else:
-            w_raw = _units_w(units, k0, q_idx, q_row, i_idx, N, K, stride_pn, T, CPU, RUN, UB)
-        if REG_SZ:
+            w_nx = _units_w(units, 0, q_idx, q_row, i_idx, K, stride_pn, T, CPU, RUN, UB, False)
+            x_nx = _x_load(x_ptr, 0, stride_xm, M, K, t_idx[:, None] * RUN + c_idx[None, :], R, CPU)
+        s_nx, z_nx = _units_sz(scale_ptr, zero_ptr, 0, q_idx, q_row, K, stride_sn, stride_zn, BLOCK_N, T, RUN, GROUP,
+                               False)
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=NS):
+            if REG_W:
+                w_raw, x_r0 = w_nx, x_nx
+                w_nx = _units_w(units, k0 + BLOCK_K, q_idx, q_row, i_idx, K, stride_pn, T, CPU, RUN, UB, False)
+                x_nx = _x_load(x_ptr, 0, stride_xm, M, K, (k0 + BLOCK_K + t_idx * RUN)[:, None] + c_idx[None, :], R,
+                               CPU)
+            else:
+                w_raw = _units_w(units, k0, q_idx, q_row, i_idx, K, stride_pn, T, CPU, RUN, UB, False)
+                x_r0 = w_raw  # a placeholder: _units_step loads the activations itself (LOADED false)
             s_raw, z_raw = s_nx, z_nx
-            s_nx, z_nx = _units_sz(scale_ptr, zero_ptr, k0 + BLOCK_K, q_idx, q_row, N, K, stride_sn, stride_zn,
-                                   BLOCK_N, T, RUN, GROUP)
-        w = tl.permute(tl.reshape(w_raw.to(tl.int32), [R, BLOCK_N, T]), (1, 0, 2))  # [BLOCK_N, R, T]
-        if HI:
-            f_list = (_hi_code(w, 0, SB, MASK, zero), _hi_code(w, (1 % CPU) * SB, SB, MASK, zero),
-                      _hi_code(w, (2 % CPU) * SB, SB, MASK, zero), _hi_code(w, (3 % CPU) * SB, SB, MASK, zero),
-                      _hi_code(w, (4 % CPU) * SB, SB, MASK, zero), _hi_code(w, (5 % CPU) * SB, SB, MASK, zero),
-                      _hi_code(w, (6 % CPU) * SB, SB, MASK, zero), _hi_code(w, (7 % CPU) * SB, SB, MASK, zero))
-        else:
-            f_list = (_unit_code(w, 0, SB, MASK, zero), _unit_code(w, 1 % CPU, SB, MASK, zero),
-                      _unit_code(w, 2 % CPU, SB, MASK, zero), _unit_code(w, 3 % CPU, SB, MASK, zero),
-                      _unit_code(w, 4 % CPU, SB, MASK, zero), _unit_code(w, 5 % CPU, SB, MASK, zero),
-                      _unit_code(w, 6 % CPU, SB, MASK, zero), _unit_code(w, 7 % CPU, SB, MASK, zero))
-        kx = (k0 + t_idx * RUN)[:, None] + c_idx[None, :]  # [T, CPU]: the first unit of each run
-        if not REG_SZ:  # loaded in this order, ptxas keeps fewer registers live
-            s_raw, z_raw = _units_sz(scale_ptr, zero_ptr, k0, q_idx, q_row, N, K, stride_sn, stride_zn, BLOCK_N, T,
-                                     RUN, GROUP)
-        if not REG_W:
-            x_r0 = (kx, kx, kx, kx, kx, kx, kx, kx)  # a placeholder: _x_cols loads the slots itself (LOADED false)
-        s = tl.reshape(s_raw.to(tl.float32), [BLOCK_N, T])
-        zz = tl.reshape(z_raw.to(tl.float32), [BLOCK_N, T]) - OFFSET * s
-        xc = _x_cols(x_r0, x_ptr, 0, stride_xm, M, K, kx, R, CPU, REG_W)
+            s_nx, z_nx = _units_sz(scale_ptr, zero_ptr, k0 + BLOCK_K, q_idx, q_row, K, stride_sn, stride_zn, BLOCK_N,
+                                   T, RUN, GROUP, False)
+            accs = _units_step(k0, accs, w_raw, s_raw, z_raw, x_r0, x_ptr, scale_ptr, zero_ptr, q_idx, q_row, t_idx,
+                               c_idx, b_list, M, K, stride_xm, stride_sn, stride_zn, BLOCK_M, BLOCK_N, T, R, CPU, RUN,
+                               SB, MASK, OFFSET, GROUP, HI, True, REG_W, False, zero)
+
+    _units_epilogue(y_ptr, scale_ptr, zero_ptr, bias_ptr, M, stride_sn, stride_zn, stride_ym, offs_n, n_mask, accs,
+                    OFFSET, GROUP, BLOCK_M, BLOCK_N, HAS_BIAS)
+
+
+@triton.jit
+def _units_step(k0, accs, w_raw, s_raw, z_raw, x_r0, x_ptr, scale_ptr, zero_ptr, q_idx, q_row, t_idx, c_idx, b_list,
+                M, K, stride_xm, stride_sn, stride_zn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
+                R: tl.constexpr, CPU: tl.constexpr, RUN: tl.constexpr, SB: tl.constexpr, MASK: tl.constexpr,
+                OFFSET: tl.constexpr, GROUP: tl.constexpr, HI: tl.constexpr, SZ_LOADED: tl.constexpr,
+                LOADED: tl.constexpr, FULL: tl.constexpr, zero):
+    # One K step of a units GEMV for every activation row, from the step's weight units w_raw [R, BLOCK_N * T].
+    # SZ_LOADED: s_raw / z_raw hold the step's scales and zeros, else they are loaded here (after the codes are
+    # unpacked: in that order ptxas keeps fewer registers live). LOADED: x_r0 holds row 0's activation slots
+    # (_x_load). FULL: the step lies inside K, so the scales, zeros and row 0's activations load unmasked.
+    acc0, acc1, acc2, acc3, xt0, xt1, xt2, xt3 = accs
+    w = tl.permute(tl.reshape(w_raw.to(tl.int32), [R, BLOCK_N, T]), (1, 0, 2))  # [BLOCK_N, R, T]
+    if HI:
+        f_list = (_hi_code(w, 0, SB, MASK, zero), _hi_code(w, (1 % CPU) * SB, SB, MASK, zero),
+                  _hi_code(w, (2 % CPU) * SB, SB, MASK, zero), _hi_code(w, (3 % CPU) * SB, SB, MASK, zero),
+                  _hi_code(w, (4 % CPU) * SB, SB, MASK, zero), _hi_code(w, (5 % CPU) * SB, SB, MASK, zero),
+                  _hi_code(w, (6 % CPU) * SB, SB, MASK, zero), _hi_code(w, (7 % CPU) * SB, SB, MASK, zero))
+    else:
+        f_list = (_unit_code(w, 0, SB, MASK, zero), _unit_code(w, 1 % CPU, SB, MASK, zero),
+                  _unit_code(w, 2 % CPU, SB, MASK, zero), _unit_code(w, 3 % CPU, SB, MASK, zero),
+                  _unit_code(w, 4 % CPU, SB, MASK, zero), _unit_code(w, 5 % CPU, SB, MASK, zero),
+                  _unit_code(w, 6 % CPU, SB, MASK, zero), _unit_code(w, 7 % CPU, SB, MASK, zero))
+    kx = (k0 + t_idx * RUN)[:, None] + c_idx[None, :]  # [T, CPU]: the first unit of each run
+    if not SZ_LOADED:
+        s_raw, z_raw = _units_sz(scale_ptr, zero_ptr, k0, q_idx, q_row, K, stride_sn, stride_zn, BLOCK_N, T, RUN,
+                                 GROUP, FULL)
+    if not LOADED:
+        x_r0 = (kx, kx, kx, kx, kx, kx, kx, kx)  # a placeholder: _x_cols loads the slots itself
+    s = tl.reshape(s_raw.to(tl.float32), [BLOCK_N, T])
+    zz = tl.reshape(z_raw.to(tl.float32), [BLOCK_N, T]) - OFFSET * s
+    xc = _x_cols(x_r0, x_ptr, 0, stride_xm, M, K, kx, R, CPU, LOADED, FULL)
+    p, xs = _units_row_partial(f_list, b_list, xc, CPU, HI)
+    if GROUP == 0:
+        acc0 += p
+        xt0 += xs
+    else:
+        acc0 += p * s + xs[None, :] * zz
+    if BLOCK_M > 1:
+        xc = _x_cols(x_r0, x_ptr, 1, stride_xm, M, K, kx, R, CPU, False, FULL)
         p, xs = _units_row_partial(f_list, b_list, xc, CPU, HI)
         if GROUP == 0:
-            acc0 += p
-            xt0 += xs
+            acc1 += p
+            xt1 += xs
         else:
-            acc0 += p * s + xs[None, :] * zz
-        if BLOCK_M > 1:
-            xc = _x_cols(x_r0, x_ptr, 1, stride_xm, M, K, kx, R, CPU, False)
-            p, xs = _units_row_partial(f_list, b_list, xc, CPU, HI)
-            if GROUP == 0:
-                acc1 += p
-                xt1 += xs
-            else:
-                acc1 += p * s + xs[None, :] * zz
-        if BLOCK_M > 2:
-            xc = _x_cols(x_r0, x_ptr, 2, stride_xm, M, K, kx, R, CPU, False)
-            p, xs = _units_row_partial(f_list, b_list, xc, CPU, HI)
-            if GROUP == 0:
-                acc2 += p
-                xt2 += xs
-            else:
-                acc2 += p * s + xs[None, :] * zz
-            xc = _x_cols(x_r0, x_ptr, 3, stride_xm, M, K, kx, R, CPU, False)
-            p, xs = _units_row_partial(f_list, b_list, xc, CPU, HI)
-            if GROUP == 0:
-                acc3 += p
-                xt3 += xs
-            else:
-                acc3 += p * s + xs[None, :] * zz
-
-    _units_epilogue(y_ptr, scale_ptr, zero_ptr, bias_ptr, M, stride_sn, stride_zn, stride_ym, offs_n, n_mask,
-                    (acc0, acc1, acc2, acc3, xt0, xt1, xt2, xt3), OFFSET, GROUP, BLOCK_M, BLOCK_N, HAS_BIAS)
+            acc1 += p * s + xs[None, :] * zz
+    if BLOCK_M > 2:
+        xc = _x_cols(x_r0, x_ptr, 2, stride_xm, M, K, kx, R, CPU, False, FULL)
+        p, xs = _units_row_partial(f_list, b_list, xc, CPU, HI)
+        if GROUP == 0:
+            acc2 += p
+            xt2 += xs
+        else:
+            acc2 += p * s + xs[None, :] * zz
+        xc = _x_cols(x_r0, x_ptr, 3, stride_xm, M, K, kx, R, CPU, False, FULL)
+        p, xs = _units_row_partial(f_list, b_list, xc, CPU, HI)
+        if GROUP == 0:
+            acc3 += p
+            xt3 += xs
+        else:
+            acc3 += p * s + xs[None, :] * zz
+    return acc0, acc1, acc2, acc3, xt0, xt1, xt2, xt3
 
 
 @triton.jit
@@ -777,26 +823,18 @@ def _h2_slot_dq(wi, wu, j: tl.constexpr, SB: tl.constexpr, MASK: tl.constexpr, O
 
 
 @triton.jit
-def _h2_x_slot(x_ptr, m, stride_xm, M, K, kx, FULL: tl.constexpr):
-    # As _x_slot; in a full K step row 0 (which always exists) loads unmasked: no registers zeroed first
-    if FULL and m == 0:
-        return tl.load(x_ptr + kx)
-    return _x_slot(x_ptr, m, stride_xm, M, K, kx)
-
-
-@triton.jit
 def _h2_half(x_ptr, m, stride_xm, M, K, kx, factor, H: tl.constexpr, FULL: tl.constexpr):
     # H (<= 8) activations per run at kx, scaled by `factor`, as H fp32 [T] columns. One load per half word
     # ([T, H]: at most 16 bytes per thread, so the thread layout matches the weights' and needs no shared memory).
-    return _split_cols(_h2_x_slot(x_ptr, m, stride_xm, M, K, kx, FULL).to(tl.float32) * factor[:, None], H)
+    return _split_cols(_x_slot_at(x_ptr, m, stride_xm, M, K, kx, FULL).to(tl.float32) * factor[:, None], H)
 
 
 @triton.jit
 def _h2_run_stats(x_ptr, m, stride_xm, M, K, kx, i: tl.constexpr, CPW: tl.constexpr, FULL: tl.constexpr):
     # max |x| and Σ x (fp32) of word slot i of every run of x[m] ([T] each), from the same loads as _h2_half's
     H: tl.constexpr = CPW // 2
-    lo = _h2_x_slot(x_ptr, m, stride_xm, M, K, kx + i * CPW, FULL).to(tl.float32)
-    hi = _h2_x_slot(x_ptr, m, stride_xm, M, K, kx + i * CPW + H, FULL).to(tl.float32)
+    lo = _x_slot_at(x_ptr, m, stride_xm, M, K, kx + i * CPW, FULL).to(tl.float32)
+    hi = _x_slot_at(x_ptr, m, stride_xm, M, K, kx + i * CPW + H, FULL).to(tl.float32)
     return (tl.maximum(tl.max(tl.abs(lo), axis=1), tl.max(tl.abs(hi), axis=1)),
             tl.sum(lo, axis=1) + tl.sum(hi, axis=1))
 
@@ -1403,7 +1441,8 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
     passed as y_ptr (dq_linear_triton sums them).
 
     Returns {"kernel", "name", "signature" (every kernel argument in order, constexprs marked "constexpr", as
-    Triton >= 3.2's ASTSource expects), "constexprs", "grid" (M, N) -> 3-tuple, "num_warps", "num_stages"}.
+    Triton >= 3.2's ASTSource expects), "constexprs", "grid" (M, N) -> 3-tuple, "num_warps", "num_stages",
+    "maxnreg" (a register cap per thread for the compiler, or None)}.
     """
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
@@ -1417,6 +1456,7 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
     if gemm is not None and gemm not in GEMM_KERNELS:
         raise ValueError(f"gemm must be one of {', '.join(GEMM_KERNELS)}, got {gemm!r}")
 
+    maxnreg = None
     if m_small:
         if m is not None and m > GEMV_MAX_M:
             raise ValueError(f"the GEMV kernel handles at most {GEMV_MAX_M} rows, got m={m}")
@@ -1428,6 +1468,13 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
         bm = _next_pow2(m) if m is not None else GEMV_MAX_M
         min_k = 16
         default_warps, default_stages = 4, 2
+        if gemv in ("units", "units_hi", "units_h2") and bits == 2 and bm == 1:
+            # W2 at batch 1: at most 128 registers, i.e. 4 programs of 4 warps per SM. Uncapped, ptxas hoists every
+            # load of a step (units_hi 154 registers, units_h2 166: 3 programs); capped, the same instructions
+            # within 1 % and no spills (Triton 3.6, sm_90, benchmarks/gemv_sass.py). Elsewhere the kernels stay at
+            # or below 128 uncapped, and a cap only lets ptxas use more (units_h2 W4 per channel: 96 -> 125).
+            # 2-4 rows would spill: left uncapped.
+            maxnreg = 128
         if gemv in UNITS_GEMVS:
             # One run per thread and K step (BLOCK_K = run * threads), 8 rows per program.
             run = units_run(bits, g, act, gemv)[1]
@@ -1526,7 +1573,15 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
 
     return {"kernel": kernel, "name": kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__,
             "signature": signature, "constexprs": constexprs, "grid": grid,
-            "num_warps": nw, "num_stages": stages}
+            "num_warps": nw, "num_stages": stages, "maxnreg": maxnreg}
+
+
+def launch_options(specs: dict[str, Any]) -> dict[str, Any]:
+    """The compile options a kernel_specs dict sets: warps, stages and, where set, the register cap."""
+    options = {"num_warps": specs["num_warps"], "num_stages": specs["num_stages"]}
+    if specs.get("maxnreg"):
+        options["maxnreg"] = specs["maxnreg"]
+    return options
 
 
 def with_bias(specs: dict[str, Any], has_bias: bool) -> dict[str, Any]:
@@ -1801,8 +1856,7 @@ def dq_linear_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
         args = {**args, "y_ptr": torch.empty(splits, args["M"], args["N"], dtype=torch.float32, device=y.device),
                 "stride_ym": args["N"]}
     # FMA contraction explicitly: the kernels are written for FFMA/HFMA2 (Triton 3.10 turns the default off)
-    specs["kernel"][grid](*args.values(), **specs["constexprs"],
-                          num_warps=specs["num_warps"], num_stages=specs["num_stages"], enable_fp_fusion=True)
+    specs["kernel"][grid](*args.values(), **specs["constexprs"], **launch_options(specs), enable_fp_fusion=True)
     if splits > 1:  # one small kernel rather than torch's sum + cast
         mn = args["M"] * args["N"]
         _sum_splits_kernel[(triton.cdiv(mn, 1024),)](args["y_ptr"], y, mn, SPLIT_K=splits, BLOCK=1024, num_warps=4)
