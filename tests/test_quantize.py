@@ -321,6 +321,32 @@ def test_more_iterations_never_raise_a_channel_loss(problem, integer):
         previous = losses
 
 
+@pytest.mark.parametrize("bits,group,int_zero", [(2, 32, False), (4, -1, False), (3, 64, True)])
+def test_shrink_search_reranks_the_diagonal_best_on_the_full_loss(bits, group, int_zero):
+    """The shrink search judges only each channel's r best factors by H's diagonal on the full loss: judging more of
+    them can only lower a channel's init loss (the r best are among the r + 1 best), r = shrink_grid (or 0) is the
+    exhaustive search, and the init's loss is that of the chosen grid's round-to-nearest codes."""
+    from graphopt.compiler import quantize as qz
+    w, H = make_problem(3, n=48, k=256)
+    w, H = w.double(), H.double()
+    qmin, qmax = int_range(bits)
+    g = qz._resolve_group(group, w.shape[1])
+
+    def init_losses(rerank):
+        scale, zero = qz._shrunk_grid(w, H, g, qmin, qmax, 20, 0.8, int_zero, rerank)
+        deq = qz._dequantize(qz._round_to_grid(w, qz._per_column(scale, g), qz._per_column(zero, g), qmin, qmax),
+                             scale, zero, g)
+        return qz._row_losses(w, deq, H)
+
+    losses = {r: init_losses(r) for r in (1, 3, 8, 20, 0)}
+    for fewer, more in ((1, 3), (3, 8), (8, 20)):
+        assert (losses[more] <= losses[fewer] * (1 + 1e-5)).all()
+    torch.testing.assert_close(losses[20], losses[0])
+    assert (losses[1] > losses[0] * (1 + 1e-5)).any()  # the diagonal alone misranks some channel
+    with pytest.raises(ValueError, match="shrink_rerank >= 0"):
+        decoupleq(w, H, bits, group, shrink_rerank=-1)
+
+
 def _decoupleq_every_row(w, H, bits, group, iters, integer, zero):
     """decoupleQ's alternation as the paper states it: every step solves every row, and a row keeps the step's
     result only if its loss falls (the pass solves only rows whose input to a step changed)."""
@@ -329,7 +355,7 @@ def _decoupleq_every_row(w, H, bits, group, iters, integer, zero):
     qmin, qmax = int_range(bits)
     int_zero = zero == "int"
     U, shift = qz._inverse_cholesky(H, 0.01)
-    scale, zero_pt = qz._shrunk_grid(w, H, group, qmin, qmax, 20, 0.8, int_zero)
+    scale, zero_pt = qz._shrunk_grid(w, H, group, qmin, qmax, 20, 0.8, int_zero, 3)
     q, _, _, err_sq = qz._gptq_sweep(w, U, bits, group, block=128, scale=scale, zero=zero_pt)
     loss = qz._sweep_losses(w, q, scale, zero_pt, group, H, err_sq, shift)
     wH = w @ H

@@ -410,14 +410,21 @@ def gptq(w0: torch.Tensor, H: torch.Tensor, bits: int, group: int = -1,
 # ---------------------------------------------------------------------------------------
 
 def _shrunk_grid(w: torch.Tensor, H: torch.Tensor, group: int, qmin: int, qmax: int,
-                 shrink_grid: int, max_shrink: float, int_zero: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                 shrink_grid: int, max_shrink: float, int_zero: bool, rerank: int = 0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Min/max grid with each channel's range shrunk by the factor that minimizes its loss.
 
     Shrinking keeps each group's center and scales its half-range (clipping both tails
     alike). All groups of a channel share one factor, judged on the channel's H-weighted
-    round-to-nearest loss. The losses only rank the factors, so the candidates are rounded and judged in
-    float32, in place on [N, G, group] views: this search is `shrink_grid` passes over the weight, and in
-    float64 with [N, K] copies of the grid its elementwise work took longer than its matmuls.
+    round-to-nearest loss e H eᵀ. The losses only rank the factors, so the candidates are rounded and judged in
+    float32, in place on [N, G, group] views (in float64 with [N, K] copies the elementwise work took longer than
+    the matmuls).
+
+    rerank = r > 0 (and < shrink_grid): each channel's factors are first ranked by the diagonal part of the loss,
+    Σ_i H_ii e_i² (O(NK) per factor), and only its r best are judged on the full loss, r products with H instead of
+    `shrink_grid` (per-channel factors: the r-th best of every channel in one product). The full loss's best
+    factor is among the diagonal's best 3 for ~90-95 % of channels, and a miss costs ~1e-3 of the init's loss on
+    average, which the alternation then refines (see `decoupleq`).
     """
     N, K = w.shape
     H32 = H.float()
@@ -425,15 +432,27 @@ def _shrunk_grid(w: torch.Tensor, H: torch.Tensor, group: int, qmin: int, qmax: 
     groups32 = groups.float()
     lo, hi = groups.amin(dim=2), groups.amax(dim=2)
     center, half_range = (hi + lo) / 2, (hi - lo) / 2
-    best_loss = torch.full((N,), math.inf, dtype=w.dtype, device=w.device)
-    best_scale, best_zero = _grid_from_range(lo, hi, qmin, qmax, int_zero)
-    for factor in torch.linspace(1.0, max_shrink, shrink_grid, dtype=w.dtype).tolist():
-        scale, zero = _grid_from_range(center - factor * half_range, center + factor * half_range, qmin, qmax,
-                                       int_zero)  # scale > 0 always
+
+    def grid(factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # factor [N, 1] or a scalar tensor
+        return _grid_from_range(center - factor * half_range, center + factor * half_range, qmin, qmax, int_zero)
+
+    def errors(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:  # w − RTN(w) on the grid, float32 [N, K]
         s32, z32 = scale.float()[..., None], zero.float()[..., None]
         err = torch.sub(groups32, z32).div_(s32).round_().clamp_(qmin, qmax).mul_(s32).add_(z32)
-        torch.sub(groups32, err, out=err)
-        loss = _error_losses(err.view(N, K), H32).to(w.dtype)
+        return torch.sub(groups32, err, out=err).view(N, K)
+
+    factors = torch.linspace(1.0, max_shrink, shrink_grid, dtype=w.dtype, device=w.device)
+    if 0 < rerank < shrink_grid:
+        diagonal = H32.diagonal()
+        proxy = torch.stack([errors(*grid(f)).square_() @ diagonal for f in factors], dim=1)  # [N, shrink_grid]
+        candidates = factors[proxy.topk(rerank, dim=1, largest=False).indices]  # [N, rerank], best first
+    else:
+        candidates = factors.expand(N, shrink_grid)
+    best_loss = torch.full((N,), math.inf, dtype=w.dtype, device=w.device)
+    best_scale, best_zero = grid(torch.ones((), dtype=w.dtype, device=w.device))  # scale > 0 always
+    for c in range(candidates.shape[1]):
+        scale, zero = grid(candidates[:, c:c + 1])
+        loss = _error_losses(errors(scale, zero), H32).to(w.dtype)
         better = loss < best_loss
         best_loss = torch.where(better, loss, best_loss)
         best_scale = torch.where(better[:, None], scale, best_scale)
@@ -583,11 +602,12 @@ def _integer_step(w0: torch.Tensor, H: torch.Tensor, U: torch.Tensor, shift: tor
 
 def decoupleq(w0: torch.Tensor, H: torch.Tensor, bits: int, group: int = -1, iters: int = 4,
               integer: str = "gptq", damp: float = 0.01, shrink_grid: int = 20,
-              max_shrink: float = 0.8, seed: int = 0, zero: str = "float") -> QuantResult:
+              max_shrink: float = 0.8, seed: int = 0, zero: str = "float", shrink_rerank: int = 3) -> QuantResult:
     """decoupleQ: alternate exact (s, z) least squares and integer solves.
 
-    init: min/max grid shrunk per channel (see `_shrunk_grid`), codes from a GPTQ sweep
-    with that grid fixed. Then `iters` rounds of (float step, integer step) and a final
+    init: min/max grid shrunk per channel (see `_shrunk_grid`: `shrink_grid` factors from 1 down to
+    `max_shrink`, pre-ranked on H's diagonal, the `shrink_rerank` best judged on the full H; 0 judges all on the
+    full H, ~45 % of a solve at K = 5504), codes from a GPTQ sweep with that grid fixed. Then `iters` rounds of (float step, integer step) and a final
     float step, so the returned (s, z) are least-squares optimal for the returned codes.
     Each step is kept per channel only where that channel's loss fell.
 
@@ -602,8 +622,8 @@ def decoupleq(w0: torch.Tensor, H: torch.Tensor, bits: int, group: int = -1, ite
     int_zero = _check_zero_mode(zero)
     if integer not in ("gptq", "pgd"):
         raise ValueError(f"integer must be 'gptq' or 'pgd', got {integer!r}")
-    if iters < 0 or shrink_grid < 1 or not 0 < max_shrink <= 1:
-        raise ValueError("need iters >= 0, shrink_grid >= 1 and 0 < max_shrink <= 1")
+    if iters < 0 or shrink_grid < 1 or not 0 < max_shrink <= 1 or shrink_rerank < 0:
+        raise ValueError("need iters >= 0, shrink_grid >= 1, 0 < max_shrink <= 1 and shrink_rerank >= 0")
     w = _check_weight(w0)
     K = w.shape[1]
     group = _resolve_group(group, K)
@@ -612,7 +632,7 @@ def decoupleq(w0: torch.Tensor, H: torch.Tensor, bits: int, group: int = -1, ite
     w = w.to(H.device)  # solved where H is
     U, shift = _inverse_cholesky(H, damp)
 
-    scale, zero = _shrunk_grid(w, H, group, qmin, qmax, shrink_grid, max_shrink, int_zero)
+    scale, zero = _shrunk_grid(w, H, group, qmin, qmax, shrink_grid, max_shrink, int_zero, shrink_rerank)
     q, _, _, err_sq = _gptq_sweep(w, U, bits, group, block=128, scale=scale, zero=zero)
     loss = _sweep_losses(w, q, scale, zero, group, H, err_sq, shift)
     wH = w @ H

@@ -590,6 +590,7 @@ def _units_gemv(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
     REG_SZ: tl.constexpr = PIPE >= 1
     if PIPE == 0:
         # Full K steps load without masks, only a partial last step with them (~10 % fewer loop instructions).
+        # w_raw also fills the step's s_raw / z_raw / x_r0 slots: placeholders, _units_step loads those itself.
         k_full = K - K % BLOCK_K
         for k0 in range(0, k_full, BLOCK_K):
             w_raw = _units_w(units, k0, q_idx, q_row, i_idx, K, stride_pn, T, CPU, RUN, UB, True)
