@@ -376,12 +376,29 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> No
         dq.dq_linear_triton(**make_case(4, 32, 1))
 
 
+def test_register_cap_for_w2_at_batch_1() -> None:
+    # W2 at batch 1 on the plain units GEMVs: 128 registers (4 programs of 4 warps per SM); elsewhere no cap, since
+    # it would spill (2-4 rows) or let ptxas use more than it does uncapped. maxnreg=0 turns it off, N sets it.
+    cap = lambda bits, **kw: dq.kernel_specs(bits, 64, "bf16", True, **kw)["maxnreg"]  # noqa: E731
+    for gemv in ("units", "units_hi", "units_h2"):
+        assert cap(2, m=1, gemv=gemv) == 128
+        assert cap(2, m=2, gemv=gemv) is None and cap(4, m=1, gemv=gemv) is None
+        assert cap(2, m=1, gemv=gemv, maxnreg=0) is None and cap(4, m=1, gemv=gemv, maxnreg=96) == 96
+    assert cap(2, m=1, gemv="units_h2_r2") is None and cap(2, m=1, gemv="dequant") is None
+    assert cap(2, m=None, gemv="units_hi") is None  # the GEMV for any M <= 4: compiled for 4 rows
+    assert dq.launch_options(dq.kernel_specs(2, 64, "bf16", True, m=1, gemv="units_hi"))["maxnreg"] == 128
+    assert "maxnreg" not in dq.launch_options(dq.kernel_specs(4, 128, "bf16", True, m=1, gemv="units_hi"))
+    case = make_case(2, 64, 1, N=20, K=256, dtype=torch.bfloat16, scale_dtype=torch.bfloat16)
+    assert torch.equal(check(case, gemv="units_hi", maxnreg=0), check(case, gemv="units_hi"))  # only codegen differs
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"m_small": True, "m": 5}, "at most 4 rows"),
     ({"m_small": False, "block_k": 8}, "block_k must be"),  # tensor-core dots need K >= 16
     ({"m_small": True, "block_n": 48}, "block_n must be"),
     ({"m_small": True, "group": 48}, "power of two"),
     ({"m_small": True, "dtype": torch.float64}, "activation dtype"),
+    ({"m_small": True, "maxnreg": 8}, "maxnreg must be"),
 ])
 def test_kernel_specs_errors(kwargs: dict, message: str) -> None:
     args = {"bits": 2, "group": 32, "dtype": torch.float16, **kwargs}

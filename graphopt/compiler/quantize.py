@@ -607,8 +607,9 @@ def decoupleq(w0: torch.Tensor, H: torch.Tensor, bits: int, group: int = -1, ite
 
     init: min/max grid shrunk per channel (see `_shrunk_grid`: `shrink_grid` factors from 1 down to
     `max_shrink`, pre-ranked on H's diagonal, the `shrink_rerank` best judged on the full H; 0 judges all on the
-    full H, ~45 % of a solve at K = 5504), codes from a GPTQ sweep with that grid fixed. Then `iters` rounds of (float step, integer step) and a final
-    float step, so the returned (s, z) are least-squares optimal for the returned codes.
+    full H, ~45 % of a solve at K = 5504), codes from a GPTQ sweep with that grid fixed. Then `iters` rounds of
+    (float step, integer step) and a final float step, so the returned (s, z) are least-squares optimal for the
+    returned codes.
     Each step is kept per channel only where that channel's loss fell.
 
     integer: "gptq" (GPTQ sweep on w0 with the grid fixed) or "pgd" (accelerated projected

@@ -577,7 +577,7 @@ def _units_gemv(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
               _hi_code(zero, (6 % CPU) * SB, SB, MASK, zero), _hi_code(zero, (7 % CPU) * SB, SB, MASK, zero))
     accs = (tl.zeros([BLOCK_N, T], dtype=tl.float32), tl.zeros([BLOCK_N, T], dtype=tl.float32),
             tl.zeros([BLOCK_N, T], dtype=tl.float32), tl.zeros([BLOCK_N, T], dtype=tl.float32),
-            tl.zeros([T], dtype=tl.float32), tl.zeros([T], dtype=tl.float32),  # per channel: Σ x, scaled after the loop
+            tl.zeros([T], dtype=tl.float32), tl.zeros([T], dtype=tl.float32),  # per channel: Σ x, scaled at the end
             tl.zeros([T], dtype=tl.float32), tl.zeros([T], dtype=tl.float32))
     # Software pipelining (PIPE): without it, a grid that fits in one or two waves alternates load and arithmetic
     # phases in lockstep on every SM. PIPE 1: the next K step's weights, scales, zeros and row-0 activations are
@@ -658,37 +658,29 @@ def _units_step(k0, accs, w_raw, s_raw, z_raw, x_r0, x_ptr, scale_ptr, zero_ptr,
         x_r0 = (kx, kx, kx, kx, kx, kx, kx, kx)  # a placeholder: _x_cols loads the slots itself
     s = tl.reshape(s_raw.to(tl.float32), [BLOCK_N, T])
     zz = tl.reshape(z_raw.to(tl.float32), [BLOCK_N, T]) - OFFSET * s
-    xc = _x_cols(x_r0, x_ptr, 0, stride_xm, M, K, kx, R, CPU, LOADED, FULL)
-    p, xs = _units_row_partial(f_list, b_list, xc, CPU, HI)
-    if GROUP == 0:
-        acc0 += p
-        xt0 += xs
-    else:
-        acc0 += p * s + xs[None, :] * zz
+    acc0, xt0 = _units_row(acc0, xt0, x_r0, x_ptr, 0, stride_xm, M, K, kx, f_list, b_list, s, zz, R, CPU, GROUP, HI,
+                           LOADED, FULL)
     if BLOCK_M > 1:
-        xc = _x_cols(x_r0, x_ptr, 1, stride_xm, M, K, kx, R, CPU, False, FULL)
-        p, xs = _units_row_partial(f_list, b_list, xc, CPU, HI)
-        if GROUP == 0:
-            acc1 += p
-            xt1 += xs
-        else:
-            acc1 += p * s + xs[None, :] * zz
+        acc1, xt1 = _units_row(acc1, xt1, x_r0, x_ptr, 1, stride_xm, M, K, kx, f_list, b_list, s, zz, R, CPU, GROUP, HI,
+                               False, FULL)
     if BLOCK_M > 2:
-        xc = _x_cols(x_r0, x_ptr, 2, stride_xm, M, K, kx, R, CPU, False, FULL)
-        p, xs = _units_row_partial(f_list, b_list, xc, CPU, HI)
-        if GROUP == 0:
-            acc2 += p
-            xt2 += xs
-        else:
-            acc2 += p * s + xs[None, :] * zz
-        xc = _x_cols(x_r0, x_ptr, 3, stride_xm, M, K, kx, R, CPU, False, FULL)
-        p, xs = _units_row_partial(f_list, b_list, xc, CPU, HI)
-        if GROUP == 0:
-            acc3 += p
-            xt3 += xs
-        else:
-            acc3 += p * s + xs[None, :] * zz
+        acc2, xt2 = _units_row(acc2, xt2, x_r0, x_ptr, 2, stride_xm, M, K, kx, f_list, b_list, s, zz, R, CPU, GROUP, HI,
+                               False, FULL)
+        acc3, xt3 = _units_row(acc3, xt3, x_r0, x_ptr, 3, stride_xm, M, K, kx, f_list, b_list, s, zz, R, CPU, GROUP, HI,
+                               False, FULL)
     return acc0, acc1, acc2, acc3, xt0, xt1, xt2, xt3
+
+
+@triton.jit
+def _units_row(acc, xt, x_r0, x_ptr, m, stride_xm, M, K, kx, f_list, b_list, s, zz, R: tl.constexpr, CPU: tl.constexpr,
+               GROUP: tl.constexpr, HI: tl.constexpr, LOADED: tl.constexpr, FULL: tl.constexpr):
+    # activation row m's K step into its accumulators: acc += s Σ x u + (z - OFFSET s) Σ x per (weight row, run)
+    # (per channel: acc += Σ x u, xt += Σ x, both scaled after the loop)
+    p, xs = _units_row_partial(f_list, b_list, _x_cols(x_r0, x_ptr, m, stride_xm, M, K, kx, R, CPU, LOADED, FULL), CPU,
+                               HI)
+    if GROUP == 0:
+        return acc + p, xt + xs
+    return acc + p * s + xs[None, :] * zz, xt
 
 
 @triton.jit
@@ -1419,7 +1411,8 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
                  in_features: int | None = None, scale_dtype: torch.dtype | str | None = None,
                  block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
                  num_stages: int | None = None, gemv: str = GEMV_DEFAULT, gemm: str | None = None,
-                 split_k: int | None = None, convention: str = "triton") -> dict[str, Any]:
+                 split_k: int | None = None, convention: str = "triton", maxnreg: int | None = None
+                 ) -> dict[str, Any]:
     """Everything needed to launch or AOT-compile one kernel variant.
 
     group: -1 (or in_features) for per channel, else a power of two >= 16. dtype: the activation (= x, y, bias)
@@ -1443,7 +1436,8 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
 
     Returns {"kernel", "name", "signature" (every kernel argument in order, constexprs marked "constexpr", as
     Triton >= 3.2's ASTSource expects), "constexprs", "grid" (M, N) -> 3-tuple, "num_warps", "num_stages",
-    "maxnreg" (a register cap per thread for the compiler, or None)}.
+    "maxnreg" (a register cap per thread for the compiler, or None)}. maxnreg: None for the default (128 for W2 at
+    batch 1 on the plain units GEMVs, else none), 0 for none, or a cap in 24..255.
     """
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
@@ -1454,10 +1448,12 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
         raise ValueError(f"m must be >= 1, got {m}")
     if convention not in ("triton", "tensorrt"):
         raise ValueError(f"convention must be 'triton' or 'tensorrt', got {convention!r}")
+    if maxnreg is not None and maxnreg != 0 and not 24 <= maxnreg <= 255:
+        raise ValueError(f"maxnreg must be 0 (no cap) or between 24 and 255, got {maxnreg}")
     if gemm is not None and gemm not in GEMM_KERNELS:
         raise ValueError(f"gemm must be one of {', '.join(GEMM_KERNELS)}, got {gemm!r}")
 
-    maxnreg = None
+    default_cap = None
     if m_small:
         if m is not None and m > GEMV_MAX_M:
             raise ValueError(f"the GEMV kernel handles at most {GEMV_MAX_M} rows, got m={m}")
@@ -1475,7 +1471,7 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
             # within 1 % and no spills (Triton 3.6, sm_90, benchmarks/gemv_sass.py). Elsewhere the kernels stay at
             # or below 128 uncapped, and a cap only lets ptxas use more (units_h2 W4 per channel: 96 -> 125).
             # 2-4 rows would spill: left uncapped.
-            maxnreg = 128
+            default_cap = 128
         if gemv in UNITS_GEMVS:
             # One run per thread and K step (BLOCK_K = run * threads), 8 rows per program.
             run = units_run(bits, g, act, gemv)[1]
@@ -1574,7 +1570,7 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
 
     return {"kernel": kernel, "name": kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__,
             "signature": signature, "constexprs": constexprs, "grid": grid,
-            "num_warps": nw, "num_stages": stages, "maxnreg": maxnreg}
+            "num_warps": nw, "num_stages": stages, "maxnreg": default_cap if maxnreg is None else (maxnreg or None)}
 
 
 def launch_options(specs: dict[str, Any]) -> dict[str, Any]:
@@ -1697,7 +1693,7 @@ _SPECS_CACHE: dict[tuple, dict[str, Any]] = {}
 def _select_specs(packed: torch.Tensor, bits: int, c: _Checked, dtype: torch.dtype, scale_dtype: torch.dtype, M: int,
                   has_bias: bool, block_n: int | None, block_k: int | None, num_warps: int | None,
                   num_stages: int | None, gemv: str | None, gemm: str | None,
-                  split_k: int | None = None) -> dict[str, Any]:
+                  split_k: int | None = None, maxnreg: int | None = None) -> dict[str, Any]:
     """kernel_specs for one call, with the launcher's choices: the units GEMV where it fits, the byte-wide planes
     kernel or the dequant GEMM where 16-bit units would be misaligned."""
     m_small = M <= GEMV_MAX_M
@@ -1720,7 +1716,8 @@ def _select_specs(packed: torch.Tensor, bits: int, c: _Checked, dtype: torch.dty
                   bk: int | None = block_k) -> dict[str, Any]:
         return kernel_specs(bits, -1 if c.per_channel else c.group, dtype, m_small, m=max(M, 1),
                             scale_dtype=scale_dtype, block_n=bn, block_k=bk, num_warps=num_warps,
-                            num_stages=num_stages, gemv=gemv or GEMV_DEFAULT, gemm=gemm, split_k=split)
+                            num_stages=num_stages, gemv=gemv or GEMV_DEFAULT, gemm=gemm, split_k=split,
+                            maxnreg=maxnreg)
 
     specs = specs_for(gemm)
     wide = {_dq_gemm_planes_kernel: "planes", _dq_gemm_scaled_kernel: "scaled"}.get(specs["kernel"])
@@ -1743,7 +1740,8 @@ def _select_specs(packed: torch.Tensor, bits: int, c: _Checked, dtype: torch.dty
 def _prepare(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int,
              in_features: int, bias: torch.Tensor | None, block_n: int | None, block_k: int | None,
              num_warps: int | None = None, gemv: str | None = None, gemm: str | None = None,
-             num_stages: int | None = None, split_k: int | str | None = None) -> _Launch:
+             num_stages: int | None = None, split_k: int | str | None = None,
+             maxnreg: int | None = None) -> _Launch:
     c = _check_inputs(x, packed, scale, zero, bits, group, in_features, bias)
     interpreted = is_interpreted()
     if not interpreted and not x.is_cuda:
@@ -1771,7 +1769,7 @@ def _prepare(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: t
     bucket = _next_pow2(M) if m_small else min(64, max(16, _next_pow2(M)))
     key = (bits, c.K, c.group, c.per_channel, x.dtype, scale.dtype, bucket, bias is not None,
            packed.data_ptr() % 16, packed.stride(0) % 16, block_n, block_k, num_warps, num_stages, gemv, gemm,
-           split_k, c.N, triton.cdiv(M, bucket), x.device,  # these three: the default split's tile count
+           split_k, maxnreg, c.N, triton.cdiv(M, bucket), x.device,  # these three: the default split's tile count
            preferred_gemv() if m_small and gemv is None else None)
     auto = split_k == "auto"
     if auto:  # the split depends on the exact rows too
@@ -1784,12 +1782,12 @@ def _prepare(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: t
     if specs is None:
         # "auto" starts unsplit (not default_split) and splits only where occupancy_split says so
         specs = _select_specs(packed, bits, c, x.dtype, scale.dtype, M, bias is not None, block_n, block_k,
-                              num_warps, num_stages, gemv, gemm, 1 if auto else split_k)
+                              num_warps, num_stages, gemv, gemm, 1 if auto else split_k, maxnreg)
         if auto and specs["kernel"] in PLANES_KERNELS and not interpreted:
             splits = _auto_split(specs, args)
             if splits > 1:
                 specs = _select_specs(packed, bits, c, x.dtype, scale.dtype, M, bias is not None, block_n, block_k,
-                                      num_warps, num_stages, gemv, gemm, splits)
+                                      num_warps, num_stages, gemv, gemm, splits, maxnreg)
         if len(_SPECS_CACHE) >= 4096:
             _SPECS_CACHE.clear()
         _SPECS_CACHE[key] = specs
@@ -1832,7 +1830,7 @@ def dq_linear_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
                      group: int, in_features: int, bias: torch.Tensor | None = None, *,
                      block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
                      num_stages: int | None = None, gemv: str | None = None, gemm: str | None = None,
-                     split_k: int | str | None = None) -> torch.Tensor:
+                     split_k: int | str | None = None, maxnreg: int | None = None) -> torch.Tensor:
     """y = x @ Ŵᵀ (+ bias) with the Triton kernels: GEMV for M <= 4 rows (leading dims of x flattened), else GEMM.
 
     group: -1 or in_features for per channel, else a power of two >= 16 dividing in_features. Tensors must be on
@@ -1841,10 +1839,11 @@ def dq_linear_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
     kernel (see kernel_specs); split_k splits K over that many programs per tile (planes-family GEMMs; their fp32
     partials are summed here), "auto" as many as keep the whole grid resident on this GPU (occupancy_split; 1
     for the other kernels and under the interpreter); left unset, the planes-family GEMMs take default_split
-    (up to 4 ranges; split_k=1 turns splitting off).
+    (up to 4 ranges; split_k=1 turns splitting off). maxnreg caps the registers per thread (0: no cap; unset:
+    kernel_specs' default).
     """
     launch = _prepare(x, packed, scale, zero, bits, group, in_features, bias, block_n, block_k, num_warps, gemv,
-                      gemm, num_stages, split_k)
+                      gemm, num_stages, split_k, maxnreg)
     specs, args, y = launch.specs, launch.args, launch.y
     if y.numel() == 0:
         return y.reshape(launch.out_shape)
