@@ -1,4 +1,5 @@
-"""Launches for Nsight Compute: the batch-1 GEMVs (default, units, units_h2, units_pf) and the read-only kernel
+"""Launches for Nsight Compute: the batch-1 GEMVs (default, units, units_h2, units_hi without the W2 register cap,
+units_pf) and the read-only kernel
 at 8192² (W4g128, W2g64), and the 16-row defaults, each once after a warm-up, between cudaProfilerStart/Stop
 (run it under `ncu --profile-from-start off`; benchmarks/gpu_profile.sh does). Needs a CUDA GPU; exits 2 without one.
 
@@ -26,7 +27,7 @@ def main() -> None:
     launches = []  # (label, fn)
     for bits, group in ((4, 128), (2, 64)):
         packed, scale, zero = quantized(bits, group, N, K, torch.bfloat16, gen)
-        for M, kws in ((1, ({}, {"gemv": "units"}, {"gemv": "units_h2"},
+        for M, kws in ((1, ({}, {"gemv": "units"}, {"gemv": "units_h2"}, {"gemv": "units_hi", "maxnreg": 0},
                             {"gemv": "units_pf", "block_n": 8, "num_warps": 1,
                              "block_k": 1024 if bits == 4 else 2048})),
                        (16, ({},))):
