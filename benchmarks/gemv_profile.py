@@ -1,6 +1,7 @@
 """Launches for Nsight Compute: the batch-1 GEMVs (default, units, units_h2, units_hi without the W2 register cap,
 units_pf) and the read-only kernel at 8192² (W4g128, W2g64), and the 16-row defaults, each once after a warm-up,
-between cudaProfilerStart/Stop (run it under `ncu --profile-from-start off`; benchmarks/gpu_profile.sh does). Needs a CUDA GPU; exits 2 without one.
+between cudaProfilerStart/Stop (run it under `ncu --profile-from-start off`; benchmarks/gpu_profile.sh does).
+Needs a CUDA GPU; exits 2 without one.
 
     python benchmarks/gemv_profile.py
 """
