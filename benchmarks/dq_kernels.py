@@ -50,12 +50,14 @@ SETTINGS = {4: 128, 2: 64}  # bits -> group
 # W4g128 / W2g64 against units_hi's 4.1 / 3.9): 8 rows (the units default), 4 rows (fewer registers: W2 needs ~170
 # at 8), 2 warps (shorter K steps), and "units_h2_r2" (runs of 2 words: W2 2.8 with 124 registers at 8 rows; W4 3.1
 # with 128 at 16 rows). `--sweep h2` times only these and the default at M = 1, on every shape.
-# Stop 28 (untimed when added): full K steps load without masks, and W2 at batch 1 is capped at 128 registers
-# (maxnreg; uncapped, units_hi takes 154 and units_h2 166: 3 programs per SM instead of 4). maxnreg=0 turns the cap
-# off, to time the trade (at W4 the default has no cap, so those entries repeat it).
+# Stop 28 (untimed when added): full K steps load without masks, and W2 at batch 1 with the default tile is capped at
+# 128 registers (maxnreg; uncapped, units_hi takes 158 and units_h2 166: 3 programs per SM instead of 4). A named
+# tile gets no cap, so "units_hi" 8 x 4 warps times the default's kernel uncapped, and "units_h2" with maxnreg=128
+# the fp16x2 kernel capped (at W4 the cap is not the default: there it times the cap's cost).
 H2_SWEEP = ([dict(gemv="units_h2", block_n=bn, num_warps=nw) for bn, nw in ((8, 4), (4, 4), (8, 2))]
             + [dict(gemv="units_h2_r2", block_n=bn, num_warps=4) for bn in (8, 16)]
-            + [dict(gemv=g, block_n=8, num_warps=4, maxnreg=0) for g in ("units_hi", "units_h2")])
+            + [dict(gemv="units_hi", block_n=8, num_warps=4),
+               dict(gemv="units_h2", block_n=8, num_warps=4, maxnreg=128)])
 GEMV_SWEEP = ([dict(gemv="units", block_n=8, num_warps=4, k_runs=2), dict(gemv="units", block_n=16, num_warps=4),
                dict(gemv="units_hi", block_n=8, num_warps=4)]
               + [dict(gemv=g, block_n=bn, num_warps=nw, k_runs=1) for g, bn, nw in

@@ -1,14 +1,15 @@
 """Offline SASS counts of the batch-1 GEMVs: instructions per code in the main loop, registers (no GPU needed).
 
-    python benchmarks/gemv_sass.py [--gemv units_hi,units] [--json FILE]
+    python benchmarks/gemv_sass.py [--gemv units_hi,units] [--maxnreg N] [--json FILE]
 
 Compiles each GEMV for sm_90 with the installed Triton (the GPU machine has 3.6: `pip install --target DIR
 triton==3.6.0` and put DIR first on PYTHONPATH to count what it runs) at K = N = 8192, bf16, batch 1, W4g128 and
 W2g64, with the 16-byte divisibility facts a GPU launch passes (without them Triton neither vectorizes the loads
 nor avoids shared-memory layout conversions, and the counts mean nothing). The loop is the longest backward
 branch's body; instructions per code = loop instructions x 32 lanes x warps / (BLOCK_N x BLOCK_K). Keys:
-w{bits}g{group}_{gemv}_instr_per_code, ..._registers, and the top opcodes in the printout. `--quick` is accepted
-and changes nothing (it takes well under a minute).
+w{bits}g{group}_{gemv}_instr_per_code, ..._registers, and the top opcodes in the printout. --maxnreg 0 compiles
+without the launcher's register cap (W2 at batch 1: 128). `--quick` is accepted and changes nothing (it takes well
+under a minute).
 """
 from __future__ import annotations
 
@@ -75,18 +76,24 @@ def loop_opcodes(cubin: bytes) -> tuple[Counter, int]:
 
 
 def main() -> None:
-    args = parse_args(__doc__.splitlines()[0], lambda ap: ap.add_argument(
-        "--gemv", default="units_hi,units,units_h2",
-        help="comma-separated GEMV forms (graphopt.kernels.dq_triton.UNITS_GEMVS)"))
+    def options(ap) -> None:
+        ap.add_argument("--gemv", default="units_hi,units,units_h2",
+                        help="comma-separated GEMV forms (graphopt.kernels.dq_triton.UNITS_GEMVS)")
+        ap.add_argument("--maxnreg", type=int, default=None,
+                        help="register cap per thread: 0 for none (default: the launcher's, 128 for W2 at batch 1)")
+    args = parse_args(__doc__.splitlines()[0], options)
     os.environ.pop("TRITON_INTERPRET", None)
     import torch
     import triton
 
     from graphopt.kernels.dq_triton import kernel_specs
     metrics: dict = {"triton": triton.__version__, "target": "sm_90", "k": 8192, "n": 8192, "m": 1}
+    if args.maxnreg is not None:
+        metrics["maxnreg"] = args.maxnreg
     for bits, group in ((4, 128), (2, 64)):
         for gemv in args.gemv.split(","):
-            specs = kernel_specs(bits, group, torch.bfloat16, True, m=1, in_features=8192, gemv=gemv)
+            specs = kernel_specs(bits, group, torch.bfloat16, True, m=1, in_features=8192, gemv=gemv,
+                                 maxnreg=args.maxnreg)
             c = specs["constexprs"]
             ops, regs = loop_opcodes(compile_cubin(specs))
             per_code = sum(ops.values()) * 32 * specs["num_warps"] / (c["BLOCK_N"] * c["BLOCK_K"])

@@ -377,19 +377,27 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_register_cap_for_w2_at_batch_1() -> None:
-    # W2 at batch 1 on the plain units GEMVs: 128 registers (4 programs of 4 warps per SM); elsewhere no cap, since
-    # it would spill (2-4 rows) or let ptxas use more than it does uncapped. maxnreg=0 turns it off, N sets it.
-    cap = lambda bits, **kw: dq.kernel_specs(bits, 64, "bf16", True, **kw)["maxnreg"]  # noqa: E731
+    # W2 at batch 1 with 16-bit activations and the default tile on the plain units GEMVs: 128 registers (4 programs
+    # of 4 warps per SM); elsewhere no cap, since it would spill (2-4 rows), let ptxas use more than it does
+    # uncapped (W4), or is unmeasured (named tiles, fp32 activations, TensorRT's kernel). maxnreg=0 turns it off, N
+    # sets it.
+    cap = lambda bits, dt="bf16", **kw: dq.kernel_specs(bits, 64, dt, True, **kw)["maxnreg"]  # noqa: E731
     for gemv in ("units", "units_hi", "units_h2"):
-        assert cap(2, m=1, gemv=gemv) == 128
+        assert cap(2, m=1, gemv=gemv) == 128 and cap(2, "fp16", m=1, gemv=gemv) == 128
         assert cap(2, m=2, gemv=gemv) is None and cap(4, m=1, gemv=gemv) is None
+        assert cap(2, m=1, gemv=gemv, block_n=8) is None and cap(2, m=1, gemv=gemv, num_warps=4) is None
         assert cap(2, m=1, gemv=gemv, maxnreg=0) is None and cap(4, m=1, gemv=gemv, maxnreg=96) == 96
+    assert cap(2, "fp32", m=1, gemv="units_hi") is None and cap(2, m=1, gemv="units_hi", convention="tensorrt") is None
     assert cap(2, m=1, gemv="units_h2_r2") is None and cap(2, m=1, gemv="dequant") is None
     assert cap(2, m=None, gemv="units_hi") is None  # the GEMV for any M <= 4: compiled for 4 rows
     assert dq.launch_options(dq.kernel_specs(2, 64, "bf16", True, m=1, gemv="units_hi"))["maxnreg"] == 128
     assert "maxnreg" not in dq.launch_options(dq.kernel_specs(4, 128, "bf16", True, m=1, gemv="units_hi"))
+    # the launcher's choice, cached per option (the interpreter ignores the cap, so only the specs can tell)
     case = make_case(2, 64, 1, N=20, K=256, dtype=torch.bfloat16, scale_dtype=torch.bfloat16)
-    assert torch.equal(check(case, gemv="units_hi", maxnreg=0), check(case, gemv="units_hi"))  # only codegen differs
+    specs = lambda **kw: dq._prepare(**case, block_n=None, block_k=None, **kw).specs  # noqa: E731
+    assert specs()["maxnreg"] == 128 and specs(maxnreg=0)["maxnreg"] is None and specs()["maxnreg"] == 128
+    assert specs(maxnreg=64)["maxnreg"] == 64
+    check(case, maxnreg=0)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -338,11 +338,26 @@ def test_shrink_search_reranks_the_diagonal_best_on_the_full_loss(bits, group, i
                              scale, zero, g)
         return qz._row_losses(w, deq, H)
 
-    losses = {r: init_losses(r) for r in (1, 3, 8, 20, 0)}
+    losses = {r: init_losses(r) for r in (1, 3, 8, 20)}
     for fewer, more in ((1, 3), (3, 8), (8, 20)):
         assert (losses[more] <= losses[fewer] * (1 + 1e-5)).all()
-    torch.testing.assert_close(losses[20], losses[0])
-    assert (losses[1] > losses[0] * (1 + 1e-5)).any()  # the diagonal alone misranks some channel
+    assert (losses[1] > losses[20] * (1 + 1e-5)).any()  # the diagonal alone misranks some channel
+
+    # rerank 0 (and >= shrink_grid): every factor scored on the full H, the first best kept, as before stop 28
+    groups = w.reshape(w.shape[0], -1, g)
+    lo, hi = groups.amin(dim=2), groups.amax(dim=2)
+    center, half = (hi + lo) / 2, (hi - lo) / 2
+    scored = []
+    for factor in torch.linspace(1.0, 0.8, 20, dtype=torch.float64).tolist():
+        s, z = qz._grid_from_range(center - factor * half, center + factor * half, qmin, qmax, int_zero)
+        codes = qz._round_to_grid(groups.float(), s.float()[..., None], z.float()[..., None], qmin, qmax)
+        err = (groups.float() - (codes * s.float()[..., None] + z.float()[..., None])).view(w.shape)
+        scored.append((qz._error_losses(err, H.float()).double(), s, z))
+    first_best = torch.stack([loss for loss, _, _ in scored]).argmin(dim=0)  # argmin: the first of equal losses
+    expected_scale = torch.stack([s for _, s, _ in scored])[first_best, torch.arange(w.shape[0])]
+    for rerank in (0, 20):
+        scale, _ = qz._shrunk_grid(w, H, g, qmin, qmax, 20, 0.8, int_zero, rerank)
+        torch.testing.assert_close(scale, expected_scale, rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match="shrink_rerank >= 0"):
         decoupleq(w, H, bits, group, shrink_rerank=-1)
 

@@ -361,7 +361,8 @@ def _x_slot(x_ptr, m, stride_xm, M, K, kx):
 
 @triton.jit
 def _x_slot_at(x_ptr, m, stride_xm, M, K, kx, FULL: tl.constexpr):
-    # As _x_slot; in a full K step row 0 (which always exists) loads unmasked: no registers zeroed first
+    # As _x_slot; in a full K step row 0 loads unmasked (no registers zeroed first): it exists, since M >= 1
+    # (dq_linear_triton returns before launching when M or N is 0)
     if FULL and m == 0:
         return tl.load(x_ptr + kx)
     return _x_slot(x_ptr, m, stride_xm, M, K, kx)
@@ -589,7 +590,7 @@ def _units_gemv(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
     REG_W: tl.constexpr = PIPE == 1
     REG_SZ: tl.constexpr = PIPE >= 1
     if PIPE == 0:
-        # Full K steps load without masks, only a partial last step with them (~10 % fewer loop instructions).
+        # Full K steps load without masks, only a partial last step with them (6-10 % fewer loop instructions).
         # w_raw also fills the step's s_raw / z_raw / x_r0 slots: placeholders, _units_step loads those itself.
         k_full = K - K % BLOCK_K
         for k0 in range(0, k_full, BLOCK_K):
@@ -1437,7 +1438,8 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
     Returns {"kernel", "name", "signature" (every kernel argument in order, constexprs marked "constexpr", as
     Triton >= 3.2's ASTSource expects), "constexprs", "grid" (M, N) -> 3-tuple, "num_warps", "num_stages",
     "maxnreg" (a register cap per thread for the compiler, or None)}. maxnreg: None for the default (128 for W2 at
-    batch 1 on the plain units GEMVs, else none), 0 for none, or a cap in 24..255.
+    batch 1 on the plain units GEMVs with 16-bit activations and the default tile, else none), 0 for none, or a cap
+    in 24..255.
     """
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
@@ -1465,12 +1467,14 @@ def kernel_specs(bits: int, group: int, dtype: torch.dtype | str, m_small: bool,
         bm = _next_pow2(m) if m is not None else GEMV_MAX_M
         min_k = 16
         default_warps, default_stages = 4, 2
-        if gemv in ("units", "units_hi", "units_h2") and bits == 2 and bm == 1:
-            # W2 at batch 1: at most 128 registers, i.e. 4 programs of 4 warps per SM. Uncapped, ptxas hoists every
-            # load of a step (units_hi 154 registers, units_h2 166: 3 programs); capped, the same instructions
-            # within 1 % and no spills (Triton 3.6, sm_90, benchmarks/gemv_sass.py). Elsewhere the kernels stay at
-            # or below 128 uncapped, and a cap only lets ptxas use more (units_h2 W4 per channel: 96 -> 125).
-            # 2-4 rows would spill: left uncapped.
+        if (gemv in ("units", "units_hi", "units_h2") and bits == 2 and bm == 1 and act != "fp32"
+                and convention == "triton" and block_n is None and block_k is None and num_warps is None):
+            # W2 at batch 1 with the default tile: at most 128 registers, i.e. 4 programs of 4 warps per SM. Uncapped,
+            # ptxas hoists every load of a step (bf16, 8192²: units_hi 154-158 registers at g32-g128, units_h2 163-166
+            # at g64 and per channel: 3 programs); capped, within 1.5 % of the instructions and no spills (Triton 3.6,
+            # sm_90, benchmarks/gemv_sass.py). Elsewhere the kernels stay at or below 128 uncapped, and a cap only
+            # lets ptxas use more (units_h2 W4 per channel: 96 -> 125). 2-4 rows would spill; other tiles and fp32
+            # activations are unmeasured: left uncapped.
             default_cap = 128
         if gemv in UNITS_GEMVS:
             # One run per thread and K step (BLOCK_K = run * threads), 8 rows per program.
@@ -1811,8 +1815,8 @@ def _auto_split(specs: dict[str, Any], args: dict[str, Any]) -> int:
     c = specs["constexprs"]
     nw = specs["num_warps"]
     ws_args = {**args, "y_ptr": torch.float32, "stride_ym": N}  # as launched: an fp32 workspace (a dtype: no data)
-    compiled = specs["kernel"].warmup(*ws_args.values(), grid=(1,), **{**c, "SPLIT_K": 2}, num_warps=nw,
-                                      num_stages=specs["num_stages"], enable_fp_fusion=True)
+    compiled = specs["kernel"].warmup(*ws_args.values(), grid=(1,), **{**c, "SPLIT_K": 2}, **launch_options(specs),
+                                      enable_fp_fusion=True)
     if hasattr(compiled, "result"):  # a future under Triton's async compile mode
         compiled = compiled.result()
     if compiled is None:  # a jit_cache_hook took over compilation: nothing to measure
