@@ -140,9 +140,12 @@ def check_cases(cases: list[tuple], device: str = "cuda") -> tuple[int, float, l
         x = torch.randn(M, K, generator=gen).to(device, dt)
         bias = torch.randn(N, generator=gen).to(device, dt)
         ref = dq_linear_reference(x, packed, scale, zero, bits, group, K, bias=bias)
-        # the pipelined GEMVs with 256-wide K steps: 4 steps, so the prefetch of a next step is exercised
+        # the pipelined GEMVs with 256-wide K steps: 4 steps, so the prefetch of a next step is exercised; the plain
+        # units GEMVs too: their default K step is longer than K here (only the masked tail step runs), 256 gives 4
+        # full (unmasked) steps
         variants = ([{}] + [dict(gemv=v) for v in ("units", "units_hi", "reduce", "dequant")]
-                    + [dict(gemv=v, block_k=256) for v in ("units_pf", "units_sw", "units_hi_pf", "units_hi_sw")]
+                    + [dict(gemv=v, block_k=256) for v in ("units", "units_hi", "units_pf", "units_sw", "units_hi_pf",
+                                                           "units_hi_sw")]
                     if M <= 4 else
                     [{}, dict(gemm="dequant"), dict(split_k="auto")]
                     + [dict(gemm=g, block_k=256, split_k=sk) for g, u in (("planes", 16), ("planes8", 8),
