@@ -1792,6 +1792,7 @@ def _prepare(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: t
             if splits > 1:
                 specs = _select_specs(packed, bits, c, x.dtype, scale.dtype, M, bias is not None, block_n, block_k,
                                       num_warps, num_stages, gemv, gemm, splits, maxnreg)
+        specs = {**specs, "launch_options": launch_options(specs)}  # once per cached choice, not per call
         if len(_SPECS_CACHE) >= 4096:
             _SPECS_CACHE.clear()
         _SPECS_CACHE[key] = specs
@@ -1860,7 +1861,7 @@ def dq_linear_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
         args = {**args, "y_ptr": torch.empty(splits, args["M"], args["N"], dtype=torch.float32, device=y.device),
                 "stride_ym": args["N"]}
     # FMA contraction explicitly: the kernels are written for FFMA/HFMA2 (Triton 3.10 turns the default off)
-    specs["kernel"][grid](*args.values(), **specs["constexprs"], **launch_options(specs), enable_fp_fusion=True)
+    specs["kernel"][grid](*args.values(), **specs["constexprs"], **specs["launch_options"], enable_fp_fusion=True)
     if splits > 1:  # one small kernel rather than torch's sum + cast
         mn = args["M"] * args["N"]
         _sum_splits_kernel[(triton.cdiv(mn, 1024),)](args["y_ptr"], y, mn, SPLIT_K=splits, BLOCK=1024, num_warps=4)
