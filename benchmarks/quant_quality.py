@@ -7,8 +7,9 @@ Quality: held-out bits per byte of the quantized program (the exported graph wit
 torch) on evenly spaced held-out windows of 256 tokens (512 windows; quick: 64), calibrated on the zoo's 16 x 128
 token calibration set. Keys: fp32_bits_per_byte, {method}_{setting}_bits_per_byte, _rel_increase (bits/byte / fp32
 - 1), _quant_seconds; settings w2pc (2-bit per channel), w2g64, w3g128, w4g128 (quick: w2g64 and w4g128); methods
-rtn, gptq, decoupleq, decoupleq_int (integer zero points) and decoupleq_bw (with the block-wise stage, 256
-steps per block); --methods picks a subset.
+rtn, gptq, decoupleq, decoupleq_int (integer zero points), decoupleq_bw (with the block-wise stage, 256 steps
+per block), gptq_act (gptq's sweep by descending H_ii, static groups) and decoupleq_stored (decoupleq's sweeps in
+stored column order); --methods picks a subset (default: all).
 Speed: ONNX Runtime CPU greedy generation with causal-lm bundles, batch 1, 4 prompts (~120 tokens) x 64 new
 tokens; fp32 vs decoupleq W4g128 with integer zero points (zero=int: one MatMulNBits per linear), W4g128 and
 W2g64 with float zeros (MatMulNBits plus an exact side product), and W4 and W2 at accuracy_level 0; median of interleaved
@@ -35,6 +36,9 @@ METHODS = {"rtn": "rtn{{bits={bits},group={group}}}", "gptq": "gptq{{bits={bits}
            "decoupleq": "decoupleq{{bits={bits},group={group}}}",
            # decoupleQ with integer zero points (z = c·s, the form ORT's MatMulNBits runs fastest; keys decoupleq_int_*)
            "decoupleq_int": "decoupleq{{bits={bits},group={group},zero=int}}",
+           # gptq's column sweep in descending H_ii order, decoupleq's in stored order (its default before stop 29)
+           "gptq_act": "gptq{{bits={bits},group={group},act_order=true}}",
+           "decoupleq_stored": "decoupleq{{bits={bits},group={group},act_order=false}}",
            # decoupleQ with its block-wise stage (keys decoupleq_bw_*)
            "decoupleq_bw": "decoupleq{{bits={bits},group={group},blockwise=true,blockwise_steps=256}}"}
 

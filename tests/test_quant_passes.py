@@ -46,8 +46,9 @@ def ops(program):
     return [n.target for n in program.methods["forward"].graph.nodes if n.op == "call_function"]
 
 
-@pytest.mark.parametrize("spec", ["rtn{bits=4,group=32}", "gptq{bits=3,group=64}",
-                                  "decoupleq{bits=2,group=64,iters=2}", "decoupleq{bits=8,group=-1,iters=1}"])
+@pytest.mark.parametrize("spec", ["rtn{bits=4,group=32}", "gptq{bits=3,group=64}", "gptq{bits=2,group=32,act_order=true}",
+                                  "decoupleq{bits=2,group=64,iters=2}", "decoupleq{bits=8,group=-1,iters=1}",
+                                  "decoupleq{bits=3,group=64,iters=1,act_order=true}"])
 def test_linears_become_dq_linear_except_the_head(spec):
     p, new, reports = run(spec)
     assert ops(new).count(DQ) == 3 and ops(new).count(aten.linear.default) == 1

@@ -332,9 +332,12 @@ def _upper_inverse(R: torch.Tensor) -> torch.Tensor:
 
 
 def _gptq_sweep(w: torch.Tensor, U: torch.Tensor, bits: int, group: int, block: int,
-                scale: torch.Tensor | None = None, zero: torch.Tensor | None = None, int_zero: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                scale: torch.Tensor | None = None, zero: torch.Tensor | None = None, int_zero: bool = False,
+                order: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One GPTQ pass over the columns of w [N, K] (float64), returning (codes, scale, zero, err_sq).
+
+    With `order` (fixed grids only) the columns are swept in that order and U must come from H with its rows and
+    columns in that order; codes come back in the stored order.
 
     err_sq [N] is each row's Σ of squared scaled errors; with U from `_inverse_cholesky` it is the row's loss on
     H + diag(shift), because w − ŵ = err U and U (H + diag(shift)) Uᵀ = I (see `_sweep_losses`).
@@ -349,7 +352,14 @@ def _gptq_sweep(w: torch.Tensor, U: torch.Tensor, bits: int, group: int, block: 
     # Work transposed, [K, N]: the sweep touches one column of every row at a time (a strided column of the [N, K]
     # layout), and the lazy update then rewrites contiguous rows (on the [N, K] layout it streamed strided column
     # slices, most of the sweep's time at large K).
-    W_t = w.T.clone(memory_format=torch.contiguous_format)  # a copy even where w.T is contiguous (N or K = 1)
+    if order is None:
+        W_t = w.T.clone(memory_format=torch.contiguous_format)  # a copy even where w.T is contiguous (N or K = 1)
+        col_group = [col // group for col in range(K)]
+    else:
+        if scale is None:
+            raise ValueError("a sweep in another column order needs a fixed grid")
+        W_t = w.T[order]  # a contiguous copy, row i = column order[i]
+        col_group = (order // group).tolist()
     if scale is not None:
         scale_t, zero_t = scale.T.contiguous(), zero.T.contiguous()
     else:
@@ -358,12 +368,12 @@ def _gptq_sweep(w: torch.Tensor, U: torch.Tensor, bits: int, group: int, block: 
     err_sq = W_t.new_zeros(N)
     for start in range(0, K, block):
         stop = min(start + block, K)
-        block_t = W_t[start:stop]  # [b, N], a view: row i is column start + i
+        block_t = W_t[start:stop]  # [b, N], a view: row i is swept column start + i
         err_t = torch.empty_like(block_t)
         U_block = U[start:stop, start:stop]
         for i in range(stop - start):
             col = start + i
-            g = col // group
+            g = col_group[col]
             if scale is None and col % group == 0:
                 end = col + group
                 current = block_t[i:min(end, stop) - start]
@@ -381,15 +391,19 @@ def _gptq_sweep(w: torch.Tensor, U: torch.Tensor, bits: int, group: int, block: 
         err_sq += (err_t * err_t).sum(dim=0)
         if stop < K:
             W_t[stop:].addmm_(U[start:stop, stop:].T, err_t, alpha=-1)
+    if order is not None:
+        codes_t = codes_t.index_copy(0, order, codes_t)  # swept row i is column order[i]
     return codes_t.T.contiguous(), scale_t.T.contiguous(), zero_t.T.contiguous(), err_sq
 
 
 def gptq(w0: torch.Tensor, H: torch.Tensor, bits: int, group: int = -1,
-         damp: float = 0.01, block: int = 128, zero: str = "float") -> QuantResult:
+         damp: float = 0.01, block: int = 128, zero: str = "float", act_order: bool = False) -> QuantResult:
     """GPTQ: sequential column quantization with H-weighted error compensation.
 
     `damp` (× mean diagonal) is added to H only to invert it for the sweep; the reported
-    loss uses H as given.
+    loss uses H as given. act_order sweeps the columns by descending H_ii with "static groups": every group's
+    min/max grid is set from the original weights first (a group's columns are no longer swept together, so its
+    grid cannot wait for their compensated values).
     """
     int_zero = _check_zero_mode(zero)
     w = _check_weight(w0)
@@ -400,6 +414,12 @@ def gptq(w0: torch.Tensor, H: torch.Tensor, bits: int, group: int = -1,
     w = w.to(H.device)  # solved where H is
     if block <= 0:
         raise ValueError(f"block must be positive, got {block}")
+    order = _column_order(H, act_order)
+    if order is not None:
+        scale, z = _minmax_grid(w, group, *_int_range(bits), int_zero)
+        U, _ = _sweep_factor(H, damp, order)
+        q, _ = _fixed_grid_sweep(w, U, bits, group, scale, z, order, block)
+        return _result(w, H, q, scale, z, bits, group)
     U, _ = _inverse_cholesky(H, damp)
     q, scale, z, _ = _gptq_sweep(w, U, bits, group, block, int_zero=int_zero)
     return _result(w, H, q, scale, z, bits, group)
@@ -582,10 +602,44 @@ def _sweep_losses(w0: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: 
     return err_sq - (e * e) @ shift
 
 
+def _column_order(H: torch.Tensor, act_order: bool) -> torch.Tensor | None:
+    """The order of a fixed-grid sweep's columns: descending H_ii with act_order (the features with the most
+    output energy are rounded first, while the most columns are left to absorb their error), else None (as
+    stored)."""
+    if not act_order:
+        return None
+    return torch.argsort(H.diagonal(), descending=True, stable=True)
+
+
+def _sweep_factor(H: torch.Tensor, damp: float, order: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`_inverse_cholesky` of H with its rows and columns in `order` (the sweep's), and the diagonal shift mapped
+    back to the stored order, where `_sweep_losses` uses it."""
+    if order is None:
+        return _inverse_cholesky(H, damp)
+    U, shift_perm = _inverse_cholesky(H[order][:, order], damp)
+    if shift_perm is None:
+        return U, None
+    shift = torch.empty_like(shift_perm)
+    shift[order] = shift_perm
+    return U, shift
+
+
+def _fixed_grid_sweep(w: torch.Tensor, U: torch.Tensor, bits: int, group: int, scale: torch.Tensor,
+                      zero: torch.Tensor, order: torch.Tensor | None, block: int = 128
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, err_sq) of a GPTQ sweep with the grid fixed, over w's columns in `order` (None: as stored), with U
+    from `_inverse_cholesky` of H in that order (H[order][:, order]). The grid is fixed, so a permuted sweep needs
+    no regrouping: each column takes its own group's (s, z)."""
+    q, _, _, err_sq = _gptq_sweep(w, U, bits, group, block, scale=scale, zero=zero, order=order)
+    return q, err_sq
+
+
 def _integer_step(w0: torch.Tensor, H: torch.Tensor, U: torch.Tensor, shift: torch.Tensor | None,
-                  scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int, integer: str
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integer codes for a fixed grid and their per-row loss: a GPTQ sweep on w0, or on the box-relaxed optimum."""
+                  scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int, integer: str,
+                  order: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer codes for a fixed grid and their per-row loss: a GPTQ sweep on w0, or on the box-relaxed optimum,
+    over the columns in `order` (see `_fixed_grid_sweep`)."""
     target = w0
     if integer == "pgd":
         qmin, qmax = _int_range(bits)
@@ -594,7 +648,7 @@ def _integer_step(w0: torch.Tensor, H: torch.Tensor, U: torch.Tensor, shift: tor
         # the least-squares scale may be negative, which flips the box's ends
         lower, upper = torch.minimum(low_end, high_end), torch.maximum(low_end, high_end)
         target = _box_projected_solve(w0, H, lower, upper, _PGD_STEPS)
-    q, _, _, err_sq = _gptq_sweep(target, U, bits, group, block=128, scale=scale, zero=zero)
+    q, err_sq = _fixed_grid_sweep(target, U, bits, group, scale, zero, order)
     if integer == "pgd":  # swept on the relaxed target, not w0: err_sq is not w0's loss
         return q, _row_losses(w0, _dequantize(q, scale, zero, group), H)
     return q, _sweep_losses(w0, q, scale, zero, group, H, err_sq, shift)
@@ -602,7 +656,8 @@ def _integer_step(w0: torch.Tensor, H: torch.Tensor, U: torch.Tensor, shift: tor
 
 def decoupleq(w0: torch.Tensor, H: torch.Tensor, bits: int, group: int = -1, iters: int = 4,
               integer: str = "gptq", damp: float = 0.01, shrink_grid: int = 20,
-              max_shrink: float = 0.8, seed: int = 0, zero: str = "float", shrink_rerank: int = 3) -> QuantResult:
+              max_shrink: float = 0.8, seed: int = 0, zero: str = "float", shrink_rerank: int = 3,
+              act_order: bool = True) -> QuantResult:
     """decoupleQ: alternate exact (s, z) least squares and integer solves.
 
     init: min/max grid shrunk per channel (see `_shrunk_grid`: `shrink_grid` factors from 1 down to
@@ -616,6 +671,8 @@ def decoupleq(w0: torch.Tensor, H: torch.Tensor, bits: int, group: int = -1, ite
     gradient on the relaxed weights in the grid's box, then a fixed-grid GPTQ sweep to round).
     `damp` only regularizes the inverse of H for the sweeps; the objective uses H as given.
     zero="int" keeps every zero an integer multiple of its scale (see the module docstring).
+    act_order (default): every sweep (init and integer steps) rounds the columns by descending H_ii (the grid
+    is fixed in each, so groups need no change); False sweeps them in stored order.
     `seed` is accepted for API stability: no step draws random numbers, so the result is
     deterministic for any seed.
     """
@@ -631,10 +688,11 @@ def decoupleq(w0: torch.Tensor, H: torch.Tensor, bits: int, group: int = -1, ite
     qmin, qmax = _int_range(bits)
     H = _check_hessian(H, K)
     w = w.to(H.device)  # solved where H is
-    U, shift = _inverse_cholesky(H, damp)
+    order = _column_order(H, act_order)
+    U, shift = _sweep_factor(H, damp, order)
 
     scale, zero = _shrunk_grid(w, H, group, qmin, qmax, shrink_grid, max_shrink, int_zero, shrink_rerank)
-    q, _, _, err_sq = _gptq_sweep(w, U, bits, group, block=128, scale=scale, zero=zero)
+    q, err_sq = _fixed_grid_sweep(w, U, bits, group, scale, zero, order)
     loss = _sweep_losses(w, q, scale, zero, group, H, err_sq, shift)
     wH = w @ H
     wHw = (wH * w).sum(1)
@@ -665,7 +723,7 @@ def decoupleq(w0: torch.Tensor, H: torch.Tensor, bits: int, group: int = -1, ite
         grid_new.fill_(False)
         if not len(rows):
             return
-        new_q, new_loss = _integer_step(w[rows], H, U, shift, scale[rows], zero[rows], bits, group, integer)
+        new_q, new_loss = _integer_step(w[rows], H, U, shift, scale[rows], zero[rows], bits, group, integer, order)
         kept = new_loss < loss[rows]
         improved = rows[kept]
         codes_new[improved] = (new_q[kept] != q[improved]).any(dim=1)  # same codes: same float step

@@ -3,14 +3,15 @@ from __future__ import annotations
 from ..compiler import quantize as q
 from ..compiler.weight_quant import WeightQuantPass
 from .base import Pass, register
-from .quant_options import QUANT_OPTIONS
+from .quant_options import ACT_ORDER, QUANT_OPTIONS
 
 
 @register
 class GPTQ(WeightQuantPass, Pass):
     """Baseline: GPTQ column sweep with H-weighted error compensation, min/max grids per group."""
     name = "gptq"
-    options = QUANT_OPTIONS
+    options = {**QUANT_OPTIONS, "act_order": ACT_ORDER}
 
     def quantize(self, w0, H):
-        return q.gptq(w0, H, self.config["bits"], self.config["group"], zero=self.config["zero"])
+        return q.gptq(w0, H, self.config["bits"], self.config["group"], zero=self.config["zero"],
+                      act_order=self.config["act_order"])

@@ -16,3 +16,7 @@ QUANT_OPTIONS = {
                                    "4 = int8 activations (faster on CPU); below 4, 2-bit weights are stored "
                                    "on the 4-bit layout (ORT has no fast fp32 2-bit kernel)", choices=(0, 1, 2, 3, 4)),
 }
+
+# the column order of GPTQ-style sweeps (gptq: off by default, as in GPTQ's paper; decoupleq: on; rtn has none)
+ACT_ORDER = Option(bool, False, "round the columns by descending calibration energy (H's diagonal) instead of in "
+                                "stored order")
