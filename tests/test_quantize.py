@@ -212,6 +212,19 @@ def test_gptq_act_order_matches_reference_sweep_in_descending_diagonal_order(gro
         assert torch.equal(result.w_int.double(), expected)
 
 
+def test_a_sweep_in_stored_order_given_explicitly_is_the_plain_sweep():
+    from graphopt.compiler import quantize as q
+    w, H = make_problem(2, n=8, k=64)
+    w = w.double()
+    U, _ = q._inverse_cholesky(H, 0.01)
+    scale, zero = q._minmax_grid(w, 16, -4, 3)
+    plain = q._gptq_sweep(w, U, 3, 16, 7, scale=scale, zero=zero)
+    explicit = q._gptq_sweep(w, U, 3, 16, 7, scale=scale, zero=zero, order=torch.arange(64))
+    assert all(torch.equal(a, b) for a, b in zip(plain, explicit))
+    with pytest.raises(ValueError, match="fixed grid"):
+        q._gptq_sweep(w, U, 3, 16, 7, order=torch.arange(64))
+
+
 def outliers_last(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """make_problem with its outlier features moved from the first columns to the last."""
     w, H = make_problem(seed)
