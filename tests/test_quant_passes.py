@@ -48,7 +48,7 @@ def ops(program):
 
 @pytest.mark.parametrize("spec", ["rtn{bits=4,group=32}", "gptq{bits=3,group=64}", "gptq{bits=2,group=32,act_order=true}",
                                   "decoupleq{bits=2,group=64,iters=2}", "decoupleq{bits=8,group=-1,iters=1}",
-                                  "decoupleq{bits=3,group=64,iters=1,act_order=true}"])
+                                  "decoupleq{bits=3,group=64,iters=1,act_order=false}"])
 def test_linears_become_dq_linear_except_the_head(spec):
     p, new, reports = run(spec)
     assert ops(new).count(DQ) == 3 and ops(new).count(aten.linear.default) == 1
@@ -65,6 +65,18 @@ def test_linears_become_dq_linear_except_the_head(spec):
     ref, out = p.run("forward", x)[0], new.run("forward", x)[0]
     rel = ((out - ref).norm() / ref.norm()).item()
     assert rel == pytest.approx(reports[0]["error_metric"], rel=0.5) or rel < reports[0]["tolerance"]
+
+
+@pytest.mark.parametrize("spec,expected", [("gptq{bits=2,group=32}", False), ("gptq{bits=2,group=32,act_order=true}", True),
+                                           ("decoupleq{bits=2,group=32,iters=1}", True),
+                                           ("decoupleq{bits=2,group=32,iters=1,act_order=false}", False)])
+def test_act_order_reaches_the_solver(monkeypatch, spec, expected):
+    from graphopt.compiler import quantize as q
+    name = spec.split("{")[0]
+    solve, seen = getattr(q, name), []
+    monkeypatch.setattr(q, name, lambda *a, **k: seen.append(k["act_order"]) or solve(*a, **k))
+    run(spec)
+    assert seen and set(seen) == {expected}
 
 
 def test_more_bits_and_better_methods_give_smaller_error():
