@@ -445,7 +445,7 @@ def _decoupleq_every_row(w, H, bits, group, iters, integer, zero, act_order):
     order = qz._column_order(H, act_order)
     U, shift = qz._sweep_factor(H, 0.01, order)
     scale, zero_pt = qz._shrunk_grid(w, H, group, qmin, qmax, 20, 0.8, int_zero, 3)
-    q, err_sq = qz._fixed_grid_sweep(w, U, bits, group, scale, zero_pt, order)
+    q, _, _, err_sq = qz._gptq_sweep(w, U, bits, group, 128, scale=scale, zero=zero_pt, order=order)
     loss = qz._sweep_losses(w, q, scale, zero_pt, group, H, err_sq, shift)
     wH = w @ H
     wHw = (wH * w).sum(1)

@@ -425,7 +425,7 @@ def gptq(w0: torch.Tensor, H: torch.Tensor, bits: int, group: int = -1,
     if order is not None:
         scale, z = _minmax_grid(w, group, *_int_range(bits), int_zero)
         U, _ = _sweep_factor(H, damp, order)
-        q, _ = _fixed_grid_sweep(w, U, bits, group, scale, z, order, block)
+        q, _, _, _ = _gptq_sweep(w, U, bits, group, block, scale=scale, zero=z, order=order)
         return _result(w, H, q, scale, z, bits, group)
     U, _ = _inverse_cholesky(H, damp)
     q, scale, z, _ = _gptq_sweep(w, U, bits, group, block, int_zero=int_zero)
@@ -624,7 +624,7 @@ def _sweep_factor(H: torch.Tensor, damp: float, order: torch.Tensor | None
     back to the stored order, where `_sweep_losses` uses it."""
     if order is None:
         return _inverse_cholesky(H, damp)
-    U, shift_perm = _inverse_cholesky(H[order][:, order], damp)
+    U, shift_perm = _inverse_cholesky(H[order[:, None], order], damp)
     if shift_perm is None:
         return U, None
     shift = torch.empty_like(shift_perm)
@@ -632,21 +632,11 @@ def _sweep_factor(H: torch.Tensor, damp: float, order: torch.Tensor | None
     return U, shift
 
 
-def _fixed_grid_sweep(w: torch.Tensor, U: torch.Tensor, bits: int, group: int, scale: torch.Tensor,
-                      zero: torch.Tensor, order: torch.Tensor | None, block: int = 128
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes, err_sq) of a GPTQ sweep with the grid fixed, over w's columns in `order` (None: as stored), with U
-    from `_inverse_cholesky` of H in that order (H[order][:, order]). The grid is fixed, so a permuted sweep needs
-    no regrouping: each column takes its own group's (s, z)."""
-    q, _, _, err_sq = _gptq_sweep(w, U, bits, group, block, scale=scale, zero=zero, order=order)
-    return q, err_sq
-
-
 def _integer_step(w0: torch.Tensor, H: torch.Tensor, U: torch.Tensor, shift: torch.Tensor | None,
                   scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int, integer: str,
                   order: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer codes for a fixed grid and their per-row loss: a GPTQ sweep on w0, or on the box-relaxed optimum,
-    over the columns in `order` (see `_fixed_grid_sweep`)."""
+    over the columns in `order` (see `_gptq_sweep`)."""
     target = w0
     if integer == "pgd":
         qmin, qmax = _int_range(bits)
@@ -655,7 +645,7 @@ def _integer_step(w0: torch.Tensor, H: torch.Tensor, U: torch.Tensor, shift: tor
         # the least-squares scale may be negative, which flips the box's ends
         lower, upper = torch.minimum(low_end, high_end), torch.maximum(low_end, high_end)
         target = _box_projected_solve(w0, H, lower, upper, _PGD_STEPS)
-    q, err_sq = _fixed_grid_sweep(target, U, bits, group, scale, zero, order)
+    q, _, _, err_sq = _gptq_sweep(target, U, bits, group, 128, scale=scale, zero=zero, order=order)
     if integer == "pgd":  # swept on the relaxed target, not w0: err_sq is not w0's loss
         return q, _row_losses(w0, _dequantize(q, scale, zero, group), H)
     return q, _sweep_losses(w0, q, scale, zero, group, H, err_sq, shift)
@@ -699,7 +689,7 @@ def decoupleq(w0: torch.Tensor, H: torch.Tensor, bits: int, group: int = -1, ite
     U, shift = _sweep_factor(H, damp, order)
 
     scale, zero = _shrunk_grid(w, H, group, qmin, qmax, shrink_grid, max_shrink, int_zero, shrink_rerank)
-    q, err_sq = _fixed_grid_sweep(w, U, bits, group, scale, zero, order)
+    q, _, _, err_sq = _gptq_sweep(w, U, bits, group, 128, scale=scale, zero=zero, order=order)
     loss = _sweep_losses(w, q, scale, zero, group, H, err_sq, shift)
     wH = w @ H
     wHw = (wH * w).sum(1)
