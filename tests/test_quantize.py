@@ -225,6 +225,23 @@ def test_a_sweep_in_stored_order_given_explicitly_is_the_plain_sweep():
         q._gptq_sweep(w, U, 3, 16, 7, order=torch.arange(64))
 
 
+@settings(max_examples=40, deadline=None)
+@given(groups=st.integers(1, 4), group=st.sampled_from([4, 8, 16]), block=st.integers(1, 40),
+       bits=st.sampled_from([2, 3, 4]), seed=st.integers(0, 2**31 - 1))
+def test_a_sweep_in_any_column_order_matches_the_reference(groups, group, block, bits, seed):
+    """Any permutation (not only act order's), any lazy-block size: the codes of the textbook sweep in that order."""
+    from graphopt.compiler import quantize as q
+    k = groups * group
+    w, H = make_problem(seed % 1000, n=4, k=k)
+    order = torch.randperm(k, generator=torch.Generator().manual_seed(seed))
+    qmin, qmax = int_range(bits)
+    w = w.double()
+    scale, zero = q._minmax_grid(w, group, qmin, qmax)
+    U, _ = q._sweep_factor(H, 0.0, order)
+    codes = q._gptq_sweep(w, U, bits, group, block, scale=scale, zero=zero, order=order)[0]
+    assert torch.equal(codes, reference_gptq(w, H, bits, group, order.tolist()))
+
+
 def outliers_last(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """make_problem with its outlier features moved from the first columns to the last."""
     w, H = make_problem(seed)
