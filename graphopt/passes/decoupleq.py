@@ -3,7 +3,7 @@ from __future__ import annotations
 from ..compiler import quantize as q
 from ..compiler.weight_quant import WeightQuantPass
 from .base import Option, Pass, register
-from .quant_options import ACT_ORDER, QUANT_OPTIONS
+from .quant_options import ACT_ORDER_DOC, QUANT_OPTIONS
 
 
 @register
@@ -18,7 +18,7 @@ class DecoupleQ(WeightQuantPass, Pass):
         "iters": Option(int, 4, "alternations of the float and integer steps", min=0, max=50),
         "integer": Option(str, "gptq", "integer step: GPTQ sweep, or projected gradient then rounding",
                           choices=("gptq", "pgd")),
-        "act_order": Option(bool, True, ACT_ORDER.doc),
+        "act_order": Option(bool, True, ACT_ORDER_DOC),
         "blockwise": Option(bool, False, "then tune each repeated block's scales, zeros and norm weights to match "
                                          "its full-precision output"),
         "blockwise_steps": Option(int, 64, "Adam steps per block in the block-wise stage (one calibration "

@@ -18,5 +18,4 @@ QUANT_OPTIONS = {
 }
 
 # the column order of GPTQ-style sweeps (gptq: off by default, as in GPTQ's paper; decoupleq: on; rtn has none)
-ACT_ORDER = Option(bool, False, "round the columns by descending calibration energy (H's diagonal) instead of in "
-                                "stored order")
+ACT_ORDER_DOC = "round the columns by descending calibration energy (H's diagonal) instead of in stored order"
