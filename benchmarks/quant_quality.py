@@ -12,8 +12,9 @@ per block), gptq_act (gptq's sweep by descending H_ii, static groups) and decoup
 stored column order); --methods picks a subset (default: all).
 Speed: ONNX Runtime CPU greedy generation with causal-lm bundles, batch 1, 4 prompts (~120 tokens) x 64 new
 tokens; fp32 vs decoupleq W4g128 with integer zero points (zero=int: one MatMulNBits per linear), W4g128 and
-W2g64 with float zeros (MatMulNBits plus an exact side product), and W4 and W2 at accuracy_level 0; median of interleaved
-rounds (7; quick: 3). Keys ort_{name}_...: tokens_per_s (decode tokens/s: decode steps over the wall time after
+W2g64 with float zeros (MatMulNBits plus an exact side product), W4 and W2 at accuracy_level 0, and W4 and W2 lowered
+to standard ONNX ops (onnx_ops=standard: blocked DequantizeLinear + MatMul, which ORT fuses into MatMulNBits; 2-bit
+codes as INT4 at the default opset 23); median of interleaved rounds (7; quick: 3). Keys ort_{name}_...: tokens_per_s (decode tokens/s: decode steps over the wall time after
 prefill, the runtime's sampling and cache hand-over included), end_to_end_tokens_per_s (new tokens over the whole
 generate call, prefill included), prefill_ms and decode_step_us (time inside ONNX Runtime), and vs_fp32_speedup,
 vs_fp32_end_to_end_speedup, vs_fp32_decode_step_speedup, max_rel_vs_torch.
@@ -58,6 +59,9 @@ SPEED_SPECS = {  # ORT decode speed: name -> pipeline (None = the fp32 model)
     "w4_acc0": "decoupleq{bits=4,group=128,iters=2,zero=int,ort_accuracy=0}",
     # exact fp32 compute at 2 bits: lowered on MatMulNBits' 4-bit layout (ORT's 2-bit kernel has no fp32 path)
     "w2_acc0": "decoupleq{bits=2,group=64,iters=2,ort_accuracy=0}",
+    # standard ONNX (no com.microsoft op: the residual-add + RMSNorm fusion is skipped too)
+    "w4_standard": "decoupleq{bits=4,group=128,iters=2,zero=int,ort_accuracy=4,onnx_ops=standard}",
+    "w2_standard": "decoupleq{bits=2,group=64,iters=2,ort_accuracy=4,onnx_ops=standard}",
 }
 
 

@@ -231,6 +231,11 @@ def _lower(program: Program, staging: Path, backend: str, opset: int, calibratio
         # Always set: a program whose plan names no level (e.g. a quantized .pt2 as the source) must not inherit
         # the previous compile's level in this process. 0 is exact, which the default check tolerance expects.
         dq_onnx.settings["accuracy_level"] = onnx_opts.get("matmulnbits_accuracy_level", 0)
+        dq_onnx.settings["standard_ops"] = bool(onnx_opts.get("standard_ops"))
+        dq_onnx.settings["opset"] = opset
+        if dq_onnx.settings["standard_ops"] and opset < dq_onnx.STANDARD_MIN_OPSET:
+            raise GraphoptError(f"--opset {opset}: onnx_ops=standard writes blocked DequantizeLinear, which needs "
+                                f"opset {dq_onnx.STANDARD_MIN_OPSET} or higher: raise --opset or use onnx_ops=contrib")
     t0 = time.perf_counter()
     if backend == "tensorrt":
         from .compiler import tensorrt_lower
@@ -254,7 +259,8 @@ def _lower(program: Program, staging: Path, backend: str, opset: int, calibratio
                     done = route_blocks(staging / f"{name}.onnx", routing["blocks"],
                                         program.plan.get("kv_heads", []), program.plan.get("head_dim", []))
                     routing.setdefault("if_blocks", {})[name] = done
-                rewrite_onnx_file(staging / f"{name}.onnx", fuse_skip_rms_norm)
+                if not onnx_opts.get("standard_ops"):  # a com.microsoft op: standard files keep Add + norm
+                    rewrite_onnx_file(staging / f"{name}.onnx", fuse_skip_rms_norm)
                 files[name]["onnx"] = f"{name}.onnx"
                 if (staging / f"{name}.onnx.data").exists():
                     files[name]["onnx_data"] = f"{name}.onnx.data"
@@ -267,11 +273,12 @@ def _lower(program: Program, staging: Path, backend: str, opset: int, calibratio
         return files, None
     t0 = time.perf_counter()
     with prog_ui.stage("ORT check"):
-        from .runtime.engine import _ort_runner
+        from .runtime.engine import _ort_runner, ort_session_config
         inputs = guard.guard_inputs(program, calibration, 4)
         worst, nonfinite = {}, set()
         for name, xs in inputs.items():
-            run = _ort_runner(staging / files[name]["onnx"], ["CPUExecutionProvider"])
+            run = _ort_runner(staging / files[name]["onnx"], ["CPUExecutionProvider"],
+                              config=ort_session_config(program.plan))
             scores = []
             for x in xs:
                 reference = program.run(name, *x)

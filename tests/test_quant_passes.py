@@ -586,3 +586,126 @@ def test_calibration_on_a_device_copy_matches_and_leaves_the_program_alone(monke
 def test_device_cuda_without_a_gpu_is_a_one_line_error():
     with pytest.raises(GraphoptError, match=r"decoupleq\{device\}: device=cuda but torch sees no CUDA device"):
         run("decoupleq{bits=4,group=32,device=cuda}")
+
+
+def _ort_optimized_ops(path, tmp_path, config=None):
+    """Op types of the graph ONNX Runtime actually runs (after its own fusions)."""
+    import onnx
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.optimized_model_filepath = str(tmp_path / "ort_optimized.onnx")
+    for k, v in (config or {}).items():
+        opts.add_session_config_entry(k, v)
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(str(tmp_path / "ort_optimized.onnx")).graph.node]
+
+
+@pytest.mark.parametrize("spec,zero_points", [("decoupleq{bits=4,group=32,iters=1,zero=int", True),
+                                              ("rtn{bits=2,group=64", False), ("gptq{bits=3,group=-1", False),
+                                              ("rtn{bits=2,group=32,zero=int", True)])
+@pytest.mark.parametrize("accuracy", [0, 4])
+def test_standard_ops_lower_to_blocked_dequantize_linear_that_ort_fuses(spec, zero_points, accuracy, tmp_path):
+    """onnx_ops=standard: no com.microsoft op in the file; each linear is DequantizeLinear(INT4 [K, N], axis 0,
+    blocks) + MatMul, with UINT4 codes and zero points for zero=int; ONNX Runtime fuses each pair back into
+    MatMulNBits, at the accuracy level the plan names (a session option, which graphopt.load sets)."""
+    import onnx
+    from onnx import numpy_helper
+    model = OddWidths().eval() if "group=-1" in spec else MLP().eval()
+    x = torch.randint(0, 50, (2, 16))
+    c = graphopt.compile(model, f"{spec},ort_accuracy={accuracy},onnx_ops=standard}}", example_inputs=(x,),
+                         calibration=calib())
+    torch_out = c.program.run("forward", x)[0]
+    c.save(tmp_path / "q")
+    path = tmp_path / "q" / "forward.onnx"
+    m = onnx.load(str(path))
+    assert {o.domain for o in m.opset_import} <= {"", "ai.onnx"} and {n.domain for n in m.graph.node} <= {"", "ai.onnx"}
+    dqs = [n for n in m.graph.node if n.op_type == "DequantizeLinear"]
+    n_linears = 2 if "group=-1" in spec else 3
+    assert len(dqs) == n_linears and all(len(n.input) == (3 if zero_points else 2) for n in dqs)
+    inits = {t.name: t for t in m.graph.initializer}
+    for n in dqs:
+        attrs = {a.name: a.i for a in n.attribute}
+        assert attrs["axis"] == 0 and attrs["block_size"] in (16, 32, 64)
+        w, s = inits[n.input[0]], inits[n.input[1]]
+        assert w.data_type == (onnx.TensorProto.UINT4 if zero_points else onnx.TensorProto.INT4)
+        assert s.dims[0] == -(-w.dims[0] // attrs["block_size"]) and s.dims[1] == w.dims[1]  # [blocks, N] of [K, N]
+        if zero_points:
+            assert inits[n.input[2]].data_type == onnx.TensorProto.UINT4
+    # 3-bit and 2-bit codes stay on their grid inside the 4-bit type
+    if "bits=2" in spec and not zero_points:
+        codes = numpy_helper.to_array(inits[dqs[0].input[0]]).astype(int)
+        assert codes.min() >= -2 and codes.max() <= 1
+    got = c(x)
+    rel = ((got - torch_out).abs().max() / torch_out.abs().max()).item()
+    assert rel <= (1e-5 if accuracy == 0 else 5e-2)
+    fused = _ort_optimized_ops(path, tmp_path, {"session.qdq_matmulnbits_accuracy_level": str(accuracy)})
+    assert fused.count("MatMulNBits") == n_linears and "DequantizeLinear" not in fused
+    # the same codes as the contrib lowering: same ORT output at level 0
+    if accuracy == 0:
+        contrib = graphopt.compile(model, f"{spec},ort_accuracy=0}}", example_inputs=(x,), calibration=calib())
+        torch.testing.assert_close(contrib(x), got, rtol=1e-5, atol=1e-5)
+
+
+def test_standard_ops_accuracy_level_is_a_session_option_graphopt_load_sets(tmp_path):
+    """The file carries no level: plain ORT fuses at its default (4, int8 activations), graphopt.load at the
+    plan's (0 here: exact)."""
+    import numpy as np
+    import onnxruntime as ort
+    x = torch.randint(0, 50, (2, 16))
+    c = graphopt.compile(MLP().eval(), "rtn{bits=4,group=32,zero=int,ort_accuracy=0,onnx_ops=standard}",
+                         example_inputs=(x,), calibration=calib())
+    c.save(tmp_path / "q")
+    torch_out = c.program.run("forward", x)[0]
+    loaded = graphopt.load(tmp_path / "q")(x)
+    plain = ort.InferenceSession(str(tmp_path / "q" / "forward.onnx"), providers=["CPUExecutionProvider"])
+    plain_out = torch.from_numpy(plain.run(None, {plain.get_inputs()[0].name: x.numpy()})[0])
+    err = lambda y: ((y - torch_out).abs().max() / torch_out.abs().max()).item()  # noqa: E731
+    assert err(loaded) <= 1e-5 < err(plain_out) <= 5e-2
+    assert np.isfinite(plain_out.numpy()).all()
+
+
+def test_standard_ops_store_two_bit_weights_as_int2_only_from_opset_25(tmp_path):
+    """INT2 is ONNX from opset 25; below it 2-bit codes are INT4 tensors (exact, twice the bytes)."""
+    import onnx
+    x = torch.randint(0, 50, (2, 16))
+    types = {}
+    for opset in (23, 25):
+        c = graphopt.compile(MLP().eval(), "rtn{bits=2,group=32,zero=int,onnx_ops=standard}", example_inputs=(x,),
+                             calibration=calib(), opset=opset)
+        torch_out = c.program.run("forward", x)[0]
+        assert ((c(x) - torch_out).abs().max() / torch_out.abs().max()).item() <= 5e-2
+        c.save(tmp_path / str(opset))
+        m = onnx.load(str(tmp_path / str(opset) / "forward.onnx"))
+        inits = {t.name: t.data_type for t in m.graph.initializer}
+        types[opset] = {inits[n.input[0]] for n in m.graph.node if n.op_type == "DequantizeLinear"}
+    assert types == {23: {onnx.TensorProto.UINT4}, 25: {onnx.TensorProto.UINT2}}
+
+
+def test_standard_ops_below_opset_21_is_a_one_line_error():
+    x = torch.randint(0, 50, (2, 16))
+    with pytest.raises(GraphoptError, match=r"--opset 18: onnx_ops=standard .* opset 21 .*onnx_ops=contrib"):
+        graphopt.compile(MLP().eval(), "rtn{bits=4,group=32,onnx_ops=standard}", example_inputs=(x,),
+                         calibration=calib(), opset=18)
+
+
+def test_a_standard_ops_lm_bundle_has_no_contrib_op_and_generates_like_contrib(cli, llama_dir, tmp_path):
+    """Through the CLI on a causal LM: with onnx_ops=standard no file of the bundle uses a com.microsoft op (the
+    residual-add + RMSNorm fusion is one, so it is skipped too), and greedy generation at level 0 gives the
+    contrib bundle's tokens."""
+    import onnx
+    tokens = {}
+    for ops in ("contrib", "standard"):
+        out = tmp_path / ops
+        code, _, err = cli(llama_dir, "-o", out, "--quiet", "--passes",
+                           f"rtn{{bits=4,group=32,zero=int,ort_accuracy=0,onnx_ops={ops}}}")
+        assert code == 0, err
+        domains = set()
+        for f in sorted(out.glob("*.onnx")):
+            m = onnx.load(str(f))
+            domains |= {n.domain for n in m.graph.node} | {o.domain for o in m.opset_import}
+            assert any(n.op_type == ("DequantizeLinear" if ops == "standard" else "MatMulNBits") for n in m.graph.node)
+        assert ("com.microsoft" in domains) == (ops == "contrib")
+        ids = torch.randint(3, 60, (2, 7), generator=torch.Generator().manual_seed(1))
+        tokens[ops] = graphopt.load(out).generate(ids, 8, eos_token_id=[])
+    torch.testing.assert_close(tokens["standard"], tokens["contrib"], rtol=0, atol=0)

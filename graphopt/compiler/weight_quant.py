@@ -439,6 +439,7 @@ class WeightQuantPass:
         program.methods = methods
         level = int(self.config.get("ort_accuracy", 0))
         program.plan = {**program.plan, "onnx": {"matmulnbits_accuracy_level": level,
+                                                 "standard_ops": self.config.get("onnx_ops") == "standard",
                                                  "check_tolerance": 1e-4 if level == 0 else 5e-2}}
         return program, {
             "quantized_layers": len(results), "rewritten_nodes": rewritten,

@@ -1,4 +1,4 @@
-"""ONNX lowering of graphopt::dq_linear to ONNX Runtime's com.microsoft::MatMulNBits.
+"""ONNX lowering of graphopt::dq_linear: ONNX Runtime's com.microsoft::MatMulNBits, or standard ONNX ops.
 
 MatMulNBits dequantizes B as (u - zero_point) * scale per block of `block_size` values along K, with u the unsigned
 stored value and a default zero point of 2^(sb-1); graphopt stores u = q + 2^(sb-1) with Ŵ = s*q + z, so
@@ -8,13 +8,24 @@ integer zero points 2^(sb-1) - c, one node per linear (about 1.2x faster decode 
 weights are stored on the 4-bit layout and lower as bits=4 unchanged; 8-bit weights are dequantized in the graph
 (see below). The byte layout of `packed` rows is MatMulNBits' layout of B [N, K/block, block*bits/8].
 accuracy_level 0 computes in fp32; 4 quantizes activations to int8 inside ORT (much faster on CPU, ~0.5 % error).
+
+With settings["standard_ops"] (the passes' onnx_ops=standard) each linear is instead a blocked DequantizeLinear of a
+constant INT4/INT2 weight [K, N] (axis 0, the same blocks, scales and integer zero points) + MatMul: standard ONNX
+that other runtimes read, and that ONNX Runtime fuses back into MatMulNBits when it loads the file (its accuracy
+level is then the session option session.qdq_matmulnbits_accuracy_level, which graphopt.load sets from the plan).
+INT2 needs opset 25, so below it (the default is 23) 2-bit weights are INT4 tensors of the same codes. Opset 25
+costs more than it saves on ONNX Runtime: the exporter writes single Attention/RotaryEmbedding/RMSNormalization
+nodes only at 23 (and ORT 1.32 has no Attention kernel past 23), so the zoo LM's decode file has 615 nodes instead
+of 260 and a step takes 1.49 ms instead of 0.63 (fp32: 0.87).
 """
 from __future__ import annotations
 
+import ml_dtypes
 import onnx_ir as ir
 import onnxscript
 from onnx import numpy_helper
 from onnxscript import opset18 as op
+from onnxscript import opset21 as op21  # blocked DequantizeLinear (block_size) is opset 21
 
 import torch
 
@@ -44,8 +55,11 @@ def _register_schema() -> None:
 
 _register_schema()
 MSFT = onnxscript.values.Opset(domain="com.microsoft", version=1)
-# Set by the lowering from the program plan ("onnx": {"matmulnbits_accuracy_level": N}) before each export.
-settings = {"accuracy_level": 0}
+# Set by the lowering from the program plan ("onnx": {"matmulnbits_accuracy_level": N, "standard_ops": bool}) before
+# each export.
+settings = {"accuracy_level": 0, "standard_ops": False, "opset": 23}
+STANDARD_MIN_OPSET = 21  # blocked DequantizeLinear
+INT2_OPSET = 25
 
 
 def block_size_for(group: int, in_features: int) -> int:
@@ -77,6 +91,8 @@ def lowered_bits(bits: int, accuracy_level: int) -> int:
 def dq_linear_onnx(x, packed, scale, zero, bias, bits: int, group: int, in_features: int):
     if storage_bits(bits) == 8:
         return _dequantize_then_matmul(x, packed, scale, zero, bias, group)
+    if settings["standard_ops"]:
+        return _blocked_dequantize_then_matmul(x, packed, scale, zero, bias, bits, group, in_features)
     n_out = packed.shape[0]
     sb = lowered_bits(bits, int(settings["accuracy_level"]))
     block = block_size_for(group, in_features)
@@ -118,10 +134,9 @@ def _repacked(packed, from_bits: int, to_bits: int, K: int, padded_K: int):
     return op.Constant(value=numpy_helper.from_array(pack(codes, to_bits).numpy(), "packed_repacked"))
 
 
-def _integer_zero_points(scale, zero, bits: int, repeat: int, sb: int):
-    """MatMulNBits' packed uint8 zero points (one per block) when every zero is c·scale with an integer c that a
-    zero point 2^(sb-1) - c can express (sb: the lowered storage bits), i.e. the weights were quantized with
-    zero="int"; else None."""
+def _zero_multiples(scale, zero, bits: int) -> torch.Tensor | None:
+    """c [N, groups] (integer-valued) when every zero is c·scale with an integer c that an unsigned zero point
+    2^(sb-1) - c on the stored codes can express, i.e. the weights were quantized with zero="int"; else None."""
     s, z = constant_input(scale), constant_input(zero)
     if s is None or z is None:
         return None
@@ -129,9 +144,59 @@ def _integer_zero_points(scale, zero, bits: int, repeat: int, sb: int):
     lo, hi = zero_multiple_range(bits)
     if not bool(((c - c.round()).abs() <= 1e-3).all()) or float(c.min()) < lo - 1e-3 or float(c.max()) > hi + 1e-3:
         return None
-    negated = (-c.round()).to(torch.int8).repeat_interleave(repeat, dim=1)  # pack stores -c + 2^(sb-1) = zp
+    return c.round()
+
+
+def _integer_zero_points(scale, zero, bits: int, repeat: int, sb: int):
+    """MatMulNBits' packed uint8 zero points (one per block, sb: the lowered storage bits) for zero="int" weights,
+    else None."""
+    c = _zero_multiples(scale, zero, bits)
+    if c is None:
+        return None
+    negated = (-c).to(torch.int8).repeat_interleave(repeat, dim=1)  # pack stores -c + 2^(sb-1) = zp
     packed = pack(negated, sb).reshape(-1)
     return op.Constant(value=numpy_helper.from_array(packed.numpy(), "zero_points"))
+
+
+_ONNX_INTS = {(4, True): ml_dtypes.int4, (4, False): ml_dtypes.uint4, (2, True): ml_dtypes.int2, (2, False): ml_dtypes.uint2}
+
+
+def _blocked_dequantize_then_matmul(x, packed, scale, zero, bias, bits: int, group: int, in_features: int):
+    """Standard ONNX: MatMul(x, DequantizeLinear(W [K, N], scales [blocks, N], zero points, axis 0, block_size)).
+    zero="int" weights: UINT codes u = q + 2^(sb-1) with zero points 2^(sb-1) - c, exact. Float zeros: signed INT
+    codes without zero points (q·s) plus the same side product as on the MatMulNBits path. The blocks are
+    MatMulNBits' (power-of-two, >= 16; per channel a partial last block and the scale repeated), so ONNX Runtime's
+    DequantizeLinear + MatMul fusion applies."""
+    codes, s_t = constant_input(packed), constant_input(scale)
+    if codes is None or s_t is None:
+        raise ValueError("dq_linear's packed weights and scales must be constants of the program for "
+                         "onnx_ops=standard (DequantizeLinear needs them as initializers)")
+    sb = lowered_bits(bits, int(settings["accuracy_level"]))
+    if sb == 2 and int(settings["opset"]) < INT2_OPSET:
+        sb = 4  # the same codes as INT4: exact
+    block = block_size_for(group, in_features)
+    n_blocks = -(-in_features // block)
+    repeat = n_blocks // (in_features // group)
+    q = unpack(codes, storage_bits(bits), in_features).to(torch.int16)  # [N, K], the same codes at any storage
+    scales = s_t.repeat_interleave(repeat, dim=1).t().contiguous()  # [blocks, N]
+    c = _zero_multiples(scale, zero, bits)
+    half = 1 << (sb - 1)
+    if c is None:
+        inputs = [_int_constant(q.t(), sb, signed=True, name="dq_weight")]
+    else:
+        inputs = [_int_constant(q.t() + half, sb, signed=False, name="dq_weight"),
+                  _int_constant((half - c).to(torch.int16).repeat_interleave(repeat, dim=1).t(), sb, signed=False,
+                                name="dq_zero_point")]
+    inputs.insert(1, op.Constant(value=numpy_helper.from_array(scales.numpy(), "dq_scale")))
+    y = op.MatMul(x, op21.DequantizeLinear(*inputs, axis=0, block_size=block))
+    if c is None:
+        y = op.Add(y, _zero_part(x, zero, in_features // group, group))
+    return _add_bias(y, bias)
+
+
+def _int_constant(values: torch.Tensor, bits: int, signed: bool, name: str):
+    array = values.contiguous().numpy().astype(_ONNX_INTS[(bits, signed)])
+    return op.Constant(value=numpy_helper.from_array(array, name))
 
 
 def _zero_part(x, zero, n_groups: int, group: int):

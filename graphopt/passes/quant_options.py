@@ -15,6 +15,10 @@ QUANT_OPTIONS = {
     "ort_accuracy": Option(int, 4, "ONNX Runtime MatMulNBits accuracy_level: 0 = fp32 compute, "
                                    "4 = int8 activations (faster on CPU); below 4, 2-bit weights are stored "
                                    "on the 4-bit layout (ORT has no fast fp32 2-bit kernel)", choices=(0, 1, 2, 3, 4)),
+    "onnx_ops": Option(str, "contrib", "contrib: each linear is one ONNX Runtime com.microsoft::MatMulNBits; "
+                                       "standard: standard ONNX only (blocked DequantizeLinear + MatMul, which ONNX "
+                                       "Runtime fuses into MatMulNBits at load; 2-bit weights are INT4 below "
+                                       "--opset 25), for other runtimes", choices=("contrib", "standard")),
 }
 
 # the column order of GPTQ-style sweeps (gptq: off by default, as in GPTQ's paper; decoupleq: on; rtn has none)

@@ -227,9 +227,19 @@ class Engine:
         return f"Engine({str(self.path)!r}, backend={self.backend!r}, methods={self.methods})"
 
 
-def _ort_runner(path: Path, providers: list[str] | None, threads: int | None = None, spinning: bool | None = None):
+def ort_session_config(plan: dict) -> dict[str, str]:
+    """ONNX Runtime session config entries a bundle's plan asks for: a standard-ops (DequantizeLinear) quantized
+    file carries no accuracy level, ORT takes it from the session when it fuses DequantizeLinear + MatMul."""
+    onnx_plan = plan.get("onnx", {})
+    if not onnx_plan.get("standard_ops"):
+        return {}
+    return {"session.qdq_matmulnbits_accuracy_level": str(int(onnx_plan.get("matmulnbits_accuracy_level", 4)))}
+
+
+def _ort_runner(path: Path, providers: list[str] | None, threads: int | None = None, spinning: bool | None = None,
+                config: dict[str, str] | None = None):
     """threads: intra-op threads (None: ORT's default); spinning: let idle pool threads spin for the next kernel
-    (default: only when threads is None)."""
+    (default: only when threads is None); config: session config entries."""
     import onnxruntime as ort
     if not path.is_file():
         raise GraphoptError(f"bundle file '{path}' is missing; re-run optimize (or load with backend='torch')")
@@ -242,6 +252,8 @@ def _ort_runner(path: Path, providers: list[str] | None, threads: int | None = N
     if spinning is False or (spinning is None and threads):
         # Spinning threads wait for the next small kernel; on a shared CPU they steal it from the caller instead.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, value)
     try:
         session = ort.InferenceSession(str(path), sess_options=opts, providers=wanted)
     except Exception as e:
@@ -403,7 +415,8 @@ def load(path, backend: str = "onnxruntime", *, providers: list[str] | None = No
             if "onnx" not in files:
                 raise GraphoptError(f"bundle '{path}' has no ONNX file for method '{name}' (it was built with "
                                     f"--backend torch): load it with backend='torch' or re-run optimize")
-            run = _ort_runner(path / files["onnx"], providers, *per_method.get(name, (threads, not threads)))
+            run = _ort_runner(path / files["onnx"], providers, *per_method.get(name, (threads, not threads)),
+                              config=ort_session_config(manifest.get("plan", {})))
         elif backend == "tensorrt":
             if "engine" not in files:
                 raise GraphoptError(f"bundle '{path}' has no TensorRT engine for method '{name}': re-run optimize "
