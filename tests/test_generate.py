@@ -102,6 +102,19 @@ def test_eos_stops_and_pads_finished_rows(lm):
     assert row0.index(stop) <= 3 and all(t == stop for t in row0[row0.index(stop):])
 
 
+def test_generation_ends_when_every_row_has_finished(lm):
+    """Once all rows emitted an end id, generate returns only the steps taken (not max_new_tokens columns)."""
+    _, out = lm
+    engine = graphopt.load(out)
+    ids, mask = left_padded(1, [6], seed=5)
+    free = engine.generate(ids, 12, attention_mask=mask, eos_token_id=[])
+    stop = int(free[0, 2])
+    first = free[0].tolist().index(stop)  # the first step that emits it
+    got = engine.generate(ids, 12, attention_mask=mask, eos_token_id=stop)
+    assert got.shape == (1, first + 1) and got.dtype == torch.int64
+    assert torch.equal(got, free[:, :first + 1])
+
+
 def test_sampling_is_seeded_and_topk1_is_greedy(lm):
     _, out = lm
     engine = graphopt.load(out)

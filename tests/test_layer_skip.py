@@ -274,3 +274,34 @@ def test_depth_routers_adapt_when_the_feature_predicts_the_cost_and_fall_back_to
     routers, rep = fit_depth_routers(X, cost, total, position=[0, 1, 2, 3])
     assert float((routers.depth(X.float()) == 2).double().mean()) > 0.9
     assert rep["ridge_strength"] >= 1.0
+
+
+def test_routed_blocks_of_a_standard_ops_quantized_lm_keep_their_weights_in_the_branch(tmp_path):
+    """onnx_ops=standard + routers lowered to If: ORT fuses DequantizeLinear + MatMul only with the weights as
+    initializers of the branch the DequantizeLinear is in, so they move there; generation equals the Where-gated
+    form of the same program."""
+    import onnx
+    from graphopt.testing import tiny_hf_lm
+    src = tiny_hf_lm("llama", tmp_path / "llama4", layers=4, seed=3)
+    g = torch.Generator().manual_seed(0)
+    calib = [(torch.randint(0, 128, (1, 24), generator=g),) for _ in range(24)]
+    engines = {}
+    for mode in ("if", "where"):
+        c = graphopt.compile(str(src), f"layer-skip{{mode=router,rate=0.25,onnx={mode}}},"
+                             "rtn{bits=4,group=32,zero=int,ort_accuracy=0,onnx_ops=standard}", calibration=calib)
+        c.save(tmp_path / mode)
+        engines[mode] = graphopt.load(tmp_path / mode)
+    model = onnx.load(str(tmp_path / "if" / "decode.onnx"))
+    ifs = [n for n in model.graph.node if n.op_type == "If"]
+    assert len(ifs) == 2
+    outer = {t.name for t in model.graph.initializer}
+    for n in ifs:
+        branch = next(a.g for a in n.attribute if a.name == "then_branch")
+        inner = {t.name for t in branch.initializer}
+        dqs = [x for x in branch.node if x.op_type == "DequantizeLinear"]
+        assert dqs and all(set(x.input) <= inner for x in dqs)
+        assert not inner & outer  # moved, not copied
+    for n in (5, 13, 24):
+        ids = calib[n % len(calib)][0][:, :n]
+        assert torch.equal(engines["if"].generate(ids, 8, eos_token_id=[]),
+                           engines["where"].generate(ids, 8, eos_token_id=[]))

@@ -5,7 +5,8 @@ runs as the whole block plus a Where. Here the block's ONNX nodes (found by thei
 `model.model.layers.3`) and that Where move into the then-branch of an If on "any row keeps the block"; the
 else-branch returns x and, for the layer's KV-cache outputs, the past followed by zeros for the new positions
 (never read: the decision holds for the whole sequence). ONNX subgraphs may read outer values, so the moved nodes
-keep their inputs as they are.
+keep their inputs as they are, except the initializers of DequantizeLinear nodes (onnx_ops=standard), which move
+into the branch: ONNX Runtime fuses DequantizeLinear + MatMul only with weights of the node's own graph.
 """
 from __future__ import annotations
 
@@ -118,9 +119,16 @@ def route_blocks(path: Path, routed: list[str], kv_heads: list[int], head_dim: l
             continue
         # Values inside a subgraph may not shadow outer names: the branch computes o__then, the If returns o.
         rename = {o: f"{o}__then" for o in exports}
+        # ORT fuses DequantizeLinear + MatMul (onnx_ops=standard) only when the weights are initializers of the
+        # DequantizeLinear's own graph: those go into the branch (as name__then).
+        outer_inits = {t.name: t for t in g.initializer}
+        branch_inits = sorted({i for n in moved if n.op_type == "DequantizeLinear" for i in n.input} & outer_inits.keys())
+        rename.update({name: f"{name}__then" for name in branch_inits})
         moved = [_renamed(n, rename) for n in moved]
         then_graph = helper.make_graph(moved, f"{block}_then", [],
-                                       [helper.make_value_info(rename[o], types[o]) for o in exports])
+                                       [helper.make_value_info(rename[o], types[o]) for o in exports],
+                                       initializer=[_copy_named(outer_inits[name], rename[name])
+                                                    for name in branch_inits])
         else_graph = helper.make_graph(else_nodes, f"{block}_else", [],
                                        [helper.make_value_info(f"{o}__else", types[o]) for o in exports])
         cond_name = f"{block}__any"
@@ -140,12 +148,17 @@ def route_blocks(path: Path, routed: list[str], kv_heads: list[int], head_dim: l
         # the Where's condition and every outer input of the moved nodes must exist before the If
         defined_before = graph_inputs | {i.name for i in g.initializer} | {
             o for n in kept[:pos] for o in n.output}
-        needed = {i for n in moved for i in n.input if i and i not in moved_out} | {cond_src}
+        in_branch = {rename[name] for name in branch_inits}
+        needed = {i for n in moved for i in n.input if i and i not in moved_out and i not in in_branch} | {cond_src}
         if not needed <= defined_before:
             continue
         new_nodes = kept[:pos] + cond_nodes + [if_node] + kept[pos:]
         del g.node[:]
         g.node.extend(new_nodes)
+        still_read = _reads(g)
+        for name in branch_inits:
+            if name not in still_read:
+                g.initializer.remove(outer_inits[name])
         done.append(block)
     onnx.save(model, str(path))
     return done
@@ -162,6 +175,24 @@ def _kv_output(value: str, consumers: dict, members: set, layer: int, graph_outp
                 if o in names and o in graph_outputs:
                     return o
     return None
+
+
+def _copy_named(tensor, name: str):
+    new = onnx.TensorProto()
+    new.CopyFrom(tensor)
+    new.name = name
+    return new
+
+
+def _reads(graph) -> set[str]:
+    """Every value name the graph's nodes read, subgraphs included, and its outputs."""
+    names = {o.name for o in graph.output}
+    for n in graph.node:
+        names.update(n.input)
+        for a in n.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                names |= _reads(sub)
+    return names
 
 
 def _renamed(node, rename: dict):

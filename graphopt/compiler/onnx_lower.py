@@ -17,7 +17,8 @@ from ..errors import GraphoptError
 # Opset 23: the exporter then emits ONNX Attention, RMSNormalization and RotaryEmbedding nodes, which ONNX Runtime
 # (>= 1.23) runs as single kernels: a decode step of the zoo LM is 273 nodes instead of 680 (with the rewrites in
 # attention.py and fuse_linears.py) and runs ~1.4x faster.
-# Blocked INT4 DequantizeLinear (the quantization passes) needs >= 21; --opset 21 serves older runtimes.
+# --opset 21 serves older runtimes; it is the lowest that the quantization passes' onnx_ops=standard (blocked
+# DequantizeLinear) takes.
 DEFAULT_OPSET = 23
 # Above this many bytes of weights, tensors go to a side file `<method>.onnx.data` (protobuf caps files at 2 GB).
 EXTERNAL_DATA_BYTES = 256 * 1024 * 1024

@@ -18,7 +18,7 @@ QUANT_OPTIONS = {
     "onnx_ops": Option(str, "contrib", "contrib: each linear is one ONNX Runtime com.microsoft::MatMulNBits; "
                                        "standard: standard ONNX only (blocked DequantizeLinear + MatMul, which ONNX "
                                        "Runtime fuses into MatMulNBits at load; 2-bit weights are INT4 below "
-                                       "--opset 25), for other runtimes", choices=("contrib", "standard")),
+                                       "--opset 25 or ort_accuracy=4), for other runtimes", choices=("contrib", "standard")),
 }
 
 # the column order of GPTQ-style sweeps (gptq: off by default, as in GPTQ's paper; decoupleq: on; rtn has none)
