@@ -134,7 +134,7 @@ def generate(engine, input_ids, max_new_tokens: int, eos_token_id=None, do_sampl
     n_kv = 2 * plan["num_layers"]  # methods may carry more outputs after the cache (draft-heads: hidden_states)
     outs = prefill([ids, mask, positions])
     # The per-token bookkeeping is numpy: right after a decode step the CPU caches are cold, and then each torch op on
-    # a one-token tensor costs 10-30 µs against numpy's few (zoo LM on ONNX Runtime: ~110 -> ~30 µs a token, at
+    # a one-token tensor costs 10-30 µs against numpy's few (zoo LM on ONNX Runtime: ~110 -> ~45 µs a token, at
     # 0.5-1 ms a step). A torch backend gets its inputs as tensors.
     feed = (lambda a: a) if isinstance(outs[0], np.ndarray) else torch.from_numpy
     logits, past = outs[0], outs[1:1 + n_kv]
