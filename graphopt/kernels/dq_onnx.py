@@ -75,6 +75,13 @@ def block_size_for(group: int, in_features: int) -> int:
                      f"needs: quantize with group 32/64/128, or use --backend torch")
 
 
+def _blocks(group: int, in_features: int) -> tuple[int, int, int]:
+    """(block size, blocks per row, blocks per group) of a dq_linear on MatMulNBits' blocks."""
+    block = block_size_for(group, in_features)
+    n_blocks = -(-in_features // block)
+    return block, n_blocks, n_blocks // (in_features // group)
+
+
 def storage_bits(bits: int) -> int:
     return 4 if bits == 3 else bits
 
@@ -95,11 +102,9 @@ def dq_linear_onnx(x, packed, scale, zero, bias, bits: int, group: int, in_featu
         return _blocked_dequantize_then_matmul(x, packed, scale, zero, bias, bits, group, in_features)
     n_out = packed.shape[0]
     sb = lowered_bits(bits, int(settings["accuracy_level"]))
-    block = block_size_for(group, in_features)
-    n_blocks = -(-in_features // block)
+    block, n_blocks, repeat = _blocks(group, in_features)
     if sb != storage_bits(bits) or n_blocks * block != in_features:
         packed = _repacked(packed, storage_bits(bits), sb, in_features, n_blocks * block)
-    repeat = n_blocks // (in_features // group)  # blocks per group
     original_scale, original_zero = scale, zero
     if repeat > 1:  # one scale per block: repeat each group's scale over its blocks
         scale = op.Reshape(op.Expand(op.Unsqueeze(scale, [2]), op.Constant(value_ints=[1, 1, repeat])), [0, -1])
@@ -174,20 +179,18 @@ def _blocked_dequantize_then_matmul(x, packed, scale, zero, bias, bits: int, gro
     sb = lowered_bits(bits, int(settings["accuracy_level"]))
     if sb == 2 and int(settings["opset"]) < INT2_OPSET:
         sb = 4  # the same codes as INT4: exact
-    block = block_size_for(group, in_features)
-    n_blocks = -(-in_features // block)
-    repeat = n_blocks // (in_features // group)
+    block, _, repeat = _blocks(group, in_features)
     q = unpack(codes, storage_bits(bits), in_features).to(torch.int16)  # [N, K], the same codes at any storage
     scales = s_t.repeat_interleave(repeat, dim=1).t().contiguous()  # [blocks, N]
     c = _zero_multiples(scale, zero, bits)
     half = 1 << (sb - 1)
+    scale_constant = op.Constant(value=numpy_helper.from_array(scales.numpy(), "dq_scale"))
     if c is None:
-        inputs = [_int_constant(q.t(), sb, signed=True, name="dq_weight")]
+        inputs = [_int_constant(q.t(), sb, signed=True, name="dq_weight"), scale_constant]
     else:
-        inputs = [_int_constant(q.t() + half, sb, signed=False, name="dq_weight"),
+        inputs = [_int_constant(q.t() + half, sb, signed=False, name="dq_weight"), scale_constant,
                   _int_constant((half - c).to(torch.int16).repeat_interleave(repeat, dim=1).t(), sb, signed=False,
                                 name="dq_zero_point")]
-    inputs.insert(1, op.Constant(value=numpy_helper.from_array(scales.numpy(), "dq_scale")))
     y = op.MatMul(x, op21.DequantizeLinear(*inputs, axis=0, block_size=block))
     if c is None:
         y = op.Add(y, _zero_part(x, zero, in_features // group, group))
